@@ -1,0 +1,3 @@
+from histimport.cli import main
+
+main()

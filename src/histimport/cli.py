@@ -1,0 +1,385 @@
+"""The command line: options -> Config -> one library call -> rendered result -> exit code.
+
+Exit codes are decided in one place, `@_exits`, from the library's result or exception
+(bad option syntax is Typer's, exit 2 as well). Every sending option also comes from
+`HISTIMPORT_<NAME>` or `histimport.toml`.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import inspect
+import sys
+import tomllib
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .errors import ExitStatus, HistimportError, UsageError
+
+app = typer.Typer(
+    name="histimport",
+    help="Import customer-communication history through the platform's historical-import "
+    "endpoint: nothing lost, nothing duplicated, nobody notified.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+CONFIG_FILE = "histimport.toml"
+_COMMANDS_WITH_SETTINGS = ("load", "retry", "validate")
+
+
+def _env(name: str) -> str:
+    return f"HISTIMPORT_{name.upper()}"
+
+
+def _opt(*decls: str, help: str, env: str | None = None, **kw: Any) -> Any:
+    name = env or decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    return typer.Option(*decls, help=help, envvar=_env(name), show_envvar=True, **kw)
+
+
+# Options every sending command takes (load, retry, validate), added to their signatures by
+# @_run_options, so that each is declared once.
+_RUN_OPTIONS: dict[str, Any] = {
+    "base_url": Annotated[
+        str | None, _opt("--base-url", help="Service root; the endpoint path is appended.")
+    ],
+    "username": Annotated[str | None, _opt("--username", help="Basic auth user.")],
+    "password_stdin": Annotated[
+        bool,
+        _opt("--password-stdin", help="Read the password from the first line of stdin."),
+    ],
+    "sandbox": Annotated[
+        bool, _opt("--sandbox", help="Import into the bundled sandbox on a loopback port.")
+    ],
+    "chunk_size": Annotated[int, _opt("--chunk-size", help="Messages per request.")],
+    "max_request_bytes": Annotated[
+        int, _opt("--max-request-bytes", help="Largest request body; larger chunks are cut.")
+    ],
+    "concurrency": Annotated[int, _opt("--concurrency", help="Requests in flight at most.")],
+    "rate": Annotated[float | None, _opt("--rate", help="Requests per second at most.")],
+    "max_attempts": Annotated[
+        int, _opt("--max-attempts", help="Attempts per request for retryable outcomes.")
+    ],
+    "timeout": Annotated[float, _opt("--timeout", help="Seconds per request.")],
+    "callback_url": Annotated[
+        str | None, _opt("--callback-url", help="Sent as callBackPathUrl of every request.")
+    ],
+    "notify": Annotated[
+        bool, _opt("--notify/--no-notify", help="Let historical messages notify people.")
+    ],
+    "failed_out": Annotated[
+        Path, _opt("--failed-out", help="The failed file, written on every run.")
+    ],
+    "report": Annotated[Path | None, _opt("--report", help="Write a JSON run report here.")],
+    "state_dir": Annotated[
+        Path, _opt("--state-dir", help="The run ledger (resume and de-duplication).")
+    ],
+    "unordered": Annotated[
+        bool, _opt("--unordered", help="Do not keep each customer's messages in order.")
+    ],
+    "allow_insecure_http": Annotated[
+        bool, _opt("--allow-insecure-http", help="Permit http:// to a non-loopback host.")
+    ],
+    "format": Annotated[
+        str | None, _opt("--format", help="Source format (jsonl or csv); required for stdin.")
+    ],
+    "max_line_bytes": Annotated[
+        int, _opt("--max-line-bytes", help="Longest accepted line; longer ones are rejected.")
+    ],
+    "quiet": Annotated[bool, _opt("--quiet", "-q", help="No progress bar, no summary.")],
+    "log_format": Annotated[
+        str, _opt("--log-format", help="text, or json (one object per line on stderr).")
+    ],
+}
+_DEFAULTS = {
+    "base_url": None,
+    "username": None,
+    "password_stdin": False,
+    "sandbox": False,
+    "chunk_size": 100,
+    "max_request_bytes": 1_048_576,
+    "concurrency": 8,
+    "rate": None,
+    "max_attempts": 6,
+    "timeout": 30.0,
+    "callback_url": None,
+    "notify": False,
+    "failed_out": Path("failed.json"),
+    "report": None,
+    "state_dir": Path(".histimport"),
+    "unordered": False,
+    "allow_insecure_http": False,
+    "format": None,
+    "max_line_bytes": 8 * 1024 * 1024,
+    "quiet": False,
+    "log_format": "text",
+}
+
+
+def _exits(func: Callable[..., int]) -> Callable[..., None]:
+    """Turn a command's result or error into the process exit code: the one place where
+    exceptions meet exit codes."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            status = func(*args, **kwargs)
+        except HistimportError as exc:
+            _report_error(exc.message, exc.hint)
+            status = exc.exit_status
+        except KeyboardInterrupt:
+            status = ExitStatus.INTERRUPTED
+        raise typer.Exit(int(status))
+
+    return wrapper
+
+
+def _run_options(func: Callable[..., int]) -> Callable[..., int]:
+    """Append the shared run options to a command's signature."""
+    hints = typing.get_type_hints(func, include_extras=True)
+    own = [
+        p.replace(annotation=hints[p.name])
+        for p in inspect.signature(func).parameters.values()
+        if p.kind != p.VAR_KEYWORD
+    ]
+    shared = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULTS[name], annotation=annotation
+        )
+        for name, annotation in _RUN_OPTIONS.items()
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _config(options: dict[str, Any], *, dry_run: bool = False) -> Any:
+    from .config import Config
+
+    if options["log_format"] not in ("text", "json"):
+        raise UsageError("--log-format must be text or json")
+    password = None if dry_run or options["sandbox"] else _password(options["password_stdin"])
+    username = options["username"]
+    if not dry_run and not options["sandbox"] and (username is None or password is None):
+        raise UsageError(
+            "no credentials",
+            hint="set HISTIMPORT_USERNAME (or --username) and HISTIMPORT_PASSWORD "
+            "(or --password-stdin), or use --sandbox",
+        )
+    fields = {k: v for k, v in options.items() if k not in ("password_stdin",)}
+    return Config(**fields, password=password, dry_run=dry_run)
+
+
+def _password(from_stdin: bool) -> str | None:
+    import os
+
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise UsageError("--password-stdin: stdin was empty")
+        return line.rstrip("\r\n")
+    if os.environ.get("HISTIMPORT_PASSWORD"):
+        return os.environ["HISTIMPORT_PASSWORD"]
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        return getpass.getpass("password: ")
+    return None
+
+
+_SOURCES = typer.Argument(help="JSONL or CSV files (.gz too), or - .", metavar="SOURCE...")
+
+
+def _finish(result: Any, display: Any, title: str) -> int:
+    display.summary(result, title=title)
+    return int(result.exit_status)
+
+
+def _display(options: dict[str, Any]) -> Any:
+    from .display import Display
+
+    return Display(quiet=options["quiet"], log_format=options["log_format"])
+
+
+@app.command()
+@_exits
+@_run_options
+def load(
+    sources: Annotated[list[str], _SOURCES],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate only: send nothing.")
+    ] = False,
+    **options: Any,
+) -> int:
+    """Read, validate, send; write the failed file (and the report)."""
+    from . import run
+
+    if "-" in sources and options["password_stdin"]:
+        raise UsageError("stdin cannot carry both a source and the password")
+    run.open_sources(sources, options["format"])
+    display = _display(options)
+    config = _config(options, dry_run=dry_run)
+    result = (run.validate if dry_run else run.load)(sources, config, observer=display)
+    return _finish(result, display, "validate" if dry_run else "load")
+
+
+@app.command()
+@_exits
+@_run_options
+def retry(
+    failed_files: Annotated[
+        list[Path], typer.Argument(help="One or more failed files.", metavar="FAILED_JSON...")
+    ],
+    include_permanent: Annotated[
+        bool,
+        typer.Option(
+            "--include-permanent", help="Also re-send messages the platform refused outright."
+        ),
+    ] = False,
+    **options: Any,
+) -> int:
+    """Re-send exactly what the failed files list as retryable, unsent or rejected."""
+    from . import run
+
+    display = _display(options)
+    if options["base_url"] is None:
+        options = {**options, "base_url": None}
+    config = _config(options)
+    result = run.retry(failed_files, config, include_permanent=include_permanent, observer=display)
+    return _finish(result, display, "retry")
+
+
+@app.command()
+@_exits
+@_run_options
+def validate(
+    sources: Annotated[list[str], _SOURCES],
+    output: Annotated[
+        str, typer.Option("--output", help="text, json (one document on stdout) or github.")
+    ] = "text",
+    **options: Any,
+) -> int:
+    """Check sources offline, for CI: no network, no credentials (= load --dry-run)."""
+    from . import run
+    from .outputs import render_validation
+
+    if output not in ("text", "json", "github"):
+        raise UsageError("--output must be text, json or github")
+    display = _display({**options, "quiet": options["quiet"] or output != "text"})
+    result = run.validate(sources, _config(options, dry_run=True), observer=display)
+    if output == "text":
+        return _finish(result, display, "validate")
+    sys.stdout.write(render_validation(result, output))
+    return int(result.exit_status)
+
+
+@app.command()
+@_exits
+def sandbox(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to bind (0: any free one).")] = 8080,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="SQLite file for stored messages.")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option("--username", help="Require this Basic auth user.")
+    ] = None,
+    fail_rate: Annotated[
+        float, typer.Option("--fail-rate", help="Share of requests answered 503.")
+    ] = 0.0,
+    reject_rate: Annotated[
+        float, typer.Option("--reject-rate", help="Share of messages refused individually.")
+    ] = 0.0,
+    rate_limit: Annotated[
+        float | None, typer.Option("--rate-limit", help="Requests per second, then 429.")
+    ] = None,
+    latency: Annotated[float, typer.Option("--latency", help="Milliseconds per answer.")] = 0.0,
+    max_request_bytes: Annotated[
+        int | None, typer.Option("--max-request-bytes", help="Larger bodies get 413.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the injected faults.")] = 0,
+) -> int:
+    """Serve the bundled sandbox API on loopback (demos, tests, rehearsals).
+
+    With --username, the password is read from HISTIMPORT_SANDBOX_PASSWORD."""
+    import os
+
+    from .sandbox import SandboxConfig, serve
+
+    password = os.environ.get("HISTIMPORT_SANDBOX_PASSWORD") if username else None
+    if username and not password:
+        raise UsageError("--username needs HISTIMPORT_SANDBOX_PASSWORD")
+    config = SandboxConfig(
+        host=host,
+        port=port,
+        db=db,
+        username=username,
+        password=password,
+        fail_rate=fail_rate,
+        reject_rate=reject_rate,
+        rate_limit=rate_limit,
+        latency_ms=latency,
+        max_request_bytes=max_request_bytes,
+        seed=seed,
+    )
+    serve(config, on_ready=lambda url: print(f"sandbox: serving {url}", file=sys.stderr))
+    return 0
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"histimport {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Import customer-communication history: load, retry, validate, sandbox."""
+
+
+def _settings(path: Path) -> dict[str, Any]:
+    """histimport.toml: top-level keys apply to every command, [load] etc. to one."""
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    if "password" in data or any("password" in v for v in data.values() if isinstance(v, dict)):
+        raise UsageError(f"{path}: holds a password", hint="use HISTIMPORT_PASSWORD instead")
+    shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    return {
+        command: {**shared, **{k.replace("-", "_"): v for k, v in data.get(command, {}).items()}}
+        for command in _COMMANDS_WITH_SETTINGS
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `histimport` command."""
+    try:
+        settings = _settings(Path(CONFIG_FILE))
+    except HistimportError as exc:
+        _report_error(exc.message, exc.hint)
+        sys.exit(exc.exit_status)
+    app(args=argv, prog_name="histimport", default_map=settings)
+
+
+def _report_error(message: str, hint: str | None) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)

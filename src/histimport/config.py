@@ -1,0 +1,59 @@
+"""Run configuration: one frozen, keyword-only object with every default in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a load, retry or validate run needs besides its sources."""
+
+    base_url: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sandbox: bool = False
+    chunk_size: int = 100
+    max_request_bytes: int = 1_048_576
+    concurrency: int = 8
+    rate: float | None = None
+    max_attempts: int = 6
+    timeout: float = 30.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    callback_url: str | None = None
+    notify: bool = False
+    failed_out: Path = Path("failed.json")
+    report: Path | None = None
+    state_dir: Path = Path(".histimport")
+    map_file: Path | None = None
+    unordered: bool = False
+    allow_insecure_http: bool = False
+    format: str | None = None
+    max_line_bytes: int = 8 * 1024 * 1024
+    generate_source_uuid: bool = False
+    strict: bool = False
+    dry_run: bool = False
+    max_response_bytes: int = 16 * 1024 * 1024
+    quiet: bool = False
+    log_format: LogFormat = "text"
+
+    def __post_init__(self) -> None:
+        from .errors import UsageError
+
+        checks = [
+            (self.chunk_size >= 1, "--chunk-size must be at least 1"),
+            (self.max_request_bytes >= 256, "--max-request-bytes must be at least 256"),
+            (self.concurrency >= 1, "--concurrency must be at least 1"),
+            (self.rate is None or self.rate > 0, "--rate must be positive"),
+            (self.max_attempts >= 1, "--max-attempts must be at least 1"),
+            (self.timeout > 0, "--timeout must be positive"),
+            (self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)

@@ -1,0 +1,327 @@
+"""Deliver staged messages: httpx async, one retry policy, global back-pressure, adaptive
+concurrency, a rate cap.
+
+One request is in flight per customer (unless `unordered`): a customer's next chunk waits
+for the final outcome of the previous one, through retries and splits, so the platform
+stores each customer's history in file order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from . import __version__
+from .batch import Chunk, Envelope, chunks
+from .config import Config
+from .ledger import Ledger, Outcome, Pending, State
+from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
+
+# A 429 with Retry-After is the server pacing us, not failing: it draws on its own, larger
+# budget, so that a rate limit never makes the tool give up on a healthy message.
+_THROTTLE_ATTEMPTS = 50
+
+
+@dataclass
+class DeliveryStats:
+    """What the delivery did, for the report and the summary."""
+
+    requests: int = 0
+    retries: int = 0
+    unknown_outcomes: int = 0
+    splits: int = 0
+    server_warnings: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    final_concurrency: int = 0
+    auth_refused: str | None = None
+
+
+class AdaptiveLimit:
+    """AIMD concurrency between 1 and `ceiling`: +1 per window of successes, halved on
+    back-pressure (at most once per second, so one burst of 429s counts once)."""
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = float(ceiling)
+        self._in_flight = 0
+        self._changed = asyncio.Condition()
+        self._last_cut = 0.0
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.limit))
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._in_flight < self.current)
+            self._in_flight += 1
+
+    async def release(self, *, pressure: bool) -> None:
+        now = time.monotonic()
+        async with self._changed:
+            self._in_flight -= 1
+            if pressure:
+                if now - self._last_cut >= 1.0:
+                    self.limit = max(1.0, self.limit / 2)
+                    self._last_cut = now
+            else:
+                self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
+            self._changed.notify_all()
+
+
+class TokenBucket:
+    """At most `rate` requests per second, with a burst of one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = 1.0
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(
+                    max(self.rate, 1.0), self._tokens + (now - self._last) * self.rate
+                )
+                self._last = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await asyncio.sleep((1.0 - self._tokens) / self.rate)
+
+
+Progress = Callable[[int, int], None]
+"""Called with (accepted, failed) as outcomes are recorded."""
+
+
+class Deliverer:
+    """Sends the ledger's pending messages and records every outcome in it."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        ledger: Ledger,
+        base_url: str,
+        auth: httpx.Auth | None,
+        progress: Progress | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.base_url = base_url.rstrip("/")
+        self.auth = auth
+        self.stats = DeliveryStats()
+        self.max_bytes = config.max_request_bytes
+        # The smallest body size a 413 has refused: a lone message this large cannot go.
+        self._refused_size = config.max_request_bytes + 1
+        self.envelope = Envelope(config.callback_url)
+        self._progress = progress or (lambda accepted, failed: None)
+        self._transport = transport
+        self._backoff = Backoff(base=config.backoff_base, cap=config.backoff_cap)
+        self._stopping = asyncio.Event()
+        self._resume_at = 0.0
+        self._limit = AdaptiveLimit(config.concurrency)
+        self._bucket = TokenBucket(config.rate) if config.rate else None
+        self._client: httpx.AsyncClient | None = None
+
+    def stop(self) -> None:
+        """Take no new work; requests in flight settle and are recorded."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> DeliveryStats:
+        keys = self.ledger.keys()
+        key_chunks = (self._chunks_of(*key) for key in keys)
+        units: Iterator[Iterator[Chunk]]
+        if self.config.unordered:
+            units = (iter((c,)) for c in itertools.chain.from_iterable(key_chunks))
+        else:
+            units = key_chunks
+        limits = httpx.Limits(
+            max_connections=self.config.concurrency,
+            max_keepalive_connections=self.config.concurrency,
+        )
+        async with httpx.AsyncClient(
+            auth=self.auth,
+            timeout=httpx.Timeout(self.config.timeout),
+            limits=limits,
+            follow_redirects=False,
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": f"histimport/{__version__}",
+            },
+            transport=self._transport,
+        ) as client:
+            self._client = client
+            workers = min(self.config.concurrency, max(len(keys), 1))
+            if self.config.unordered:
+                workers = self.config.concurrency
+            await asyncio.gather(*(self._worker(units) for _ in range(workers)))
+        self.stats.final_concurrency = self._limit.current
+        return self.stats
+
+    def _chunks_of(self, key_id: int, department: str, customer: str) -> Iterator[Chunk]:
+        return chunks(
+            department,
+            customer,
+            self._pending(key_id),
+            chunk_size=self.config.chunk_size,
+            max_bytes=lambda: self.max_bytes,
+            envelope=self.envelope,
+        )
+
+    def _pending(self, key_id: int) -> Iterator[Pending]:
+        after = 0
+        page = max(self.config.chunk_size * 2, 200)
+        while True:
+            batch = self.ledger.pending(key_id, after, page)
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].id
+
+    async def _worker(self, units: Iterator[Iterator[Chunk]]) -> None:
+        for unit in units:
+            for chunk in unit:
+                if self.stopping:
+                    return
+                await self._send(chunk)
+
+    async def _send(self, chunk: Chunk) -> None:
+        """Send one chunk until it has a final outcome, or the run stops."""
+        attempt = throttled = 0
+        while not self.stopping:
+            size = self.envelope.size(chunk.messages)
+            if len(chunk.messages) == 1 and size >= self._refused_size:
+                description = f"a request of {size} bytes with this message alone was refused (413)"
+                self._fail(chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description))
+                return
+            await self._pace()
+            if self.stopping:
+                return
+            await self._limit.acquire()
+            decision = Decision(Action.RETRY)
+            try:
+                decision = await self._request(chunk)
+            finally:
+                await self._limit.release(pressure=decision.backpressure)
+            if decision.action is Action.ACCEPT:
+                assert decision.body is not None and decision.status is not None
+                self.stats.server_warnings += server_warnings(decision.body)
+                self._record(settle(chunk.messages, decision.status, decision.body))
+                return
+            if decision.action is Action.ABORT:
+                self.stats.auth_refused = decision.description
+                self.stop()
+                return
+            if decision.action is Action.SPLIT:
+                await self._split(chunk, decision)
+                return
+            if decision.action is Action.FAIL:
+                self._fail(chunk, decision)
+                return
+            if decision.unknown_outcome:
+                self.stats.unknown_outcomes += 1
+            paced = decision.status == 429 and decision.retry_after is not None
+            throttled += paced
+            attempt += not paced
+            if attempt >= self.config.max_attempts or throttled >= _THROTTLE_ATTEMPTS:
+                self._fail(chunk, decision, retryable=True)
+                return
+            self.stats.retries += 1
+            delay = self._backoff.delay(attempt, decision.retry_after)
+            if decision.backpressure:
+                self._resume_at = max(self._resume_at, time.monotonic() + delay)
+            await self._sleep(delay)
+
+    async def _split(self, chunk: Chunk, decision: Decision) -> None:
+        """413: the body was too large for someone on the way. Send both halves in order,
+        and remember the lower limit for the rest of the run."""
+        if len(chunk.messages) == 1:
+            self._fail(chunk, decision)
+            return
+        self.stats.splits += 1
+        size = self.envelope.size(chunk.messages)
+        self._refused_size = min(self._refused_size, size)
+        self.max_bytes = min(self.max_bytes, max(size // 2, 256))
+        for half in chunk.halves():
+            await self._send(half)
+
+    async def _request(self, chunk: Chunk) -> Decision:
+        assert self._client is not None
+        url = (
+            f"{self.base_url}/department/{chunk.department}"
+            f"/customer/{chunk.customer}/communication/historical"
+        )
+        self.stats.requests += 1
+        try:
+            async with self._client.stream(
+                "PUT", url, content=self.envelope.body(chunk.messages)
+            ) as response:
+                content = await self._read_bounded(response)
+        except httpx.RequestError as exc:
+            self.stats.statuses["error"] += 1
+            return classify_error(exc)
+        self.stats.statuses[str(response.status_code)] += 1
+        if content is None:
+            return Decision(
+                Action.RETRY,
+                response.status_code,
+                "RESPONSE_TOO_LARGE",
+                f"the answer exceeded {self.config.max_response_bytes} bytes and was cut off",
+                unknown_outcome=True,
+            )
+        return classify(response.status_code, response.headers, content, time.time())
+
+    async def _read_bounded(self, response: httpx.Response) -> bytes | None:
+        """The body, or None once it exceeds the bound: never read a huge answer whole."""
+        parts = []
+        size = 0
+        async for part in response.aiter_bytes():
+            size += len(part)
+            if size > self.config.max_response_bytes:
+                return None
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _pace(self) -> None:
+        """Wait out a global pause (a 429 or 503 anywhere pauses everyone), then the rate."""
+        while (delay := self._resume_at - time.monotonic()) > 0 and not self.stopping:
+            await self._sleep(delay)
+        if self._bucket is not None:
+            await self._bucket.take()
+
+    async def _sleep(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
+        errors = decision.as_errors()
+        self._record(
+            [
+                Outcome(m.id, m.source_uuid, State.FAILED, decision.status, retryable, errors)
+                for m in chunk.messages
+            ]
+        )
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        self.ledger.record(outcomes)
+        accepted = sum(1 for o in outcomes if o.state is State.ACCEPTED)
+        self._progress(accepted, len(outcomes) - accepted)

@@ -1,0 +1,139 @@
+"""What a person sees: a progress bar on a TTY, a summary at the end, error lines.
+
+Everything goes to stderr, so that stdout stays free for machine output (`validate
+--output json`). Nothing is animated off a TTY or with --quiet; `--log-format json` prints
+one JSON object per event instead of text.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .run import RunResult
+
+_SUMMARY = (
+    ("read", "read"),
+    ("rejected", "rejected"),
+    ("alreadyAccepted", "already accepted"),
+    ("accepted", "accepted"),
+    ("failed", "failed"),
+    ("notSent", "not sent"),
+    ("requests", "requests"),
+    ("retries", "retries"),
+    ("elapsedSeconds", "elapsed (s)"),
+    ("messagesPerSecond", "messages/s"),
+)
+
+
+class Display:
+    """Progress and summary for one command; also the run's Observer."""
+
+    def __init__(self, *, quiet: bool, log_format: str) -> None:
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self.json = log_format == "json"
+        self.animate = self.console.is_terminal and not quiet and not self.json
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    # -- Observer ------------------------------------------------------------------------
+
+    def staging(self, source: str) -> None:
+        self.event("reading", source=source)
+
+    def sending(self, messages: int) -> None:
+        self.event("sending", messages=messages)
+        if not self.animate:
+            return
+        self._progress = Progress(
+            TextColumn("sending"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._task = self._progress.add_task("send", total=messages, failed=0)
+        self._progress.start()
+
+    def progress(self, accepted: int, failed: int) -> None:
+        if self._progress is not None:
+            task = self._progress.tasks[0]
+            self._progress.update(
+                self._task, advance=accepted + failed, failed=task.fields["failed"] + failed
+            )
+
+    def done(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # -- messages ------------------------------------------------------------------------
+
+    def event(self, event: str, **fields: Any) -> None:
+        if self.json and not self.quiet:
+            sys.stderr.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        if self.json:
+            sys.stderr.write(
+                orjson.dumps({"event": "error", "message": message, "hint": hint}).decode() + "\n"
+            )
+            return
+        self.console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+        if hint:
+            self.console.print(f"  hint: {hint}", markup=False, soft_wrap=True)
+
+    def summary(self, result: RunResult, *, title: str) -> None:
+        self.done()
+        if self.json:
+            self.event(
+                "summary",
+                exitStatus=int(result.exit_status),
+                failedFile=str(result.failed_path),
+                **result.report,
+            )
+            return
+        if self.quiet:
+            if result.message:
+                self.error(result.message)
+            return
+        report = result.report
+        for line in result.preview:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        shown = len(result.preview)
+        listed = report["rejected"] + report["failed"]
+        if listed > shown:
+            self.console.print(f"... {listed - shown} more in {result.failed_path}", markup=False)
+        if self.console.is_terminal:
+            table = Table(title=title, show_header=False)
+            table.add_column("", style="bold")
+            table.add_column("", justify="right")
+            for key, label in _SUMMARY:
+                table.add_row(label, str(report[key]))
+            self.console.print(table)
+        else:
+            self.console.print(
+                f"{title}: " + ", ".join(f"{label} {report[key]}" for key, label in _SUMMARY),
+                markup=False,
+                soft_wrap=True,
+            )
+        if result.report["rejected"] + result.report["failed"] + result.report["notSent"]:
+            self.console.print(f"failed file: {result.failed_path}", markup=False)
+        if result.message:
+            self.error(result.message)

@@ -1,0 +1,353 @@
+"""The run ledger: a SQLite database in the state dir.
+
+It holds two things. `accepted` is durable across runs: every message the platform has
+accepted, per target (base URL), committed as soon as its answer arrives — the basis of
+de-duplication and resume. The staging tables (`msg`, `rejected`, `keys`) hold the current
+run: every validated message, in input order, grouped by (department, customer), so that a
+file in any order is sent in full chunks per customer without being held in memory, and
+every row is accounted for exactly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import LedgerError
+from .validate import Rejected, Valid
+
+LEDGER_FILE = "ledger.sqlite3"
+_STAGE_BATCH = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs(
+    id INTEGER PRIMARY KEY, command TEXT, target TEXT, started_at TEXT, finished_at TEXT,
+    status TEXT, counts TEXT);
+CREATE TABLE IF NOT EXISTS sources(
+    run_id INTEGER, idx INTEGER, path TEXT, format TEXT, size INTEGER, sha256 TEXT);
+CREATE TABLE IF NOT EXISTS accepted(
+    target TEXT, source_uuid TEXT, message_uuid TEXT, run_id INTEGER, at TEXT,
+    PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;
+"""
+_STAGING = """
+DROP TABLE IF EXISTS msg;
+DROP TABLE IF EXISTS rejected;
+DROP TABLE IF EXISTS keys;
+CREATE TABLE keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
+CREATE TABLE msg(
+    id INTEGER PRIMARY KEY, key_id INTEGER, source_uuid TEXT, src INTEGER, line INTEGER,
+    body BLOB, state INTEGER DEFAULT 0, http_status INTEGER, retryable INTEGER, errors BLOB);
+CREATE TABLE rejected(
+    id INTEGER PRIMARY KEY, src INTEGER, line INTEGER, department TEXT, customer TEXT,
+    source_uuid TEXT, errors BLOB);
+"""
+
+
+class State(IntEnum):
+    """Where a staged message stands. PENDING at the end of a run means notSent."""
+
+    PENDING = 0
+    ACCEPTED = 1
+    FAILED = 2
+    ALREADY_ACCEPTED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A staged message waiting to be sent."""
+
+    id: int
+    source_uuid: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final word on one message of a request."""
+
+    id: int
+    source_uuid: str
+    state: State
+    http_status: int | None = None
+    retryable: bool = False
+    errors: tuple[dict[str, Any], ...] = ()
+    message_uuid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One line of the failed file, before the source index is turned into its path."""
+
+    source: int
+    line: int
+    source_uuid: str | None
+    department: str | None
+    customer: str | None
+    stage: str
+    retryable: bool
+    http_status: int | None
+    errors: list[dict[str, Any]]
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class Ledger:
+    """One state dir, used by one run at a time (a lock file guards it)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(state_dir, 0o700)
+            self._lock = open(state_dir / "lock", "a")  # noqa: SIM115
+            os.chmod(state_dir / "lock", 0o600)
+        except OSError as exc:
+            raise LedgerError(
+                f"state dir {state_dir}: {exc.strerror or exc}", hint="pass a writable --state-dir"
+            ) from exc
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock.close()
+            raise LedgerError(
+                f"state dir {state_dir} is in use by another histimport run",
+                hint="wait for it to finish, or pass another --state-dir",
+            ) from exc
+        path = state_dir / LEDGER_FILE
+        old_umask = os.umask(0o077)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._lock.close()
+            raise LedgerError(
+                f"state ledger {path} is unusable: {exc}", hint="use --fresh"
+            ) from exc
+        finally:
+            os.umask(old_umask)
+        self.run_id = 0
+        self.target = ""
+        self._keys: dict[tuple[str, str], int] = {}
+
+    def close(self) -> None:
+        self._db.close()
+        self._lock.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- run ---------------------------------------------------------------------------
+
+    def begin_run(self, command: str, target: str) -> None:
+        """Start a run: a fresh staging area; what was accepted before stays."""
+        self.target = target
+        self._db.executescript(_STAGING)
+        cur = self._db.execute(
+            "INSERT INTO runs(command, target, started_at, status) VALUES (?, ?, ?, 'running')",
+            (command, target, _now()),
+        )
+        self.run_id = int(cur.lastrowid or 0)
+        self._keys.clear()
+
+    def finish_run(self, status: str, counts: dict[str, Any]) -> None:
+        self._db.execute(
+            "UPDATE runs SET finished_at=?, status=?, counts=? WHERE id=?",
+            (_now(), status, orjson.dumps(counts).decode(), self.run_id),
+        )
+
+    def record_sources(self, sources: Iterable[tuple[int, str, str, int, str]]) -> None:
+        self._db.executemany(
+            "INSERT INTO sources(run_id, idx, path, format, size, sha256) "
+            f"VALUES ({self.run_id}, ?, ?, ?, ?, ?)",
+            sources,
+        )
+
+    # -- staging -----------------------------------------------------------------------
+
+    def stage(self, rows: Iterable[Valid | Rejected]) -> None:
+        """Store every checked row of the run, in input order, in batched transactions."""
+        keys: list[tuple[int, str, str]] = []
+        valid: list[tuple[int, str, int, int, bytes]] = []
+        rejected: list[tuple[int, int, str | None, str | None, str | None, bytes]] = []
+        for row in rows:
+            if isinstance(row, Valid):
+                key = (row.department, row.customer)
+                key_id = self._keys.get(key)
+                if key_id is None:
+                    key_id = self._keys[key] = len(self._keys) + 1
+                    keys.append((key_id, *key))
+                valid.append((key_id, row.source_uuid, row.source, row.line, row.body))
+                if len(valid) >= _STAGE_BATCH:
+                    self._flush(keys, valid, rejected)
+            else:
+                errors = orjson.dumps([p.as_error() for p in row.problems])
+                rejected.append(
+                    (row.source, row.line, row.department, row.customer, row.source_uuid, errors)
+                )
+        self._flush(keys, valid, rejected)
+
+    def _flush(self, keys: list[Any], valid: list[Any], rejected: list[Any]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
+            self._db.executemany(
+                "INSERT INTO msg(key_id, source_uuid, src, line, body) VALUES (?, ?, ?, ?, ?)",
+                valid,
+            )
+            self._db.executemany(
+                "INSERT INTO rejected(src, line, department, customer, source_uuid, errors) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rejected,
+            )
+        keys.clear()
+        valid.clear()
+        rejected.clear()
+
+    def finish_staging(self) -> None:
+        """Reject repeated sourceUuids (the first one wins) and skip what was accepted before."""
+        db = self._db
+        with db:
+            db.execute("BEGIN")
+            db.execute("CREATE INDEX msg_uuid ON msg(source_uuid, id)")
+            db.execute(
+                """CREATE TEMP TABLE dup AS
+                   SELECT m.id, m.src, m.line, m.key_id, m.source_uuid, f.line AS first_line
+                   FROM msg m JOIN (SELECT source_uuid, MIN(id) AS id FROM msg
+                                    GROUP BY source_uuid HAVING COUNT(*) > 1) g
+                     ON g.source_uuid = m.source_uuid AND m.id > g.id
+                   JOIN msg f ON f.id = g.id"""
+            )
+            db.execute(
+                """INSERT INTO rejected(src, line, department, customer, source_uuid, errors)
+                   SELECT d.src, d.line, k.department, k.customer, d.source_uuid,
+                          json_array(json_object('errorCode', 'DUPLICATE_SOURCE_UUID',
+                            'errorDescription', 'sourceUuid: "' || d.source_uuid ||
+                            '" was already read at line ' || d.first_line))
+                   FROM dup d JOIN keys k ON k.id = d.key_id"""
+            )
+            db.execute("DELETE FROM msg WHERE id IN (SELECT id FROM dup)")
+            db.execute("DROP TABLE dup")
+            db.execute(
+                "UPDATE msg SET state=? WHERE source_uuid IN "
+                "(SELECT source_uuid FROM accepted WHERE target=?)",
+                (State.ALREADY_ACCEPTED, self.target),
+            )
+            db.execute("CREATE INDEX msg_key ON msg(key_id, id)")
+
+    # -- sending -----------------------------------------------------------------------
+
+    def keys(self) -> list[tuple[int, str, str]]:
+        """The (department, customer) keys with something to send, in order of first row."""
+        return [
+            (int(r[0]), str(r[1]), str(r[2]))
+            for r in self._db.execute(
+                "SELECT id, department, customer FROM keys WHERE EXISTS "
+                "(SELECT 1 FROM msg WHERE key_id = keys.id AND state = 0) ORDER BY id"
+            )
+        ]
+
+    def pending(self, key_id: int, after: int, limit: int) -> list[Pending]:
+        """The next pending messages of a key, in input order."""
+        return [
+            Pending(r[0], r[1], r[2])
+            for r in self._db.execute(
+                "SELECT id, source_uuid, body FROM msg "
+                "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
+                (key_id, after, limit),
+            )
+        ]
+
+    def record(self, outcomes: list[Outcome]) -> None:
+        """Commit the outcome of one request before anything relies on it."""
+        at = _now()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE msg SET state=?, http_status=?, retryable=?, errors=? WHERE id=?",
+                [
+                    (
+                        o.state,
+                        o.http_status,
+                        int(o.retryable),
+                        orjson.dumps(o.errors) if o.errors else None,
+                        o.id,
+                    )
+                    for o in outcomes
+                ],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?)",
+                [
+                    (self.target, o.source_uuid, o.message_uuid, self.run_id, at)
+                    for o in outcomes
+                    if o.state is State.ACCEPTED
+                ],
+            )
+
+    # -- accounting --------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Counts per contract name for the current run."""
+        by_state = dict(self._db.execute("SELECT state, COUNT(*) FROM msg GROUP BY state"))
+        (rejected,) = self._db.execute("SELECT COUNT(*) FROM rejected").fetchone()
+        return {
+            "rejected": int(rejected),
+            "accepted": int(by_state.get(State.ACCEPTED, 0)),
+            "failed": int(by_state.get(State.FAILED, 0)),
+            "notSent": int(by_state.get(State.PENDING, 0)),
+            "alreadyAccepted": int(by_state.get(State.ALREADY_ACCEPTED, 0)),
+        }
+
+    def to_send(self) -> tuple[int, int]:
+        """(messages, keys) still pending."""
+        row = self._db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT key_id) FROM msg WHERE state = 0"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def plan(self, chunk_size: int) -> Iterator[tuple[str, str, int, int]]:
+        """(department, customer, messages, requests at most chunk_size each) still to send."""
+        for dep, cus, n in self._db.execute(
+            "SELECT k.department, k.customer, COUNT(*) FROM msg m JOIN keys k ON k.id = m.key_id "
+            "WHERE m.state = 0 GROUP BY m.key_id ORDER BY m.key_id"
+        ):
+            yield dep, cus, n, -(-n // chunk_size)
+
+    def failures(self) -> Iterator[Failure]:
+        """Every rejected, failed or unsent row of the run, in source and line order."""
+        query = """
+            SELECT src, line, source_uuid, department, customer, 'rejected', 0, NULL, errors
+              FROM rejected
+            UNION ALL
+            SELECT m.src, m.line, m.source_uuid, k.department, k.customer,
+                   CASE m.state WHEN 2 THEN 'failed' ELSE 'notSent' END,
+                   COALESCE(m.retryable, 1), m.http_status, m.errors
+              FROM msg m JOIN keys k ON k.id = m.key_id WHERE m.state IN (0, 2)
+            ORDER BY 1, 2"""
+        for r in self._db.execute(query):
+            yield Failure(
+                source=r[0],
+                line=r[1],
+                source_uuid=r[2],
+                department=r[3],
+                customer=r[4],
+                stage=r[5],
+                retryable=bool(r[6]),
+                http_status=r[7],
+                errors=orjson.loads(r[8]) if r[8] else [],
+            )

@@ -1,0 +1,167 @@
+"""Pydantic models of the endpoint's request and response (../shared/api/openapi.yaml).
+
+Enum-like fields are plain strings: the vendor documents one example value each, not the set.
+Request models forbid unknown fields, so that a misspelt field in an export is reported
+instead of silently dropped; free-form objects (`metaData`, `value`, ...) take anything.
+Response models ignore unknown fields: the server may add some at any time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DraftAttributes(_Request):
+    draftStatus: str | None = None
+    scheduledOn: str | None = None
+    draftFailureReason: str | None = None
+
+
+class Attachment(_Request):
+    fileURL: str | None = None
+    attachmentExtension: str | None = None
+    mimeType: str | None = None
+    originalFileName: str | None = None
+    docSize: str | None = None
+    thumbnailURL: str | None = None
+    mediaPreviewURL: str | None = None
+
+
+class TagValue(_Request):
+    value: str | None = None
+
+
+class ParentTag(_Request):
+    tagTypeUuid: str | None = None
+    referenceIdentifier: str | None = None
+
+
+class MessageTag(_Request):
+    tagTypeUuid: str | None = None
+    referenceIdentifier: str | None = None
+    value: dict[str, Any] | None = None
+    primaryAttribute: TagValue | None = None
+    secondaryAttributes: list[TagValue] | None = None
+    parentTags: list[ParentTag] | None = None
+
+
+class MessageAttributes(_Request):
+    body: str | None = None
+    type: str | None = None
+    protocol: str | None = None
+    purpose: str | None = None
+    isManual: bool | None = None
+    subject: str | None = None
+    metaData: dict[str, Any] | None = None
+    tags: list[str] | None = None
+    draftAttributes: DraftAttributes | None = None
+    attachments: list[Attachment] | None = None
+    defaultReplyAction: str | None = None
+    updateThreadTimestamp: bool | None = None
+    updateTotalMessageCount: bool | None = None
+    showInCustomerConversation: bool | None = None
+    messageTags: list[MessageTag] | None = None
+
+
+class NotificationButton(_Request):
+    buttonTextTranslationWidgetKey: str | None = None
+    buttonTextTranslationKey: str | None = None
+    buttonDefaultText: str | None = None
+    buttonTheme: str | None = None
+    buttonActionEventData: dict[str, Any] | None = None
+    isPrimaryButton: bool | None = None
+
+
+NOTIFIER_FLAGS = (
+    "internalSubscribersNotifierPop",
+    "externalSubscribersNotifierPop",
+    "threadOwnerNotifierPop",
+    "sendPhoneNotification",
+)
+
+
+class NotificationAttributes(_Request):
+    internalSubscribersNotifierPop: bool | None = None
+    externalSubscribersNotifierPop: bool | None = None
+    threadOwnerNotifierPop: bool | None = None
+    sendPhoneNotification: bool | None = None
+    additionalNotifierNotificationDAUUIDs: list[str] | None = None
+    notificationButtons: list[NotificationButton] | None = None
+
+
+class VoiceCallAttributes(_Request):
+    callingParty: str | None = None
+    party2: str | None = None
+    party1Prompt: str | None = None
+    party2prompt: str | None = None
+    callStatus: int | None = None
+    callIdentifier: str | None = None
+    callDateTime: str | None = None
+    callBroker: str | None = None
+    recordingUrl: str | None = None
+    recordCall: bool | None = None
+    transcribeCall: bool | None = None
+    transcribeText: str | None = None
+
+
+class SaveMessageRequest(_Request):
+    """One message of a request: the API's message object."""
+
+    sourceUuid: str | None = None
+    callBackPathUrl: str | None = None
+    sentOn: str | None = None
+    receivedOn: str | None = None
+    userUuid: str | None = None
+    messageUuid: str | None = None
+    communicationUid: str | None = None
+    messageAttributes: MessageAttributes | None = None
+    notificationAttributes: NotificationAttributes | None = None
+    voiceCallAttributes: VoiceCallAttributes | None = None
+
+
+class SaveMessageRequestBody(_Request):
+    saveMessageRequestList: list[SaveMessageRequest]
+    callBackPathUrl: str | None = None
+
+
+class ApiError(_Response):
+    errorCode: str | None = None
+    errorDescription: str | None = None
+    errorUID: str | None = None
+
+
+class ApiWarning(_Response):
+    warningCode: str | None = None
+    warningDescription: str | None = None
+
+
+class SaveMessageResponse(_Response):
+    sourceUuid: str | None = None
+    messageUuid: str | None = None
+    errors: list[ApiError] | None = None
+    warnings: list[ApiWarning] | None = None
+
+
+class SaveMessageResponseBody(_Response):
+    """The 200 answer. The vendor spells the success list with one "s"; both are read."""
+
+    saveMessageResponse: list[SaveMessageResponse] | None = None
+    succesfullySubmittedSourceUuids: list[str] | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "succesfullySubmittedSourceUuids", "successfullySubmittedSourceUuids"
+        ),
+    )
+    failedSourceUuids: list[str] | None = None
+    errors: list[ApiError] | None = None
+    warnings: list[ApiWarning] | None = None

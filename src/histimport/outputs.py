@@ -1,0 +1,164 @@
+"""The run's written outputs: the failed file and the report, both written atomically.
+
+Neither ever holds a credential or a message body: identifiers, locations and errors only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .ledger import Failure
+from .read import Source
+
+FAILED_FORMAT = "histimport.failed/v1"
+REPORT_FORMAT = "histimport.report/v1"
+_NOT_SENT = {
+    "errorCode": "NOT_SENT",
+    "errorDescription": "the run stopped before this message was sent or confirmed",
+}
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """Write to a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def source_entry(source: Source) -> dict[str, Any]:
+    return {
+        "path": source.path,
+        "format": source.format,
+        "sha256": source.sha256,
+        "map": source.map,
+    }
+
+
+def write_failed(
+    path: Path,
+    *,
+    base_url: str | None,
+    sources: list[Source],
+    counts: dict[str, int],
+    failures: Iterable[Failure],
+    error_codes: Counter[str],
+    preview: list[str],
+    preview_size: int = 20,
+) -> None:
+    """Stream every failure into the failed file; tally error codes and keep a short preview
+    of the rejected rows for the summary on the way."""
+    head = {
+        "format": FAILED_FORMAT,
+        "createdAt": timestamp(),
+        "baseUrl": base_url,
+        "sources": [source_entry(s) for s in sources],
+        "counts": {k: counts[k] for k in ("rejected", "failed", "notSent")},
+    }
+    with atomic_writer(path) as out:
+        out.write(orjson.dumps(head)[:-1] + b',"failures":[')
+        for n, failure in enumerate(failures):
+            errors = failure.errors or ([_NOT_SENT] if failure.stage == "notSent" else [])
+            for error in errors:
+                error_codes[str(error.get("errorCode"))] += 1
+            source = sources[failure.source].path
+            if len(preview) < preview_size and failure.stage != "notSent":
+                reason = "; ".join(
+                    str(e.get("errorDescription", e.get("errorCode"))) for e in errors
+                )
+                preview.append(f"{source}:{failure.line}: {failure.stage}: {reason}")
+            entry = {
+                "sourceUuid": failure.source_uuid,
+                "departmentUUID": failure.department,
+                "customerUUID": failure.customer,
+                "source": source,
+                "line": failure.line,
+                "stage": failure.stage,
+                "retryable": failure.retryable,
+                "httpStatus": failure.http_status,
+                "errors": errors,
+            }
+            out.write((b",\n" if n else b"\n") + orjson.dumps(entry))
+        out.write(b"\n]}\n")
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    with atomic_writer(path) as out:
+        out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def render_validation(result: Any, output: str) -> str:
+    """`validate --output json|github`: one JSON document, or GitHub Actions annotations."""
+    failures = orjson.loads(Path(result.failed_path).read_bytes())["failures"]
+    if output == "github":
+        lines = []
+        for f in failures:
+            reason = "; ".join(
+                str(e.get("errorDescription") or e.get("errorCode")) for e in f["errors"]
+            )
+            lines.append(
+                f"::error file={_escape(f['source'], True)},line={f['line']}::{_escape(reason)}"
+            )
+        return "".join(line + "\n" for line in lines)
+    document = {
+        "format": "histimport.validation/v1",
+        "valid": result.exit_status == 0,
+        "counts": {k: result.report[k] for k in ("read", "rejected", "alreadyAccepted")},
+        "rejected": [
+            {
+                k: f[k]
+                for k in (
+                    "source",
+                    "line",
+                    "sourceUuid",
+                    "departmentUUID",
+                    "customerUUID",
+                    "errors",
+                )
+            }
+            for f in failures
+        ],
+        "warnings": [],
+        "plan": {
+            "requests": sum(p["requests"] for p in result.plan),
+            "messages": sum(p["messages"] for p in result.plan),
+            "customers": result.plan,
+        },
+    }
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+def _escape(text: str, prop: bool = False) -> str:
+    """GitHub workflow-command escaping (properties also escape ':' and ',')."""
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    if prop:
+        text = text.replace(":", "%3A").replace(",", "%2C")
+    return text

@@ -1,0 +1,247 @@
+"""The one retry policy: what each answer of the platform means, and how long to wait.
+
+Only the 200 answer is documented, so every other answer is classified here, defensively,
+in one table that the rest of the tool obeys:
+
+- retry: connection failures, timeouts, 408 425 429 500 502 503 504, a garbled 200;
+- split: 413 (the body was too large for someone on the way);
+- abort: 401 403 (the credentials were refused: sending more only locks the account);
+- fail: everything else, with the status and what the body says.
+
+A timeout after the body was sent, a 5xx or a garbled 200 leave the outcome *unknown*: the
+server may have stored the messages. They are retried all the same (the platform keys
+messages by sourceUuid) and counted as unknown outcomes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import Enum
+from typing import Any
+
+import httpx
+import orjson
+from pydantic import ValidationError
+
+from .ledger import Outcome, Pending, State
+from .models import ApiError, SaveMessageResponseBody
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+BACKPRESSURE_STATUSES = frozenset({429, 503})
+_EXCERPT = 200
+
+_testing = False
+
+
+def set_testing(on: bool) -> None:
+    """Make every backoff zero, so tests of retries never sleep."""
+    global _testing
+    _testing = on
+
+
+class Action(Enum):
+    ACCEPT = "accept"  # a 200 whose body was read: per-message outcomes follow
+    RETRY = "retry"
+    SPLIT = "split"
+    FAIL = "fail"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one answer (or the lack of one)."""
+
+    action: Action
+    status: int | None = None
+    code: str = ""
+    description: str = ""
+    retry_after: float | None = None
+    unknown_outcome: bool = False
+    backpressure: bool = False
+    errors: tuple[dict[str, Any], ...] = ()
+    body: SaveMessageResponseBody | None = None
+
+    def as_errors(self) -> tuple[dict[str, Any], ...]:
+        """The errors to list for the messages this decision fails."""
+        return self.errors or ({"errorCode": self.code, "errorDescription": self.description},)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    """Exponential backoff with full jitter: a random wait in [0, min(cap, base * 2**n)]."""
+
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if _testing:
+            return 0.0
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), max(self.cap, retry_after))
+        return random.uniform(0.0, min(self.cap, self.base * 2**attempt))
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """`Retry-After` in seconds or as an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(moment.timestamp() - now, 0.0)
+
+
+def classify_error(exc: httpx.HTTPError) -> Decision:
+    """A request that got no answer."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        # Nothing reached the server: the outcome is known, nothing was stored.
+        return Decision(Action.RETRY, code="CONNECT_ERROR", description=_words(exc))
+    if isinstance(exc, httpx.TimeoutException):
+        return Decision(Action.RETRY, code="TIMEOUT", description=_words(exc), unknown_outcome=True)
+    return Decision(
+        Action.RETRY, code="CONNECTION_LOST", description=_words(exc), unknown_outcome=True
+    )
+
+
+def classify(status: int, headers: httpx.Headers, content: bytes, now: float) -> Decision:
+    """An answer: its status, headers and (bounded) body."""
+    if 200 <= status < 300:
+        try:
+            body = SaveMessageResponseBody.model_validate(orjson.loads(content))
+        except (orjson.JSONDecodeError, ValidationError):
+            return Decision(
+                Action.RETRY,
+                status,
+                "GARBLED_RESPONSE",
+                f"HTTP {status} answer is not the documented JSON: {_excerpt(content)}",
+                unknown_outcome=True,
+            )
+        return Decision(Action.ACCEPT, status, body=body)
+    errors = _contract_errors(content)
+    if status in (401, 403):
+        return Decision(
+            Action.ABORT, status, "AUTH_REFUSED", f"HTTP {status}: the credentials were refused"
+        )
+    if status == 413:
+        return Decision(Action.SPLIT, status, "REQUEST_TOO_LARGE", f"HTTP 413: {_excerpt(content)}")
+    if status in RETRYABLE_STATUSES:
+        return Decision(
+            Action.RETRY,
+            status,
+            f"HTTP_{status}",
+            f"HTTP {status}: {_excerpt(content)}",
+            retry_after=parse_retry_after(headers.get("retry-after"), now),
+            unknown_outcome=status >= 500,
+            backpressure=status in BACKPRESSURE_STATUSES,
+            errors=errors,
+        )
+    if 300 <= status < 400:
+        location = headers.get("location", "(no Location)")
+        return Decision(
+            Action.FAIL,
+            status,
+            "REDIRECT_NOT_FOLLOWED",
+            f"HTTP {status} to {location}: redirects are not followed, "
+            "so credentials never travel elsewhere; check --base-url",
+        )
+    if status == 404:
+        description = (
+            "HTTP 404: the department or customer does not exist, or --base-url is wrong: "
+            + _excerpt(content)
+        )
+        return Decision(Action.FAIL, status, "NOT_FOUND", description, errors=errors)
+    if status >= 500:
+        # 501 and the like: the server says it will never do this.
+        return Decision(
+            Action.RETRY if status not in (501, 505) else Action.FAIL,
+            status,
+            f"HTTP_{status}",
+            f"HTTP {status}: {_excerpt(content)}",
+            unknown_outcome=True,
+            errors=errors,
+        )
+    return Decision(
+        Action.FAIL, status, f"HTTP_{status}", f"HTTP {status}: {_excerpt(content)}", errors=errors
+    )
+
+
+def _contract_errors(content: bytes) -> tuple[dict[str, Any], ...]:
+    """The contract's `errors` list, when an error answer carries one."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return ()
+    if not isinstance(data, dict) or not isinstance(data.get("errors"), list):
+        return ()
+    return tuple(
+        {k: str(v) for k, v in e.items() if k in ("errorCode", "errorDescription", "errorUID")}
+        for e in data["errors"][:20]
+        if isinstance(e, dict)
+    )
+
+
+def _excerpt(content: bytes) -> str:
+    text = content[: _EXCERPT * 4].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return (text[:_EXCERPT] + "...") if len(text) > _EXCERPT else (text or "(empty body)")
+
+
+def _words(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def settle(
+    messages: Sequence[Pending], status: int, body: SaveMessageResponseBody
+) -> list[Outcome]:
+    """Per-message outcomes of a 200 answer.
+
+    Accepted: listed in `succesfullySubmittedSourceUuids`. Failed: listed in
+    `failedSourceUuids` or carrying its own errors (not retryable: the server judged it).
+    A message the answer does not mention is failed as `UNCONFIRMED`, retryable.
+    """
+    succeeded = body.succesfullySubmittedSourceUuids
+    ok = set(succeeded or ())
+    failed = set(body.failedSourceUuids or ())
+    entries = {e.sourceUuid: e for e in body.saveMessageResponse or () if e.sourceUuid}
+    request_errors = tuple(_dump(e) for e in body.errors or ())
+    outcomes = []
+    for m in messages:
+        entry = entries.get(m.source_uuid)
+        own_errors = tuple(_dump(e) for e in (entry.errors or ())) if entry else ()
+        message_uuid = entry.messageUuid if entry else None
+        if own_errors or m.source_uuid in failed:
+            errors = own_errors or request_errors or (_error("FAILED", "listed as failed"),)
+            outcomes.append(Outcome(m.id, m.source_uuid, State.FAILED, status, False, errors))
+        elif m.source_uuid in ok or (succeeded is None and entry is not None):
+            outcomes.append(
+                Outcome(m.id, m.source_uuid, State.ACCEPTED, status, message_uuid=message_uuid)
+            )
+        else:
+            errors = request_errors or (
+                _error("UNCONFIRMED", "the answer neither accepted nor refused this message"),
+            )
+            outcomes.append(Outcome(m.id, m.source_uuid, State.FAILED, status, True, errors))
+    return outcomes
+
+
+def server_warnings(body: SaveMessageResponseBody) -> int:
+    return len(body.warnings or ()) + sum(
+        len(e.warnings or ()) for e in body.saveMessageResponse or ()
+    )
+
+
+def _dump(error: ApiError) -> dict[str, Any]:
+    return error.model_dump(exclude_none=True)
+
+
+def _error(code: str, description: str) -> dict[str, Any]:
+    return {"errorCode": code, "errorDescription": description}

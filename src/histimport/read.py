@@ -1,0 +1,199 @@
+"""Read sources: JSONL (optionally gzipped, or stdin) into raw rows with exact line numbers.
+
+A row that cannot be read becomes a `RawRow` carrying an error, never an exception; only a
+source that cannot be opened at all raises `SourceError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .errors import SourceError
+
+FORMATS = ("jsonl", "csv")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+_SKIP_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """Why a row could not be read: a code and plain words."""
+
+    code: str
+    description: str
+
+
+@dataclass(slots=True)
+class RawRow:
+    """One record of a source: its parsed object, or why it has none."""
+
+    source: int
+    line: int
+    data: dict[str, Any] | None
+    error: RowError | None = None
+
+
+@dataclass
+class Source:
+    """A source as the user named it; size and sha256 are known once it has been read."""
+
+    path: str
+    format: str
+    size: int = 0
+    sha256: str = ""
+    map: str | None = None
+    _digest: Any = field(default=None, repr=False)
+
+    @property
+    def is_stdin(self) -> bool:
+        return self.path == "-"
+
+
+def detect_format(path: str, explicit: str | None) -> str:
+    """The format of a source from `--format` or its name (`.gz` looked through)."""
+    if explicit is not None:
+        if explicit not in FORMATS:
+            raise SourceError(f"unknown format {explicit!r}", hint="use jsonl or csv")
+        return explicit
+    if path == "-":
+        raise SourceError("reading stdin needs --format", hint="add --format jsonl or csv")
+    name = path[:-3] if path.endswith(".gz") else path
+    fmt = _SUFFIXES.get(Path(name).suffix.lower())
+    if fmt is None:
+        raise SourceError(
+            f"{path}: cannot tell the format from the file name",
+            hint="name it .jsonl, .ndjson or .csv (optionally .gz), or pass --format",
+        )
+    return fmt
+
+
+class _HashingReader(io.RawIOBase):
+    """Counts and hashes the bytes of a source as they are read, so nothing is read twice."""
+
+    def __init__(self, raw: IO[bytes], source: Source) -> None:
+        self._raw = raw
+        self._source = source
+        self._digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self._digest.update(data)
+        self._source.size += n
+        if n == 0:
+            self._source.sha256 = self._digest.hexdigest()
+        return n
+
+    def close(self) -> None:
+        if self._raw is not sys.stdin.buffer:
+            self._raw.close()
+        super().close()
+
+
+def open_source(source: Source) -> IO[bytes]:
+    """Open a source for binary reading, decompressing gzip found by its magic bytes."""
+    try:
+        raw: IO[bytes] = sys.stdin.buffer if source.is_stdin else open(source.path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise SourceError(
+            f"{source.path}: cannot open: {exc.strerror or exc}", hint="check the path"
+        ) from exc
+    buffered = io.BufferedReader(_HashingReader(raw, source), buffer_size=256 * 1024)
+    if buffered.peek(2)[:2] == _GZIP_MAGIC:
+        return io.BufferedReader(gzip.GzipFile(fileobj=buffered, mode="rb"), 256 * 1024)
+    return buffered
+
+
+def check_readable(source: Source) -> None:
+    """Fail early, before anything is sent, if a source cannot be opened."""
+    if source.is_stdin:
+        return
+    path = Path(source.path)
+    if not path.is_file():
+        raise SourceError(f"{source.path}: no such file", hint="check the path")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise SourceError(f"{source.path}: cannot open: {exc.strerror or exc}") from exc
+
+
+def read_jsonl(stream: IO[bytes], index: int, *, max_line_bytes: int) -> Iterator[RawRow]:
+    """Yield one row per non-blank physical line; blank lines are skipped and not counted."""
+    line_no = 0
+    try:
+        while True:
+            line = stream.readline(max_line_bytes + 1)
+            if not line:
+                return
+            line_no += 1
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                _skip_rest_of_line(stream)
+                yield RawRow(
+                    index,
+                    line_no,
+                    None,
+                    RowError("LINE_TOO_LONG", f"line is longer than {max_line_bytes} bytes"),
+                )
+                continue
+            if line_no == 1 and line.startswith(_BOM):
+                line = line[len(_BOM) :]
+            if not line.strip():
+                continue
+            yield _parse_json_line(line.rstrip(b"\r\n"), index, line_no)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        yield RawRow(
+            index,
+            line_no + 1,
+            None,
+            RowError("UNREADABLE", f"source cannot be read further: {exc}"),
+        )
+
+
+def _skip_rest_of_line(stream: IO[bytes]) -> None:
+    while True:
+        part = stream.readline(_SKIP_CHUNK)
+        if not part or part.endswith(b"\n"):
+            return
+
+
+def _parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return RawRow(index, line_no, None, _json_error(line, exc))
+    if not isinstance(data, dict):
+        kind = type(data).__name__ if data is not None else "null"
+        kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number"}.get(
+            kind, kind
+        )
+        return RawRow(
+            index, line_no, None, RowError("NOT_AN_OBJECT", f"line is {kind}, not a JSON object")
+        )
+    return RawRow(index, line_no, data)
+
+
+def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> RowError:
+    text = str(exc)
+    if "recursion" in text.lower() or "depth limit" in text.lower():
+        return RowError("TOO_DEEP", "line is nested too deeply (more than 1024 levels)")
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return RowError("INVALID_UTF8", f"line is not valid UTF-8 (byte {bad.start + 1})")
+    return RowError("INVALID_JSON", f"line is not valid JSON: {text}")

@@ -1,0 +1,428 @@
+"""The library API: `load`, `retry` and `validate` — one pipeline, read -> check -> stage ->
+deliver -> account -> write. Nothing here knows of the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from .batch import Envelope
+from .config import Config
+from .errors import ExitStatus, InvariantError, UsageError
+from .ledger import Ledger
+from .outputs import REPORT_FORMAT, write_failed, write_report
+from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
+from .validate import Problem, Rejected, Valid, check_row
+
+
+class Observer(Protocol):
+    """Hooks for a progress display; every method is optional to act on."""
+
+    def staging(self, source: str) -> None: ...
+    def sending(self, messages: int) -> None: ...
+    def progress(self, accepted: int, failed: int) -> None: ...
+    def done(self) -> None: ...
+
+
+class _Silent:
+    def staging(self, source: str) -> None:
+        pass
+
+    def sending(self, messages: int) -> None:
+        pass
+
+    def progress(self, accepted: int, failed: int) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+@dataclass
+class Selection:
+    """What `retry` re-sends: listed sourceUuids, and rows at listed lines."""
+
+    uuids: set[str] = field(default_factory=set)
+    lines: set[tuple[str, int]] = field(default_factory=set)
+
+    def wants(self, path: str, row: RawRow) -> bool:
+        if (path, row.line) in self.lines:
+            return True
+        return row.data is not None and row.data.get("sourceUuid") in self.uuids
+
+
+@dataclass
+class RunResult:
+    """What a run did: its counts, its report and how the process should exit."""
+
+    exit_status: ExitStatus
+    counts: dict[str, int]
+    report: dict[str, Any]
+    failed_path: Path
+    preview: list[str]
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    message: str | None = None
+
+
+def load(
+    sources: Sequence[str | os.PathLike[str]],
+    config: Config | None = None,
+    *,
+    observer: Observer | None = None,
+) -> RunResult:
+    """Import sources: read, validate, send, and account for every row."""
+    return _Run(config or Config(), observer).execute([str(s) for s in sources], "load")
+
+
+def validate(
+    sources: Sequence[str | os.PathLike[str]],
+    config: Config | None = None,
+    *,
+    observer: Observer | None = None,
+) -> RunResult:
+    """Check sources offline (no network, no credentials): `load --dry-run`."""
+    cfg = _replace(config or Config(), dry_run=True)
+    return _Run(cfg, observer).execute([str(s) for s in sources], "validate")
+
+
+def retry(
+    failed_files: Sequence[str | os.PathLike[str]],
+    config: Config | None = None,
+    *,
+    include_permanent: bool = False,
+    observer: Observer | None = None,
+) -> RunResult:
+    """Re-send what one or more failed files list: retryable failures, unsent messages and
+    rejected rows (re-read, as the user may have fixed them); with `include_permanent`,
+    also the messages the platform refused."""
+    cfg = config or Config()
+    selection = Selection()
+    paths: list[str] = []
+    base_url: str | None = None
+    for failed_file in failed_files:
+        document = _read_failed_file(Path(failed_file))
+        base_url = base_url or document.get("baseUrl")
+        for source in document.get("sources", []):
+            if source["path"] not in paths:
+                paths.append(source["path"])
+        for entry in document.get("failures", []):
+            wanted = (
+                entry.get("stage") in ("rejected", "notSent")
+                or entry.get("retryable")
+                or include_permanent
+            )
+            if not wanted:
+                continue
+            if entry.get("sourceUuid"):
+                selection.uuids.add(entry["sourceUuid"])
+            if entry.get("stage") == "rejected" or not entry.get("sourceUuid"):
+                selection.lines.add((entry.get("source"), entry.get("line")))
+    if cfg.base_url is None and not cfg.sandbox and base_url is not None:
+        cfg = _replace(cfg, base_url=base_url)
+    return _Run(cfg, observer, selection).execute(paths, "retry")
+
+
+def _read_failed_file(path: Path) -> dict[str, Any]:
+    try:
+        document = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"{path}: is not a failed file: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != "histimport.failed/v1":
+        raise UsageError(
+            f"{path}: is not a failed file", hint="retry takes the failed.json a run wrote"
+        )
+    return document
+
+
+def _replace(config: Config, **changes: Any) -> Config:
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
+    """The service root, refusing plain http to anything but loopback unless allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(
+            f"--base-url {url!r} is not an http(s) URL",
+            hint="e.g. https://api.example.com/communications",
+        )
+    if parts.query or parts.fragment:
+        raise UsageError(f"--base-url {url!r} must not have a query or fragment")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise UsageError(
+            f"--base-url {url!r} would send credentials and messages unencrypted",
+            hint="use https://, or pass --allow-insecure-http if you really mean it",
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_sources(paths: Sequence[str], fmt: str | None) -> list[Source]:
+    """The run's sources, each checked to be readable before anything is sent."""
+    if not paths:
+        raise UsageError("no source given", hint="name one or more .jsonl or .csv files")
+    sources = [Source(path=p, format=detect_format(p, fmt)) for p in paths]
+    for source in sources:
+        check_readable(source)
+    if sum(s.is_stdin for s in sources) > 1:
+        raise UsageError("stdin (-) can be read only once")
+    return sources
+
+
+class _Run:
+    def __init__(
+        self, config: Config, observer: Observer | None, selection: Selection | None = None
+    ) -> None:
+        self.config = config
+        self.observer = observer or _Silent()
+        self.selection = selection
+        self.read = 0
+        self.interrupted = False
+
+    def execute(self, paths: list[str], command: str) -> RunResult:
+        config = self.config
+        sources = open_sources(paths, config.format)
+        started = time.monotonic()
+        with ExitStack() as stack:
+            base_url = self._target(stack)
+            state_dir = config.state_dir
+            if config.dry_run:
+                state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            ledger = Ledger(state_dir)
+            stack.callback(ledger.close)
+            ledger.begin_run(command, base_url or "")
+            self._stage(ledger, sources)
+            ledger.record_sources(
+                (i, s.path, s.format, s.size, s.sha256) for i, s in enumerate(sources)
+            )
+            ledger.finish_staging()
+            stats = None
+            if not config.dry_run and not self.interrupted:
+                assert base_url is not None
+                stats = self._deliver(ledger, base_url)
+            return self._account(ledger, sources, base_url, stats, started)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _target(self, stack: ExitStack) -> str | None:
+        config = self.config
+        if config.dry_run:
+            return config.base_url
+        if config.sandbox:
+            from .sandbox import SandboxConfig, start_sandbox
+
+            running = start_sandbox(SandboxConfig(port=0))
+            stack.callback(running.stop)
+            return running.base_url
+        if config.base_url is None:
+            raise UsageError(
+                "no --base-url given", hint="pass --base-url, set HISTIMPORT_BASE_URL, or --sandbox"
+            )
+        return check_base_url(config.base_url, allow_insecure_http=config.allow_insecure_http)
+
+    def _stage(self, ledger: Ledger, sources: list[Source]) -> None:
+        restore = _sigterm_as_interrupt()
+        try:
+            ledger.stage(self._checked(sources))
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            restore()
+
+    def _checked(self, sources: list[Source]) -> Iterator[Valid | Rejected]:
+        config = self.config
+        limit = config.max_request_bytes - Envelope(config.callback_url).overhead
+        for index, source in enumerate(sources):
+            self.observer.staging(source.path)
+            with open_source(source) as stream:
+                for row in read_jsonl(stream, index, max_line_bytes=config.max_line_bytes):
+                    if self.selection is not None and not self.selection.wants(source.path, row):
+                        continue
+                    self.read += 1
+                    checked = check_row(row, notify=config.notify)
+                    if isinstance(checked, Valid) and len(checked.body) > limit:
+                        checked = Rejected(
+                            checked.source,
+                            checked.line,
+                            checked.department,
+                            checked.customer,
+                            checked.source_uuid,
+                            [
+                                Problem(
+                                    "MESSAGE_TOO_LARGE",
+                                    f"message is {len(checked.body)} bytes, more than "
+                                    f"--max-request-bytes allows in one request",
+                                )
+                            ],
+                        )
+                    yield checked
+                # Drain, so that size and sha256 cover the whole source.
+                while stream.read(1 << 20):
+                    pass
+
+    def _deliver(self, ledger: Ledger, base_url: str) -> Any:
+        from .deliver import Deliverer
+
+        config = self.config
+        auth = None
+        if config.username is not None or config.password is not None:
+            auth = httpx.BasicAuth(config.username or "", config.password or "")
+        deliverer = Deliverer(
+            config=config,
+            ledger=ledger,
+            base_url=base_url,
+            auth=auth,
+            progress=self.observer.progress,
+        )
+        self.observer.sending(ledger.to_send()[0])
+
+        async def main() -> Any:
+            restore = _install_async_signals(deliverer.stop, self._mark_interrupted)
+            try:
+                return await deliverer.run()
+            finally:
+                restore()
+
+        stats = asyncio.run(main())
+        self.observer.done()
+        return stats
+
+    def _mark_interrupted(self) -> None:
+        self.interrupted = True
+
+    def _account(
+        self,
+        ledger: Ledger,
+        sources: list[Source],
+        base_url: str | None,
+        stats: Any,
+        started: float,
+    ) -> RunResult:
+        config = self.config
+        counts = {"read": self.read, **ledger.counts()}
+        parts = sum(v for k, v in counts.items() if k != "read")
+        if parts != counts["read"]:
+            raise InvariantError(
+                f"the counts do not add up: read {counts['read']} but accounted for {parts}",
+                hint="please report this with the command you ran",
+            )
+        error_codes: Counter[str] = Counter()
+        preview: list[str] = []
+        write_failed(
+            config.failed_out,
+            base_url=base_url,
+            sources=sources,
+            counts=counts,
+            failures=ledger.failures(),
+            error_codes=error_codes,
+            preview=preview,
+        )
+        elapsed = time.monotonic() - started
+        report: dict[str, Any] = {
+            "format": REPORT_FORMAT,
+            **counts,
+            "warnings": stats.server_warnings if stats else 0,
+            "requests": stats.requests if stats else 0,
+            "retries": stats.retries if stats else 0,
+            "unknownOutcomes": stats.unknown_outcomes if stats else 0,
+            "splits": stats.splits if stats else 0,
+            "statusCodes": dict(sorted(stats.statuses.items())) if stats else {},
+            "finalConcurrency": stats.final_concurrency if stats else 0,
+            "elapsedSeconds": round(elapsed, 3),
+            "messagesPerSecond": round(counts["accepted"] / elapsed, 1) if elapsed > 0 else 0.0,
+            "errorCodes": dict(error_codes.most_common()),
+        }
+        if config.report is not None:
+            write_report(config.report, report)
+        plan = []
+        if config.dry_run:
+            plan = [
+                {"departmentUUID": d, "customerUUID": c, "messages": n, "requests": r}
+                for d, c, n, r in ledger.plan(config.chunk_size)
+            ]
+        message = None
+        if stats is not None and stats.auth_refused:
+            status = ExitStatus.ABORTED
+            message = f"{stats.auth_refused}: nothing more was sent"
+        elif self.interrupted:
+            status = ExitStatus.INTERRUPTED
+            message = "interrupted: requests in flight were settled; the rest is listed as notSent"
+        elif counts["rejected"] + counts["failed"] + counts["notSent"]:
+            status = ExitStatus.INCOMPLETE
+        else:
+            status = ExitStatus.OK
+        ledger.finish_run(status.name.lower(), report)
+        return RunResult(status, counts, report, config.failed_out, preview, plan, message)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """While staging (plain blocking code), SIGTERM interrupts like Ctrl-C does."""
+    if not _in_main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _install_async_signals(
+    stop: Callable[[], None], mark: Callable[[], None]
+) -> Callable[[], None]:
+    """First Ctrl-C or SIGTERM: stop taking work, settle what is in flight. Second: leave now
+    (the ledger commits per answer, so it stays consistent)."""
+    if not _in_main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    seen: list[bool] = []
+
+    def handler() -> None:
+        if seen:
+            os._exit(ExitStatus.INTERRUPTED)
+        seen.append(True)
+        mark()
+        stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler)
+
+    def restore() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return restore

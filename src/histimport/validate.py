@@ -1,0 +1,207 @@
+"""Map and validate: turn a raw row into a message ready to send, or a rejected record.
+
+Validation is strict about JSON types (a `"true"` string is not a boolean): a row is sent
+exactly as it was read, apart from the documented normalisation — time stamps in UTC
+`YYYY-MM-DDTHH:MM:SS.sssZ`, and the four notifier flags forced off unless `notify`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from .models import NOTIFIER_FLAGS, SaveMessageRequest
+from .read import RawRow
+
+_ID = re.compile(r"[A-Za-z0-9._~-]+")
+_ADAPTER: TypeAdapter[SaveMessageRequest] = TypeAdapter(SaveMessageRequest)
+# Timestamp fields as (parent object or None, field).
+_TIMESTAMPS = ((None, "sentOn"), (None, "receivedOn"), ("voiceCallAttributes", "callDateTime"))
+# Fields whose values are message content: never quoted in an error description.
+_CONTENT_FIELDS = {"body", "subject", "transcribeText", "metaData", "value"}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason a row cannot be sent, in the contract's error shape."""
+
+    code: str
+    description: str
+
+    def as_error(self) -> dict[str, str]:
+        return {"errorCode": self.code, "errorDescription": self.description}
+
+
+@dataclass(slots=True)
+class Valid:
+    """A message ready to stage: its ids and its JSON body, serialised once."""
+
+    source: int
+    line: int
+    department: str
+    customer: str
+    source_uuid: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A row that never leaves the machine, with its location and reasons."""
+
+    source: int
+    line: int
+    department: str | None
+    customer: str | None
+    source_uuid: str | None
+    problems: list[Problem]
+
+
+def check_row(row: RawRow, *, notify: bool) -> Valid | Rejected:
+    """Validate one raw row; every problem found is reported, not only the first."""
+    if row.data is None:
+        error = row.error
+        assert error is not None
+        return Rejected(
+            row.source, row.line, None, None, None, [Problem(error.code, error.description)]
+        )
+    data = row.data
+    problems: list[Problem] = []
+    department = _path_id(data.pop("departmentUUID", None), "departmentUUID", problems)
+    customer = _path_id(data.pop("customerUUID", None), "customerUUID", problems)
+    source_uuid = data.get("sourceUuid")
+    if source_uuid is None:
+        problems.append(Problem("MISSING_FIELD", "sourceUuid: is required"))
+    elif not isinstance(source_uuid, str) or not source_uuid.strip():
+        problems.append(Problem("INVALID_FIELD", "sourceUuid: must be a non-empty string"))
+        source_uuid = None
+    try:
+        _ADAPTER.validate_python(data, strict=True)
+    except ValidationError as exc:
+        problems.extend(_describe(exc))
+    else:
+        _normalise_timestamps(data, problems)
+    if problems:
+        return Rejected(row.source, row.line, department, customer, source_uuid, problems)
+    assert department is not None and customer is not None and isinstance(source_uuid, str)
+    if not notify:
+        _silence(data)
+    try:
+        body = orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        # orjson writes at most 254 levels; the platform would not want more either.
+        problem = Problem("TOO_DEEP", "the message is nested too deeply (more than 254 levels)")
+        return Rejected(row.source, row.line, department, customer, source_uuid, [problem])
+    return Valid(row.source, row.line, department, customer, source_uuid, body)
+
+
+def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
+    """A department or customer id: exactly one safe URL path segment."""
+    if value is None:
+        problems.append(Problem("MISSING_FIELD", f"{name}: is required"))
+        return None
+    if not isinstance(value, str):
+        problems.append(Problem("INVALID_ID", f"{name}: must be a string"))
+        return None
+    if not _ID.fullmatch(value) or value in (".", ".."):
+        shown = _excerpt(value)
+        problems.append(
+            Problem(
+                "INVALID_ID",
+                f"{name}: {shown} may contain only letters, digits and - . _ ~ "
+                "(and is not . or ..)",
+            )
+        )
+        return value if value else None
+    return value
+
+
+def normalise_timestamp(value: str) -> str | None:
+    """ISO 8601 with a zone -> UTC `YYYY-MM-DDTHH:MM:SS.sssZ`; None if it is not one."""
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None:
+    for parent, name in _TIMESTAMPS:
+        holder = data if parent is None else data.get(parent)
+        if not isinstance(holder, dict):
+            continue
+        value = holder.get(name)
+        if value is None:
+            continue
+        normal = normalise_timestamp(value)
+        path = name if parent is None else f"{parent}.{name}"
+        if normal is None:
+            problems.append(
+                Problem(
+                    "INVALID_TIMESTAMP",
+                    f"{path}: {_excerpt(value)} is not a timestamp with a time zone "
+                    "(ISO 8601, e.g. 2025-03-28T11:34:43.227Z)",
+                )
+            )
+        else:
+            holder[name] = normal
+
+
+def _silence(data: dict[str, Any]) -> None:
+    """Historical messages notify nobody: the four notifier flags go out false."""
+    attributes = data.get("notificationAttributes")
+    if not isinstance(attributes, dict):
+        attributes = data["notificationAttributes"] = {}
+    for flag in NOTIFIER_FLAGS:
+        attributes[flag] = False
+
+
+_KINDS = {
+    "bool_type": "is not a boolean (true or false)",
+    "int_type": "is not an integer",
+    "string_type": "is not a string",
+    "dict_type": "is not an object",
+    "model_type": "is not an object",
+    "list_type": "is not a list",
+    "extra_forbidden": "is not a field of the API's message",
+    "missing": "is required",
+}
+
+
+def _describe(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        path = _dotted(error["loc"])
+        kind = _KINDS.get(error["type"], error["msg"])
+        if error["type"] == "extra_forbidden" or _is_content(error["loc"]):
+            problems.append(Problem("INVALID_FIELD", f"{path}: {kind}"))
+        else:
+            problems.append(Problem("INVALID_FIELD", f"{path}: {_excerpt(error['input'])} {kind}"))
+    return problems
+
+
+def _is_content(loc: tuple[int | str, ...]) -> bool:
+    return any(part in _CONTENT_FIELDS for part in loc)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _excerpt(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 60 else text[:57] + '..."'

@@ -1,0 +1,167 @@
+"""The command line: one test per exit code, and the key lines of output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from histimport.cli import app
+from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
+
+from .factory import interleaved, message, write_jsonl
+
+runner = CliRunner()
+CREDENTIALS = {"HISTIMPORT_USERNAME": "importer", "HISTIMPORT_PASSWORD": "right-password"}
+
+
+def invoke(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), env=env, input=stdin)
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[RunningSandbox]:
+    """A sandbox that wants one user and password."""
+    config = SandboxConfig(port=0, username="importer", password="right-password")
+    with sandbox(config) as running:
+        yield running
+
+
+def test_version() -> None:
+    code, output = invoke("--version")
+    assert code == 0 and output.startswith("histimport 0.")
+
+
+def test_exit_0_when_everything_was_accepted(workdir: Path, server: RunningSandbox) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(5)])
+    code, output = invoke("load", "e.jsonl", "--base-url", server.base_url, env=CREDENTIALS)
+    assert code == 0, output
+    assert "accepted 5" in output
+    assert orjson.loads((workdir / "failed.json").read_bytes())["failures"] == []
+
+
+def test_exit_1_lists_bad_rows_with_their_lines(workdir: Path) -> None:
+    rows = [orjson.dumps(message("d", "c", n)).decode() for n in range(3)]
+    rows.insert(
+        1, '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "x", "sentOn": "yesterday"}'
+    )
+    (workdir / "e.jsonl").write_text("\n".join(rows) + "\n")
+    code, output = invoke("load", "e.jsonl", "--sandbox")
+    assert code == 1, output
+    assert 'e.jsonl:2: rejected: sentOn: "yesterday" is not a timestamp' in output
+    assert "accepted 3" in output and "rejected 1" in output
+    (entry,) = orjson.loads((workdir / "failed.json").read_bytes())["failures"]
+    assert (entry["line"], entry["stage"], entry["sourceUuid"]) == (2, "rejected", "x")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["load", "missing.jsonl", "--sandbox"], "missing.jsonl: no such file"),
+        (["load", "e.jsonl"], "no --base-url given"),
+        (["load", "e.txt", "--sandbox"], "cannot tell the format"),
+        (["load", "-", "--sandbox"], "reading stdin needs --format"),
+        (["load", "e.jsonl", "--base-url", "http://api.example.com/communications"], "unencrypted"),
+        (["load", "e.jsonl", "--base-url", "ftp://x/y"], "is not an http(s) URL"),
+        (["load", "e.jsonl", "--sandbox", "--chunk-size", "0"], "--chunk-size must be at least 1"),
+        (["load", "e.jsonl", "--sandbox", "--chunk-size", "many"], "chunk-size"),
+        (["retry", "e.jsonl", "--sandbox"], "is not a failed file"),
+        (["load", "e.jsonl", "--base-url", "https://api.example.com/c"], "no credentials"),
+    ],
+)
+def test_exit_2_for_usage_errors_before_anything_is_sent(
+    workdir: Path, args: list[str], says: str
+) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    (workdir / "e.txt").write_text("x")
+    env = {"HISTIMPORT_USERNAME": "u", "HISTIMPORT_PASSWORD": "p"}
+    if args[-1].startswith("https://api.example.com"):
+        env = {}
+    if (
+        "missing" not in args[1]
+        and args[0] == "load"
+        and "--base-url" not in args
+        and "--sandbox" not in args
+    ):
+        env = {**env}
+    code, output = invoke(*args, env=env)
+    assert code == 2, output
+    assert says in output
+    assert "Traceback" not in output
+
+
+def test_exit_3_when_the_password_is_refused(workdir: Path, guarded: RunningSandbox) -> None:
+    write_jsonl(workdir / "e.jsonl", list(interleaved(customers=30, per_customer=3)))
+    env = {"HISTIMPORT_USERNAME": "importer", "HISTIMPORT_PASSWORD": "wrong-password"}
+    code, output = invoke(
+        "load", "e.jsonl", "--base-url", guarded.base_url, "--concurrency", "4", env=env
+    )
+    assert code == 3, output
+    assert "credentials were refused" in output
+    assert guarded.app.stats()["requests"] <= 4 + 1
+    failed = orjson.loads((workdir / "failed.json").read_bytes())
+    assert failed["counts"]["notSent"] == 90 and len(failed["failures"]) == 90
+    assert "wrong-password" not in (workdir / "failed.json").read_text()
+
+
+def test_password_from_stdin(workdir: Path, guarded: RunningSandbox) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    code, output = invoke(
+        "load",
+        "e.jsonl",
+        "--base-url",
+        guarded.base_url,
+        "--password-stdin",
+        env={"HISTIMPORT_USERNAME": "importer"},
+        stdin="right-password\n",
+    )
+    assert code == 0, output
+
+
+def test_exit_130_on_sigint_then_the_same_command_finishes(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "e.jsonl", list(interleaved(customers=40, per_customer=10)))
+    command = [
+        sys.executable,
+        "-m",
+        "histimport",
+        "load",
+        str(source),
+        "--concurrency",
+        "2",
+        "--chunk-size",
+        "5",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--failed-out",
+        str(tmp_path / "failed.json"),
+    ]
+    with sandbox(SandboxConfig(port=0, latency_ms=40)) as server:
+        env = {**os.environ, **CREDENTIALS, "HISTIMPORT_BASE_URL": server.base_url}
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while server.store.count() < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+        assert process.returncode == 130, stderr
+        assert "interrupted" in stderr
+        failed = orjson.loads((tmp_path / "failed.json").read_bytes())
+        assert failed["counts"]["notSent"] > 0
+        assert {f["stage"] for f in failed["failures"]} == {"notSent"}
+        assert failed["counts"]["notSent"] + server.store.count() == 400
+
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert finished.returncode == 0, finished.stderr
+        assert server.store.count() == 400
+        assert server.store.duplicate_receipts() == 0

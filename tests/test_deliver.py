@@ -1,0 +1,262 @@
+"""Delivery decisions with httpx.MockTransport: order, splitting, aborting, pacing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from histimport.config import Config
+from histimport.deliver import Deliverer, DeliveryStats
+from histimport.ledger import Ledger
+from histimport.read import RawRow
+from histimport.validate import check_row
+
+from .factory import interleaved
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+@pytest.fixture
+def staged(tmp_path: Path) -> Iterator[Callable[[list[dict[str, Any]]], Ledger]]:
+    """A ledger with the given rows staged, closed after the test."""
+    ledgers: list[Ledger] = []
+
+    def stage(rows: list[dict[str, Any]]) -> Ledger:
+        ledger = Ledger(tmp_path / f"state-{len(ledgers)}")
+        ledgers.append(ledger)
+        ledger.begin_run("load", "mock")
+        ledger.stage(check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(rows))
+        ledger.finish_staging()
+        return ledger
+
+    yield stage
+    for ledger in ledgers:
+        ledger.close()
+
+
+def accept_all(request: httpx.Request) -> httpx.Response:
+    uuids = [m["sourceUuid"] for m in orjson.loads(request.content)["saveMessageRequestList"]]
+    return httpx.Response(
+        200, json={"succesfullySubmittedSourceUuids": uuids, "failedSourceUuids": []}
+    )
+
+
+def deliver(ledger: Ledger, handler: Handler, **options: Any) -> DeliveryStats:
+    config = Config(base_url="http://mock/communications", **options)
+    deliverer = Deliverer(
+        config=config,
+        ledger=ledger,
+        base_url=config.base_url or "",
+        auth=httpx.BasicAuth("u", "p"),
+        transport=httpx.MockTransport(handler),
+    )
+    return asyncio.run(deliverer.run())
+
+
+def customer_of(request: httpx.Request) -> str:
+    return request.url.path.split("/")[5]
+
+
+def test_order_kept_and_one_request_in_flight_per_customer(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=12, per_customer=25)))
+    in_flight: dict[str, int] = defaultdict(int)
+    peak_per_customer = 0
+    peak_total = 0
+    seen: dict[str, list[str]] = defaultdict(list)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal peak_per_customer, peak_total
+        customer = customer_of(request)
+        in_flight[customer] += 1
+        peak_per_customer = max(peak_per_customer, in_flight[customer])
+        peak_total = max(peak_total, sum(in_flight.values()))
+        await asyncio.sleep(0.002)
+        in_flight[customer] -= 1
+        seen[customer] += [
+            m["sourceUuid"] for m in orjson.loads(request.content)["saveMessageRequestList"]
+        ]
+        return accept_all(request)
+
+    stats = deliver(ledger, handler, chunk_size=10, concurrency=4)
+    assert peak_per_customer == 1
+    assert 1 < peak_total <= 4
+    assert all(uuids == sorted(uuids) and len(uuids) == 25 for uuids in seen.values())
+    assert stats.requests == 12 * 3
+    assert ledger.counts()["accepted"] == 300
+
+
+def test_request_body_shape_and_auth(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=3)))
+    requests: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return accept_all(request)
+
+    deliver(ledger, handler, callback_url="https://cb.example/x")
+    (request,) = requests
+    assert request.method == "PUT"
+    assert (
+        request.url.path
+        == "/communications/department/dep-0/customer/cust-00000/communication/historical"
+    )
+    assert request.headers["authorization"].startswith("Basic ")
+    assert request.headers["content-type"] == "application/json"
+    body = orjson.loads(request.content)
+    assert body["callBackPathUrl"] == "https://cb.example/x"
+    assert [m["sourceUuid"] for m in body["saveMessageRequestList"]] == [
+        "dep-0.cust-00000.000000",
+        "dep-0.cust-00000.000001",
+        "dep-0.cust-00000.000002",
+    ]
+
+
+def test_413_splits_in_order_and_lowers_the_limit(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=40)))
+    order: list[str] = []
+    refused_from: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if len(request.content) > 3000:
+            first = orjson.loads(request.content)["saveMessageRequestList"][0]["sourceUuid"]
+            refused_from.append(first)
+            return httpx.Response(413, text="<html>413 Request Entity Too Large</html>")
+        order.extend(
+            m["sourceUuid"] for m in orjson.loads(request.content)["saveMessageRequestList"]
+        )
+        return accept_all(request)
+
+    stats = deliver(ledger, handler, chunk_size=20)
+    assert order == sorted(order) and len(order) == 40
+    assert stats.splits >= 1
+    assert ledger.counts()["accepted"] == 40
+    # Only the first chunk meets 413s: the limit it taught cuts the second one before sending.
+    assert refused_from and all(uuid < order[20] for uuid in refused_from)
+
+
+def test_a_single_message_too_large_fails_with_its_own_reason(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=2)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(413)
+
+    deliver(ledger, handler)
+    failures = list(ledger.failures())
+    assert len(failures) == 2
+    assert {f.errors[0]["errorCode"] for f in failures} <= {
+        "REQUEST_TOO_LARGE",
+        "MESSAGE_TOO_LARGE",
+    }
+    assert {f.http_status for f in failures} == {413}
+    assert not any(f.retryable for f in failures)
+
+
+def test_401_aborts_with_few_requests_and_nothing_accepted(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=50, per_customer=4)))
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.001)
+        return httpx.Response(401, json={"errors": [{"errorCode": "UNAUTHORIZED"}]})
+
+    stats = deliver(ledger, handler, concurrency=4)
+    assert stats.auth_refused is not None
+    assert calls <= 4 + 1
+    assert ledger.counts()["notSent"] == 200
+
+
+def test_503_with_one_attempt_fails_retryable_with_its_status(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=3)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, text="down")
+
+    stats = deliver(ledger, handler, max_attempts=1)
+    failures = list(ledger.failures())
+    assert {(f.stage, f.retryable, f.http_status) for f in failures} == {("failed", True, 503)}
+    assert stats.retries == 0
+
+
+def test_retries_until_success_and_counts_unknown_outcomes(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=3)))
+    answers = iter([httpx.Response(500), httpx.Response(200, text="<html>"), None])
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        answer = next(answers)
+        return answer if answer is not None else accept_all(request)
+
+    stats = deliver(ledger, handler, max_attempts=3)
+    assert (stats.retries, stats.unknown_outcomes, stats.requests) == (2, 2, 3)
+    assert ledger.counts()["accepted"] == 3
+
+
+def test_a_timeout_is_retried(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=1)))
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise httpx.ReadTimeout("no answer", request=request)
+        return accept_all(request)
+
+    stats = deliver(ledger, handler)
+    assert (stats.retries, ledger.counts()["accepted"]) == (1, 1)
+
+
+def test_a_429_pauses_and_is_not_given_up_on(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=3, per_customer=1)))
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls <= 8:
+            return httpx.Response(429, headers={"Retry-After": "0"})
+        return accept_all(request)
+
+    stats = deliver(ledger, handler, max_attempts=2)
+    assert ledger.counts()["accepted"] == 3
+    assert stats.statuses["429"] == 8
+    assert stats.final_concurrency < 8
+
+
+def test_a_redirect_is_not_followed(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=1)))
+    hosts: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(307, headers={"Location": "http://evil.example/steal"})
+
+    deliver(ledger, handler)
+    assert hosts == ["mock"]
+    (failure,) = ledger.failures()
+    assert "evil.example" in failure.errors[0]["errorDescription"]
+
+
+@pytest.mark.parametrize("unordered", [False, True])
+def test_every_message_gets_an_outcome(staged: Any, unordered: bool) -> None:
+    ledger = staged(list(interleaved(customers=7, per_customer=9)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return accept_all(request)
+
+    deliver(ledger, handler, chunk_size=4, unordered=unordered)
+    assert ledger.counts() == {
+        "rejected": 0,
+        "accepted": 63,
+        "failed": 0,
+        "notSent": 0,
+        "alreadyAccepted": 0,
+    }

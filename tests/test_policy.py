@@ -1,0 +1,140 @@
+"""The retry policy's table: one test per rule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import orjson
+import pytest
+
+from histimport import policy
+from histimport.ledger import Pending, State
+from histimport.models import SaveMessageResponseBody
+from histimport.policy import Action, Backoff, classify, classify_error, parse_retry_after, settle
+
+OK_BODY = orjson.dumps({"succesfullySubmittedSourceUuids": ["a"], "failedSourceUuids": []})
+
+
+def decide(status: int, content: bytes = b"", **headers: str) -> policy.Decision:
+    return classify(status, httpx.Headers(headers), content, now=1_000_000.0)
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+def test_retryable_statuses(status: int) -> None:
+    decision = decide(status, b"<html>busy</html>")
+    assert decision.action is Action.RETRY
+    assert decision.unknown_outcome is (status >= 500)
+    assert decision.backpressure is (status in (429, 503))
+
+
+@pytest.mark.parametrize(
+    "content", [b"<html>ok</html>", b"", b"[1]", b'{"succesfullySubmittedSourceUuids": "a"}']
+)
+def test_a_garbled_200_is_retried_as_an_unknown_outcome(content: bytes) -> None:
+    decision = decide(200, content)
+    assert (decision.action, decision.code, decision.unknown_outcome) == (
+        Action.RETRY,
+        "GARBLED_RESPONSE",
+        True,
+    )
+
+
+def test_a_documented_200_is_read() -> None:
+    decision = decide(200, OK_BODY)
+    assert decision.action is Action.ACCEPT
+    assert decision.body is not None and decision.body.succesfullySubmittedSourceUuids == ["a"]
+
+
+def test_the_correct_spelling_is_read_too() -> None:
+    body = SaveMessageResponseBody.model_validate({"successfullySubmittedSourceUuids": ["x"]})
+    assert body.succesfullySubmittedSourceUuids == ["x"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_abort(status: int) -> None:
+    assert decide(status).action is Action.ABORT
+
+
+def test_413_splits() -> None:
+    assert decide(413, b"<html>Request Entity Too Large</html>").action is Action.SPLIT
+
+
+def test_redirects_fail_naming_the_location() -> None:
+    decision = decide(307, location="https://elsewhere.example/x")
+    assert decision.action is Action.FAIL
+    assert "https://elsewhere.example/x" in decision.description
+
+
+def test_404_fails_not_retryable() -> None:
+    decision = decide(404, b'{"errors": [{"errorCode": "DEPARTMENT_NOT_FOUND"}]}')
+    assert decision.action is Action.FAIL
+    assert decision.as_errors() == ({"errorCode": "DEPARTMENT_NOT_FOUND"},)
+
+
+@pytest.mark.parametrize("status", [400, 409, 422])
+def test_other_4xx_fail_with_a_bounded_excerpt(status: int) -> None:
+    decision = decide(status, b"x" * 10_000)
+    assert decision.action is Action.FAIL
+    assert len(decision.description) < 300
+
+
+def test_transport_errors() -> None:
+    connect = classify_error(httpx.ConnectError("refused"))
+    assert (connect.action, connect.unknown_outcome) == (Action.RETRY, False)
+    timeout = classify_error(httpx.ReadTimeout("slow"))
+    assert (timeout.action, timeout.unknown_outcome) == (Action.RETRY, True)
+    dropped = classify_error(httpx.RemoteProtocolError("closed"))
+    assert (dropped.action, dropped.unknown_outcome) == (Action.RETRY, True)
+
+
+def test_retry_after_in_both_forms() -> None:
+    now = 1_000_000.0
+    assert parse_retry_after("7", now) == 7.0
+    date = format_datetime(datetime.fromtimestamp(now, UTC) + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(date, now) == pytest.approx(30.0, abs=1.0)
+    assert parse_retry_after("soon", now) is None
+    assert decide(429, **{"retry-after": "3"}).retry_after == 3.0
+
+
+def test_backoff_has_full_jitter_under_a_cap() -> None:
+    policy.set_testing(False)
+    try:
+        backoff = Backoff(base=0.5, cap=4.0)
+        delays = [backoff.delay(attempt) for attempt in range(1, 12) for _ in range(20)]
+        assert all(0.0 <= d <= 4.0 for d in delays)
+        assert max(delays) > 2.0 and min(delays) < 0.5
+        assert backoff.delay(1, retry_after=9.0) == 9.0
+    finally:
+        policy.set_testing(True)
+    assert Backoff().delay(5) == 0.0
+
+
+def pending(*uuids: str) -> list[Pending]:
+    return [Pending(i, u, b"{}") for i, u in enumerate(uuids)]
+
+
+def test_settle_per_message() -> None:
+    body = SaveMessageResponseBody.model_validate(
+        {
+            "saveMessageResponse": [
+                {"sourceUuid": "a", "messageUuid": "m-a"},
+                {
+                    "sourceUuid": "b",
+                    "errors": [{"errorCode": "BAD_BODY", "errorDescription": "no"}],
+                },
+            ],
+            "succesfullySubmittedSourceUuids": ["a"],
+            "failedSourceUuids": ["b", "c"],
+        }
+    )
+    a, b, c, d = settle(pending("a", "b", "c", "d"), 200, body)
+    assert (a.state, a.message_uuid) == (State.ACCEPTED, "m-a")
+    assert (b.state, b.retryable, b.errors) == (
+        State.FAILED,
+        False,
+        ({"errorCode": "BAD_BODY", "errorDescription": "no"},),
+    )
+    assert (c.state, c.retryable) == (State.FAILED, False)
+    assert (d.state, d.retryable, d.errors[0]["errorCode"]) == (State.FAILED, True, "UNCONFIRMED")

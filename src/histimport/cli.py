@@ -307,7 +307,20 @@ def sandbox(
     max_request_bytes: Annotated[
         int | None, typer.Option("--max-request-bytes", help="Larger bodies get 413.")
     ] = None,
+    error_after_store_rate: Annotated[
+        float,
+        typer.Option("--error-after-store-rate", help="Share answered 500 after storing."),
+    ] = 0.0,
+    garble_rate: Annotated[
+        float, typer.Option("--garble-rate", help="Share answered 200 with a non-JSON body.")
+    ] = 0.0,
+    retry_after: Annotated[
+        float | None, typer.Option("--retry-after", help="Retry-After seconds sent with 503.")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the injected faults.")] = 0,
+    journal: Annotated[
+        Path | None, typer.Option("--journal", help="Append every request received here.")
+    ] = None,
 ) -> int:
     """Serve the bundled sandbox API on loopback (demos, tests, rehearsals).
 
@@ -331,8 +344,15 @@ def sandbox(
         latency_ms=latency,
         max_request_bytes=max_request_bytes,
         seed=seed,
+        error_after_store_rate=error_after_store_rate,
+        garble_rate=garble_rate,
+        retry_after=retry_after,
+        journal=journal,
     )
-    serve(config, on_ready=lambda url: print(f"sandbox: serving {url}", file=sys.stderr))
+    from .signals import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        serve(config, on_ready=lambda url: print(f"sandbox: serving {url}", file=sys.stderr))
     return 0
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import signal
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from .errors import ExitStatus, InvariantError, UsageError
 from .ledger import Ledger
 from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
+from .signals import install_async_signals, sigterm_as_interrupt
 from .validate import Problem, Rejected, Valid, check_row
 
 
@@ -247,13 +246,11 @@ class _Run:
         return check_base_url(config.base_url, allow_insecure_http=config.allow_insecure_http)
 
     def _stage(self, ledger: Ledger, sources: list[Source]) -> None:
-        restore = _sigterm_as_interrupt()
         try:
-            ledger.stage(self._checked(sources))
+            with sigterm_as_interrupt():
+                ledger.stage(self._checked(sources))
         except KeyboardInterrupt:
             self.interrupted = True
-        finally:
-            restore()
 
     def _checked(self, sources: list[Source]) -> Iterator[Valid | Rejected]:
         config = self.config
@@ -303,7 +300,7 @@ class _Run:
         self.observer.sending(ledger.to_send()[0])
 
         async def main() -> Any:
-            restore = _install_async_signals(deliverer.stop, self._mark_interrupted)
+            restore = install_async_signals(deliverer.stop, self._mark_interrupted)
             try:
                 return await deliverer.run()
             finally:
@@ -379,50 +376,3 @@ class _Run:
             status = ExitStatus.OK
         ledger.finish_run(status.name.lower(), report)
         return RunResult(status, counts, report, config.failed_out, preview, plan, message)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """While staging (plain blocking code), SIGTERM interrupts like Ctrl-C does."""
-    if not _in_main_thread():
-        return lambda: None
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return restore
-
-
-def _install_async_signals(
-    stop: Callable[[], None], mark: Callable[[], None]
-) -> Callable[[], None]:
-    """First Ctrl-C or SIGTERM: stop taking work, settle what is in flight. Second: leave now
-    (the ledger commits per answer, so it stays consistent)."""
-    if not _in_main_thread():
-        return lambda: None
-    loop = asyncio.get_running_loop()
-    seen: list[bool] = []
-
-    def handler() -> None:
-        if seen:
-            os._exit(ExitStatus.INTERRUPTED)
-        seen.append(True)
-        mark()
-        stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, handler)
-
-    def restore() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    return restore

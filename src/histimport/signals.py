@@ -1,0 +1,58 @@
+"""Signals: Ctrl-C and SIGTERM stop a run gracefully; a second one stops it at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from .errors import ExitStatus
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block (plain blocking code), SIGTERM interrupts like Ctrl-C does."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) -> Callable[[], None]:
+    """First Ctrl-C or SIGTERM: stop taking work, settle what is in flight. Second: leave now
+    (the ledger commits per answer, so it stays consistent). Returns the undo."""
+    if not _in_main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    seen: list[bool] = []
+
+    def handler() -> None:
+        if seen:
+            os._exit(ExitStatus.INTERRUPTED)
+        seen.append(True)
+        mark()
+        stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler)
+
+    def restore() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return restore

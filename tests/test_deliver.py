@@ -12,11 +12,11 @@ import httpx
 import orjson
 import pytest
 
+from histimport.check import check_row
 from histimport.config import Config
 from histimport.deliver import Deliverer, DeliveryStats
 from histimport.ledger import Ledger
 from histimport.read import RawRow
-from histimport.validate import check_row
 
 from .factory import interleaved
 

@@ -14,9 +14,9 @@ from openapi_schema_validator import OAS30Validator
 
 import histimport
 from histimport import Config, ExitStatus
+from histimport.check import normalise_timestamp
 from histimport.models import NOTIFIER_FLAGS
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
-from histimport.validate import normalise_timestamp
 
 from .conftest import contract_schema
 from .factory import interleaved, message, write_jsonl

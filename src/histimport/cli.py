@@ -91,6 +91,21 @@ _RUN_OPTIONS: dict[str, Any] = {
     "format": Annotated[
         str | None, _opt("--format", help="Source format (jsonl or csv); required for stdin.")
     ],
+    "delimiter": Annotated[
+        str | None, _opt("--delimiter", help="CSV delimiter (default: guessed from , ; tab |).")
+    ],
+    "encoding": Annotated[
+        str | None, _opt("--encoding", help="CSV text encoding (default UTF-8; BOMs detected).")
+    ],
+    "map_file": Annotated[
+        Path | None,
+        _opt("--map", help="TOML mapping for sources whose fields are not the API's.", env="map"),
+    ],
+    "generate_source_uuid": Annotated[
+        bool,
+        _opt("--generate-source-uuid", help="Derive a missing sourceUuid from the row's content."),
+    ],
+    "strict": Annotated[bool, _opt("--strict", help="Reject rows that only have warnings.")],
     "max_line_bytes": Annotated[
         int, _opt("--max-line-bytes", help="Longest accepted line; longer ones are rejected.")
     ],
@@ -118,6 +133,11 @@ _DEFAULTS = {
     "unordered": False,
     "allow_insecure_http": False,
     "format": None,
+    "delimiter": None,
+    "encoding": None,
+    "map_file": None,
+    "generate_source_uuid": False,
+    "strict": False,
     "max_line_bytes": 8 * 1024 * 1024,
     "quiet": False,
     "log_format": "text",
@@ -353,6 +373,29 @@ def sandbox(
 
     with sigterm_as_interrupt():
         serve(config, on_ready=lambda url: print(f"sandbox: serving {url}", file=sys.stderr))
+    return 0
+
+
+map_app = typer.Typer(help="Mapping files for sources whose fields are not the API's.")
+app.add_typer(map_app, name="map")
+
+
+@map_app.command("init")
+@_exits
+def map_init(
+    source: Annotated[str, typer.Argument(help="A CSV or JSONL source.", metavar="SOURCE")],
+    format: Annotated[
+        str | None, typer.Option("--format", help="Source format (jsonl or csv).")
+    ] = None,
+    delimiter: Annotated[str | None, typer.Option("--delimiter", help="CSV delimiter.")] = None,
+    encoding: Annotated[str | None, typer.Option("--encoding", help="CSV encoding.")] = None,
+) -> int:
+    """Print a starter mapping file from a source's headers (or first JSONL object)."""
+    from .mapping import starter_mapping
+    from .run import source_fields
+
+    fields = source_fields(source, format, delimiter=delimiter, encoding=encoding)
+    sys.stdout.write(starter_mapping(fields, source))
     return 0
 
 

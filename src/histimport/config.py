@@ -34,6 +34,8 @@ class Config:
     unordered: bool = False
     allow_insecure_http: bool = False
     format: str | None = None
+    delimiter: str | None = None
+    encoding: str | None = None
     max_line_bytes: int = 8 * 1024 * 1024
     generate_source_uuid: bool = False
     strict: bool = False

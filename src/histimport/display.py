@@ -24,6 +24,14 @@ from rich.table import Table
 
 from .run import RunResult
 
+_WARNINGS_SHOWN = 10
+_VALIDATION = (
+    ("read", "read"),
+    ("rejected", "rejected"),
+    ("notSent", "valid"),
+    ("alreadyAccepted", "already accepted"),
+    ("warnings", "warnings"),
+)
 _SUMMARY = (
     ("read", "read"),
     ("rejected", "rejected"),
@@ -31,6 +39,7 @@ _SUMMARY = (
     ("accepted", "accepted"),
     ("failed", "failed"),
     ("notSent", "not sent"),
+    ("warnings", "warnings"),
     ("requests", "requests"),
     ("retries", "retries"),
     ("elapsedSeconds", "elapsed (s)"),
@@ -120,16 +129,26 @@ class Display:
         listed = report["rejected"] + report["failed"]
         if listed > shown:
             self.console.print(f"... {listed - shown} more in {result.failed_path}", markup=False)
+        for w in result.warnings[:_WARNINGS_SHOWN]:
+            self.console.print(
+                f"{w['source']}:{w['line']}: warning: {w['warningDescription']}",
+                markup=False,
+                soft_wrap=True,
+            )
+        if len(result.warnings) > _WARNINGS_SHOWN:
+            more = report["warnings"] - _WARNINGS_SHOWN
+            self.console.print(f"... {more} more warnings (validate --output json)", markup=False)
+        rows = _VALIDATION if title == "validate" else _SUMMARY
         if self.console.is_terminal:
             table = Table(title=title, show_header=False)
             table.add_column("", style="bold")
             table.add_column("", justify="right")
-            for key, label in _SUMMARY:
+            for key, label in rows:
                 table.add_row(label, str(report[key]))
             self.console.print(table)
         else:
             self.console.print(
-                f"{title}: " + ", ".join(f"{label} {report[key]}" for key, label in _SUMMARY),
+                f"{title}: " + ", ".join(f"{label} {report[key]}" for key, label in rows),
                 markup=False,
                 soft_wrap=True,
             )

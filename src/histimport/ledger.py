@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
+from .check import Rejected, Valid
 from .errors import LedgerError
-from .validate import Rejected, Valid
 
 LEDGER_FILE = "ledger.sqlite3"
 _STAGE_BATCH = 5000
@@ -328,7 +328,7 @@ class Ledger:
         ):
             yield dep, cus, n, -(-n // chunk_size)
 
-    def failures(self) -> Iterator[Failure]:
+    def failures(self, *, rejected_only: bool = False) -> Iterator[Failure]:
         """Every rejected, failed or unsent row of the run, in source and line order."""
         query = """
             SELECT src, line, source_uuid, department, customer, 'rejected', 0, NULL, errors
@@ -337,9 +337,9 @@ class Ledger:
             SELECT m.src, m.line, m.source_uuid, k.department, k.customer,
                    CASE m.state WHEN 2 THEN 'failed' ELSE 'notSent' END,
                    COALESCE(m.retryable, 1), m.http_status, m.errors
-              FROM msg m JOIN keys k ON k.id = m.key_id WHERE m.state IN (0, 2)
+              FROM msg m JOIN keys k ON k.id = m.key_id WHERE m.state IN (0, 2) AND NOT ?
             ORDER BY 1, 2"""
-        for r in self._db.execute(query):
+        for r in self._db.execute(query, (rejected_only,)):
             yield Failure(
                 source=r[0],
                 line=r[1],

@@ -127,6 +127,11 @@ def render_validation(result: Any, output: str) -> str:
             lines.append(
                 f"::error file={_escape(f['source'], True)},line={f['line']}::{_escape(reason)}"
             )
+        for w in result.warnings:
+            lines.append(
+                f"::warning file={_escape(w['source'], True)},line={w['line']}::"
+                f"{_escape(w['warningDescription'])}"
+            )
         return "".join(line + "\n" for line in lines)
     document = {
         "format": "histimport.validation/v1",
@@ -146,7 +151,8 @@ def render_validation(result: Any, output: str) -> str:
             }
             for f in failures
         ],
-        "warnings": [],
+        "warnings": result.warnings,
+        "warningCount": result.report["warnings"],
         "plan": {
             "requests": sum(p["requests"] for p in result.plan),
             "messages": sum(p["messages"] for p in result.plan),

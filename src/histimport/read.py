@@ -42,6 +42,7 @@ class RawRow:
     line: int
     data: dict[str, Any] | None
     error: RowError | None = None
+    problems: list[RowError] | None = None
 
 
 @dataclass
@@ -143,7 +144,7 @@ def read_jsonl(stream: IO[bytes], index: int, *, max_line_bytes: int) -> Iterato
                 return
             line_no += 1
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                _skip_rest_of_line(stream)
+                skip_rest_of_line(stream)
                 yield RawRow(
                     index,
                     line_no,
@@ -165,7 +166,7 @@ def read_jsonl(stream: IO[bytes], index: int, *, max_line_bytes: int) -> Iterato
         )
 
 
-def _skip_rest_of_line(stream: IO[bytes]) -> None:
+def skip_rest_of_line(stream: IO[bytes]) -> None:
     while True:
         part = stream.readline(_SKIP_CHUNK)
         if not part or part.endswith(b"\n"):

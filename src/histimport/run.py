@@ -12,21 +12,27 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
 from .batch import Envelope
+from .check import Rejected, Valid, check_row, normalise_timestamp
 from .config import Config
 from .errors import ExitStatus, InvariantError, UsageError
 from .ledger import Ledger
+from .mapping import Mapper, Mapping
 from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
+from .read_csv import read_csv
 from .signals import install_async_signals, sigterm_as_interrupt
-from .validate import Problem, Rejected, Valid, check_row
+
+WARNINGS_KEPT = 10_000
+"""Warnings are counted without limit; the first ones are kept for the outputs."""
 
 
 class Observer(Protocol):
@@ -75,6 +81,7 @@ class RunResult:
     failed_path: Path
     preview: list[str]
     plan: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
     message: str | None = None
 
 
@@ -195,6 +202,36 @@ def open_sources(paths: Sequence[str], fmt: str | None) -> list[Source]:
     return sources
 
 
+def source_fields(
+    path: str, fmt: str | None, *, delimiter: str | None = None, encoding: str | None = None
+) -> list[str]:
+    """A source's field names: its CSV header, or the dotted paths of its first JSON object."""
+    (source,) = open_sources([path], fmt)
+    with open_source(source) as stream:
+        if source.format == "csv":
+            rows = read_csv(
+                stream, 0, max_line_bytes=1 << 24, delimiter=delimiter, encoding=encoding
+            )
+            first = next(rows, None)
+            if first is None or first.data is None:
+                raise UsageError(f"{path}: no header row")
+            return list(first.data["__header__"])
+        for row in read_jsonl(stream, 0, max_line_bytes=1 << 24):
+            if row.data is not None:
+                return _paths(row.data)
+    raise UsageError(f"{path}: no JSON object found")
+
+
+def _paths(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out += _paths(value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
 class _Run:
     def __init__(
         self, config: Config, observer: Observer | None, selection: Selection | None = None
@@ -204,6 +241,8 @@ class _Run:
         self.selection = selection
         self.read = 0
         self.interrupted = False
+        self.warning_count = 0
+        self.warnings: list[dict[str, Any]] = []
 
     def execute(self, paths: list[str], command: str) -> RunResult:
         config = self.config
@@ -253,35 +292,63 @@ class _Run:
             self.interrupted = True
 
     def _checked(self, sources: list[Source]) -> Iterator[Valid | Rejected]:
+        """Read -> map -> validate, every source in turn, counting what is read."""
         config = self.config
-        limit = config.max_request_bytes - Envelope(config.callback_url).overhead
+        mapping = Mapping.load(config.map_file) if config.map_file is not None else None
+        max_body = config.max_request_bytes - Envelope(config.callback_url).overhead
+        now = normalise_timestamp(datetime.now(UTC).isoformat())
         for index, source in enumerate(sources):
             self.observer.staging(source.path)
+            source.map = str(config.map_file) if config.map_file is not None else None
+            mapper = Mapper(
+                source.format,
+                mapping,
+                source.path,
+                generate_source_uuid=config.generate_source_uuid,
+            )
             with open_source(source) as stream:
-                for row in read_jsonl(stream, index, max_line_bytes=config.max_line_bytes):
+                for raw in self._rows(source, stream, index):
+                    row = mapper(raw)
+                    if row is None:
+                        continue
                     if self.selection is not None and not self.selection.wants(source.path, row):
                         continue
                     self.read += 1
-                    checked = check_row(row, notify=config.notify)
-                    if isinstance(checked, Valid) and len(checked.body) > limit:
-                        checked = Rejected(
-                            checked.source,
-                            checked.line,
-                            checked.department,
-                            checked.customer,
-                            checked.source_uuid,
-                            [
-                                Problem(
-                                    "MESSAGE_TOO_LARGE",
-                                    f"message is {len(checked.body)} bytes, more than "
-                                    f"--max-request-bytes allows in one request",
-                                )
-                            ],
-                        )
+                    checked = check_row(
+                        row, notify=config.notify, strict=config.strict, now=now, max_body=max_body
+                    )
+                    if isinstance(checked, Valid) and checked.warnings:
+                        self._warn(source.path, checked)
                     yield checked
                 # Drain, so that size and sha256 cover the whole source.
                 while stream.read(1 << 20):
                     pass
+
+    def _rows(self, source: Source, stream: IO[bytes], index: int) -> Iterator[RawRow]:
+        config = self.config
+        if source.format == "csv":
+            return read_csv(
+                stream,
+                index,
+                max_line_bytes=config.max_line_bytes,
+                delimiter=config.delimiter,
+                encoding=config.encoding,
+            )
+        return read_jsonl(stream, index, max_line_bytes=config.max_line_bytes)
+
+    def _warn(self, path: str, row: Valid) -> None:
+        for warning in row.warnings or ():
+            self.warning_count += 1
+            if len(self.warnings) < WARNINGS_KEPT:
+                self.warnings.append(
+                    {
+                        "source": path,
+                        "line": row.line,
+                        "sourceUuid": row.source_uuid,
+                        "warningCode": warning.code,
+                        "warningDescription": warning.description,
+                    }
+                )
 
     def _deliver(self, ledger: Ledger, base_url: str) -> Any:
         from .deliver import Deliverer
@@ -335,8 +402,8 @@ class _Run:
             config.failed_out,
             base_url=base_url,
             sources=sources,
-            counts=counts,
-            failures=ledger.failures(),
+            counts={**counts, "notSent": 0} if config.dry_run else counts,
+            failures=ledger.failures(rejected_only=config.dry_run),
             error_codes=error_codes,
             preview=preview,
         )
@@ -344,7 +411,7 @@ class _Run:
         report: dict[str, Any] = {
             "format": REPORT_FORMAT,
             **counts,
-            "warnings": stats.server_warnings if stats else 0,
+            "warnings": self.warning_count + (stats.server_warnings if stats else 0),
             "requests": stats.requests if stats else 0,
             "retries": stats.retries if stats else 0,
             "unknownOutcomes": stats.unknown_outcomes if stats else 0,
@@ -370,9 +437,18 @@ class _Run:
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"
-        elif counts["rejected"] + counts["failed"] + counts["notSent"]:
+        elif counts["rejected"] or (not config.dry_run and counts["failed"] + counts["notSent"]):
             status = ExitStatus.INCOMPLETE
         else:
             status = ExitStatus.OK
         ledger.finish_run(status.name.lower(), report)
-        return RunResult(status, counts, report, config.failed_out, preview, plan, message)
+        return RunResult(
+            status,
+            counts,
+            report,
+            config.failed_out,
+            preview,
+            plan=plan,
+            warnings=self.warnings,
+            message=message,
+        )

@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
+from histimport.check import Rejected, Valid, check_row, normalise_timestamp
 from histimport.read import RawRow, RowError
-from histimport.validate import Rejected, Valid, check_row, normalise_timestamp
 
 from .factory import message
 

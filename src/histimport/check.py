@@ -1,4 +1,4 @@
-"""Map and validate: turn a raw row into a message ready to send, or a rejected record.
+"""Check (validate) a mapped row: turn it into a message ready to send, or a rejected record.
 
 Validation is strict about JSON types (a `"true"` string is not a boolean): a row is sent
 exactly as it was read, apart from the documented normalisation — time stamps in UTC
@@ -47,6 +47,7 @@ class Valid:
     customer: str
     source_uuid: str
     body: bytes
+    warnings: list[Problem] | None = None
 
 
 @dataclass(slots=True)
@@ -61,8 +62,17 @@ class Rejected:
     problems: list[Problem]
 
 
-def check_row(row: RawRow, *, notify: bool) -> Valid | Rejected:
-    """Validate one raw row; every problem found is reported, not only the first."""
+def check_row(
+    row: RawRow,
+    *,
+    notify: bool,
+    strict: bool = False,
+    now: str | None = None,
+    max_body: int | None = None,
+) -> Valid | Rejected:
+    """Validate one raw row; every problem found is reported, not only the first.
+    Warnings (`now` enables the one for time stamps in the future) become problems when
+    `strict`."""
     if row.data is None:
         error = row.error
         assert error is not None
@@ -70,7 +80,7 @@ def check_row(row: RawRow, *, notify: bool) -> Valid | Rejected:
             row.source, row.line, None, None, None, [Problem(error.code, error.description)]
         )
     data = row.data
-    problems: list[Problem] = []
+    problems = [Problem(p.code, p.description) for p in row.problems or ()]
     department = _path_id(data.pop("departmentUUID", None), "departmentUUID", problems)
     customer = _path_id(data.pop("customerUUID", None), "customerUUID", problems)
     source_uuid = data.get("sourceUuid")
@@ -85,6 +95,9 @@ def check_row(row: RawRow, *, notify: bool) -> Valid | Rejected:
         problems.extend(_describe(exc))
     else:
         _normalise_timestamps(data, problems)
+    warnings = _warnings(data, now) if not problems else []
+    if strict and warnings:
+        problems.extend(warnings)
     if problems:
         return Rejected(row.source, row.line, department, customer, source_uuid, problems)
     assert department is not None and customer is not None and isinstance(source_uuid, str)
@@ -96,7 +109,35 @@ def check_row(row: RawRow, *, notify: bool) -> Valid | Rejected:
         # orjson writes at most 254 levels; the platform would not want more either.
         problem = Problem("TOO_DEEP", "the message is nested too deeply (more than 254 levels)")
         return Rejected(row.source, row.line, department, customer, source_uuid, [problem])
-    return Valid(row.source, row.line, department, customer, source_uuid, body)
+    if max_body is not None and len(body) > max_body:
+        problem = Problem(
+            "MESSAGE_TOO_LARGE",
+            f"the message is {len(body)} bytes, more than --max-request-bytes allows in a request",
+        )
+        return Rejected(row.source, row.line, department, customer, source_uuid, [problem])
+    return Valid(row.source, row.line, department, customer, source_uuid, body, warnings or None)
+
+
+def _warnings(data: dict[str, Any], now: str | None) -> list[Problem]:
+    """Suspicious but sendable: reported with their location, blocking only with --strict."""
+    found = []
+    sent, received = data.get("sentOn"), data.get("receivedOn")
+    if sent and received and received < sent:
+        found.append(
+            Problem("RECEIVED_BEFORE_SENT", f"receivedOn {received} is before sentOn {sent}")
+        )
+    if now is not None:
+        for name, value in (("sentOn", sent), ("receivedOn", received)):
+            if value and value > now:
+                found.append(Problem("IN_THE_FUTURE", f"{name} {value} is in the future"))
+    attributes = data.get("messageAttributes") or {}
+    if (
+        not attributes.get("body")
+        and not attributes.get("attachments")
+        and "voiceCallAttributes" not in data
+    ):
+        found.append(Problem("EMPTY_MESSAGE", "the message has neither a body nor attachments"))
+    return found
 
 
 def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:

@@ -1,0 +1,411 @@
+"""Map source records to the API's message shape.
+
+Three cases share one path: a CSV whose headers are dotted API paths (`messageAttributes.body`)
+maps with no file; a `--map` TOML file maps any CSV or JSONL whose names differ; a JSONL of
+API-shaped objects passes through untouched. Values read as text are coerced to the
+schema's types here; whatever cannot be coerced is left as it is, so that validation names
+the field and the value in plain words.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import tomllib
+import types
+import typing
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+from pydantic import BaseModel
+
+from .errors import UsageError
+from .models import SaveMessageRequest
+from .read import RawRow, RowError
+
+ID_FIELDS = ("departmentUUID", "customerUUID")
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _field_kinds() -> dict[str, str]:
+    """Every dotted API path a column can name, with its kind: str, bool, int or json."""
+    kinds = {name: "str" for name in ID_FIELDS}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            path = f"{prefix}{name}"
+            annotation = info.annotation
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            inner = args[0] if isinstance(annotation, types.UnionType) and args else annotation
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                kinds[path] = "json"
+                walk(inner, path + ".")
+            elif inner is bool:
+                kinds[path] = "bool"
+            elif inner is int:
+                kinds[path] = "int"
+            elif inner is str:
+                kinds[path] = "str"
+            else:
+                kinds[path] = "json"
+
+    walk(SaveMessageRequest, "")
+    return kinds
+
+
+FIELD_KINDS = _field_kinds()
+# Free-form objects: any path below them is allowed (`messageAttributes.metaData.ticket`).
+_FREE = tuple(
+    p + "." for p in FIELD_KINDS if p.endswith(("metaData", "value", "buttonActionEventData"))
+)
+
+
+def is_api_path(path: str) -> bool:
+    return path in FIELD_KINDS or path.startswith(_FREE)
+
+
+def coerce(path: str, value: Any) -> Any:
+    """A text value turned into its field's type; left as it is when it cannot be."""
+    if not isinstance(value, str):
+        return value
+    kind = FIELD_KINDS.get(path, "str")
+    if kind == "bool":
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    elif kind == "int":
+        if _INT.fullmatch(value.strip()):
+            return int(value)
+    elif kind == "json":
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
+def set_path(target: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = target
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def get_path(record: dict[str, Any], path: str) -> Any:
+    """A column of a CSV record, or a dotted path into a JSON record."""
+    if path in record:
+        return record[path]
+    node: Any = record
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@dataclass(frozen=True, slots=True)
+class MapProblem:
+    code: str
+    description: str
+
+
+def check_headers(headers: Sequence[str], source: str) -> None:
+    """Headers must be API paths when there is no mapping file: say which are not."""
+    unknown = [h for h in headers if not is_api_path(h)]
+    if unknown:
+        shown = ", ".join(repr(h) for h in unknown[:8])
+        raise UsageError(
+            f"{source}: column(s) {shown} are not fields of the API's message",
+            hint=f"name columns by API path (messageAttributes.body), or write a mapping: "
+            f"histimport map init {source} > mapping.toml, then --map mapping.toml",
+        )
+
+
+# -- mapping files --------------------------------------------------------------------
+
+
+_RULE_KEYS = {
+    "column",
+    "const",
+    "template",
+    "default",
+    "strip",
+    "lower",
+    "upper",
+    "map",
+    "timestamp",
+    "tz",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one API path gets its value."""
+
+    path: str
+    column: str | None = None
+    const: Any = None
+    template: str | None = None
+    default: Any = None
+    strip: bool = False
+    lower: bool = False
+    upper: bool = False
+    values: dict[str, Any] = field(default_factory=dict)
+    timestamp: str | None = None
+    tz: ZoneInfo | None = None
+
+    def value(self, record: dict[str, Any]) -> tuple[Any, MapProblem | None]:
+        if self.const is not None:
+            return self.const, None
+        if self.template is not None:
+            try:
+                raw: Any = self.template.format_map(_Blank(record))
+            except (ValueError, IndexError) as exc:
+                return None, MapProblem("MAPPING_ERROR", f"{self.path}: template failed: {exc}")
+        else:
+            assert self.column is not None
+            raw = get_path(record, self.column)
+        if isinstance(raw, str):
+            if self.strip:
+                raw = raw.strip()
+            if self.lower:
+                raw = raw.lower()
+            if self.upper:
+                raw = raw.upper()
+        if raw is None or raw == "":
+            return self.default, None
+        if self.values and isinstance(raw, str | int | bool) and str(raw) in self.values:
+            raw = self.values[str(raw)]
+        if self.timestamp is not None:
+            return self._timestamp(raw)
+        return coerce(self.path, raw), None
+
+    def _timestamp(self, raw: Any) -> tuple[Any, MapProblem | None]:
+        moment = parse_time(raw, self.timestamp or "iso", self.tz)
+        if moment is None:
+            shown = f'"{raw}"' if isinstance(raw, str) else orjson.dumps(raw).decode()
+            return None, MapProblem(
+                "INVALID_TIMESTAMP",
+                f"{self.path}: {shown[:60]} is not a timestamp of the form {self.timestamp!r}",
+            )
+        return moment.astimezone(UTC).isoformat(timespec="milliseconds"), None
+
+
+class _Blank(dict[str, Any]):
+    """Template fields that are missing render as empty text."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record)
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def parse_time(raw: Any, form: str, tz: ZoneInfo | None) -> datetime | None:
+    """A time stamp in the given form ('iso', 'epoch', 'epoch_ms' or a strptime pattern);
+    naive times are in `tz` (None: naive times are refused)."""
+    try:
+        if form in ("epoch", "epoch_ms"):
+            number = float(raw)
+            return datetime.fromtimestamp(number / 1000 if form == "epoch_ms" else number, UTC)
+        if not isinstance(raw, str):
+            return None
+        text = raw.strip()
+        moment = datetime.fromisoformat(text) if form == "iso" else datetime.strptime(text, form)
+    except (ValueError, OverflowError, OSError, TypeError):
+        return None
+    if moment.tzinfo is None:
+        if tz is None:
+            return None
+        moment = moment.replace(tzinfo=tz)
+    return moment
+
+
+class Mapping:
+    """A `--map` file: `[fields]` with one rule per API path."""
+
+    def __init__(self, rules: list[Rule], path: str) -> None:
+        self.rules = rules
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> Mapping:
+        try:
+            data = tomllib.loads(path.read_text("utf-8"))
+        except OSError as exc:
+            raise UsageError(f"--map {path}: cannot read: {exc.strerror or exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--map {path}: not valid TOML: {exc}") from exc
+        fields = data.get("fields")
+        if not isinstance(fields, dict) or not fields:
+            raise UsageError(f"--map {path}: needs a [fields] table", hint="see README.md")
+        rules = [_rule(str(path), target, spec) for target, spec in fields.items()]
+        return cls(rules, str(path))
+
+    def apply(self, record: dict[str, Any]) -> tuple[dict[str, Any], list[MapProblem]]:
+        message: dict[str, Any] = {}
+        problems: list[MapProblem] = []
+        for rule in self.rules:
+            value, problem = rule.value(record)
+            if problem is not None:
+                problems.append(problem)
+            elif value is not None:
+                set_path(message, rule.path, value)
+        return message, problems
+
+
+def _rule(source: str, target: str, spec: Any) -> Rule:
+    where = f"--map {source}: [fields] {target!r}"
+    if not is_api_path(target):
+        raise UsageError(f"{where}: is not a field of the API's message")
+    if isinstance(spec, str):
+        spec = {"column": spec}
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where}: give a column name or a table", hint='e.g. { column = "text" }')
+    unknown = set(spec) - _RULE_KEYS
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    sources = [k for k in ("column", "const", "template") if k in spec]
+    if len(sources) != 1:
+        raise UsageError(f"{where}: needs exactly one of column, const or template")
+    tz = None
+    if "tz" in spec:
+        try:
+            tz = ZoneInfo(spec["tz"])
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise UsageError(f"{where}: unknown time zone {spec['tz']!r}") from exc
+    if "template" in spec:
+        _check_template(where, spec["template"])
+    values = spec.get("map", {})
+    if not isinstance(values, dict):
+        raise UsageError(f"{where}: map must be a table of value = replacement")
+    return Rule(
+        path=target,
+        column=spec.get("column"),
+        const=spec.get("const"),
+        template=spec.get("template"),
+        default=spec.get("default"),
+        strip=bool(spec.get("strip", False)),
+        lower=bool(spec.get("lower", False)),
+        upper=bool(spec.get("upper", False)),
+        values={str(k): v for k, v in values.items()},
+        timestamp=spec.get("timestamp"),
+        tz=tz,
+    )
+
+
+def _check_template(where: str, template: Any) -> None:
+    if not isinstance(template, str):
+        raise UsageError(f"{where}: template must be text")
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise UsageError(f"{where}: bad template: {exc}") from exc
+    if any(not n or not n.replace("_", "").replace(".", "").isalnum() for n in names):
+        raise UsageError(f"{where}: template fields must be column names, e.g. '{{first}}'")
+
+
+# -- map init ---------------------------------------------------------------------------
+
+_GUESSES: dict[str, Iterable[str]] = {
+    "departmentUUID": ("department", "dept", "team", "queue", "group", "department_id"),
+    "customerUUID": ("customer", "customer_id", "client", "client_id", "contact_id", "user_id"),
+    "sourceUuid": ("id", "message_id", "msg_id", "uuid", "source_id", "ticket_id"),
+    "sentOn": ("created_at", "created", "sent", "sent_at", "date", "timestamp", "time"),
+    "receivedOn": ("received", "received_at", "delivered_at"),
+    "messageAttributes.body": ("text", "body", "message", "content", "comment"),
+    "messageAttributes.subject": ("subject", "title"),
+    "messageAttributes.protocol": ("channel", "protocol", "medium", "source"),
+    "messageAttributes.type": ("direction", "type"),
+    "userUuid": ("agent", "agent_id", "author_id", "user"),
+}
+
+
+def starter_mapping(headers: Sequence[str], source: str) -> str:
+    """A mapping file to start from: best guesses filled in, the rest commented out."""
+    normal = {re.sub(r"[^a-z0-9]+", "_", h.lower()).strip("_"): h for h in headers}
+    lines = [
+        f"# Mapping for {source}: API path = source column (or a table with transforms).",
+        "# Keys of a table: column | const | template, and strip, lower, upper, map,",
+        '# default, timestamp ("iso", "epoch", "epoch_ms" or a strptime pattern), tz.',
+        "",
+        "[fields]",
+    ]
+    used: set[str] = set()
+    for path, names in _GUESSES.items():
+        found = next((normal[n] for n in names if n in normal and normal[n] not in used), None)
+        if path in headers:
+            found = path
+        if found is None:
+            lines.append(f'# {_toml_key(path)} = {{ column = "?" }}')
+            continue
+        used.add(found)
+        if path in ("sentOn", "receivedOn"):
+            lines.append(
+                f'{_toml_key(path)} = {{ column = "{found}", timestamp = "iso", '
+                'tz = "UTC" }  # e.g. timestamp = "%d/%m/%Y %H:%M", tz = "Europe/Berlin"'
+            )
+        else:
+            lines.append(f'{_toml_key(path)} = "{found}"')
+    rest = [h for h in headers if h not in used]
+    if rest:
+        lines += ["", "# Columns not mapped yet:"]
+        lines += [f'# "messageAttributes.metaData.{h}" = "{h}"' for h in rest]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_key(path: str) -> str:
+    return f'"{path}"' if "." in path else path
+
+
+_GENERATED = uuid.UUID("1b7e9a52-5d0c-4f7e-8f43-4a8d2c3b6e10")
+
+
+class Mapper:
+    """Turns one source's raw records into API-shaped rows (`None` for its header)."""
+
+    def __init__(
+        self, fmt: str, mapping: Mapping | None, source: str, *, generate_source_uuid: bool
+    ) -> None:
+        self.fmt = fmt
+        self.mapping = mapping
+        self.source = source
+        self.generate_source_uuid = generate_source_uuid
+
+    def __call__(self, row: RawRow) -> RawRow | None:
+        data = row.data
+        if data is None:
+            return row
+        if "__header__" in data:
+            if self.mapping is None:
+                check_headers(data["__header__"], self.source)
+            return None
+        if self.mapping is not None:
+            data, problems = self.mapping.apply(data)
+            if problems:
+                row.problems = [RowError(p.code, p.description) for p in problems]
+        elif self.fmt == "csv":
+            data = {}
+            for header, value in row.data.items():  # type: ignore[union-attr]
+                if value != "":  # an empty cell means absent
+                    set_path(data, header, coerce(header, value))
+        if self.generate_source_uuid and data.get("sourceUuid") in (None, ""):
+            # Derived from the content, so that a re-run derives the same id.
+            content = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+            data["sourceUuid"] = str(uuid.uuid5(_GENERATED, content.decode()))
+        row.data = data
+        return row

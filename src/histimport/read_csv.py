@@ -1,0 +1,145 @@
+"""Read CSV sources: a header row, then one record per row, each with the physical line where
+it starts (a quoted cell may span lines). Text is decoded line by line, so one stray byte
+rejects one record instead of ending the import."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import typing
+from collections.abc import Iterator
+from typing import IO
+
+from .read import RawRow, RowError, skip_rest_of_line
+
+_DELIMITERS = (",", ";", "\t", "|")
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def read_csv(
+    stream: IO[bytes],
+    index: int,
+    *,
+    max_line_bytes: int,
+    delimiter: str | None = None,
+    encoding: str | None = None,
+) -> Iterator[RawRow]:
+    """Yield the header as line 0's `data` (`{"__header__": [...]}`), then one row per record
+    with `data` mapping header -> cell text."""
+    lines = _Lines(stream, max_line_bytes, encoding)
+    first = lines.peek_first()
+    sep = delimiter or max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
+    csv.field_size_limit(max(max_line_bytes, 131072))
+    reader = csv.reader(lines, delimiter=sep, strict=True)
+    header: list[str] | None = None
+    while True:
+        start = lines.count + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield RawRow(
+                index, start, None, RowError("INVALID_CSV", f"record is not valid CSV: {exc}")
+            )
+            continue
+        if not cells:
+            continue  # a blank line
+        problem = lines.problem(start, lines.count)
+        if header is None:
+            if problem is not None:
+                yield RawRow(index, start, None, problem)
+                return
+            header = [c.strip() for c in cells]
+            yield RawRow(index, start, {"__header__": header})
+            continue
+        if problem is not None:
+            yield RawRow(index, start, None, problem)
+        elif len(cells) != len(header):
+            yield RawRow(
+                index,
+                start,
+                None,
+                RowError(
+                    "INVALID_CSV",
+                    f"record has {len(cells)} cells but the header has {len(header)} "
+                    f"(a delimiter {sep!r} or a quote out of place?)",
+                ),
+            )
+        else:
+            yield RawRow(index, start, dict(zip(header, cells, strict=True)))
+
+
+class _Lines:
+    """Physical lines as text for the csv module, counting them and remembering the ones
+    that could not be decoded or were too long."""
+
+    def __init__(self, stream: IO[bytes], max_line_bytes: int, encoding: str | None) -> None:
+        self.count = 0
+        self._stream = stream
+        self._max = max_line_bytes
+        self._bad: dict[int, RowError] = {}
+        self._pending: list[str] = []
+        head = stream.peek(4)[:4] if hasattr(stream, "peek") else b""
+        self._utf16 = encoding is None and head[:2] in _UTF16_BOMS
+        self._text: Iterator[str] | None = None
+        if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
+            # Other encodings are decoded as a stream: a bad byte becomes U+FFFD.
+            self._wrapper = io.TextIOWrapper(
+                typing.cast(typing.BinaryIO, stream),
+                encoding=encoding or "utf-16",
+                errors="replace",
+                newline="",
+            )
+            self._text = iter(self._wrapper)
+
+    def peek_first(self) -> str:
+        line = self._next_line()
+        if line is not None:
+            self._pending.append(line)
+        return line or ""
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self._pending.pop() if self._pending else self._next_line()
+        if line is None:
+            raise StopIteration
+        self.count += 1
+        return line
+
+    def _next_line(self) -> str | None:
+        if self._text is not None:
+            line = next(self._text, None)
+            if line is None:
+                # Hand the byte stream back, or closing the wrapper would close it too.
+                self._wrapper.detach()
+                self._text = iter(())
+            if line is not None and self.count == 0 and not self._pending:
+                line = line.lstrip("\ufeff")
+            return line
+        raw = self._stream.readline(self._max + 1)
+        if not raw:
+            return None
+        number = self.count + len(self._pending) + 1
+        if len(raw) > self._max and not raw.endswith(b"\n"):
+            skip_rest_of_line(self._stream)
+            self._bad[number] = RowError("LINE_TOO_LONG", f"line is longer than {self._max} bytes")
+            return " \n"  # not blank, so that the record it stands for is reported
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._bad[number] = RowError(
+                "INVALID_UTF8", f"line {number} is not valid UTF-8 (byte {exc.start + 1})"
+            )
+            return raw.decode("utf-8", "replace")
+
+    def problem(self, start: int, end: int) -> RowError | None:
+        for line in range(start, end + 1):
+            if line in self._bad:
+                return self._bad.pop(line)
+        return None

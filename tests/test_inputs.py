@@ -1,0 +1,358 @@
+"""Inputs as they really come: hostile JSONL, CSV, mapping files, gzip, stdin, validate."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+import histimport
+from histimport import Config, ExitStatus
+from histimport.cli import app
+from histimport.mapping import parse_time
+from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
+
+from .conftest import REPO
+from .factory import message, write_jsonl
+
+runner = CliRunner()
+SAMPLES = REPO / "samples"
+
+
+def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
+    return Config(
+        base_url=server.base_url,
+        username="u",
+        password="p",
+        state_dir=tmp_path / "state",
+        failed_out=tmp_path / "failed.json",
+        **options,
+    )
+
+
+def good(n: int, **extra: Any) -> bytes:
+    return orjson.dumps(message("dep", "cust", n, **extra))
+
+
+HOSTILE: list[tuple[bytes, str | None]] = [
+    (good(1), None),
+    (
+        b'{"departmentUUID": "dep", "customerUUID": "cust", "sourceUuid": "t-1", "sentOn": "2024',
+        "INVALID_JSON",
+    ),
+    (
+        orjson.dumps({k: v for k, v in message("dep", "cust", 2).items() if k != "sourceUuid"}),
+        "MISSING_FIELD",
+    ),
+    (good(3, sentOn="31/02/2024 10:00"), "INVALID_TIMESTAMP"),
+    (orjson.dumps(message("dep", "a/b", 4)), "INVALID_ID"),
+    (orjson.dumps(message("..", "cust", 5)), "INVALID_ID"),
+    (orjson.dumps(message("dep", "x?y=1", 6)), "INVALID_ID"),
+    (orjson.dumps(message("dep", "x#frag", 7)), "INVALID_ID"),
+    (orjson.dumps(message("", "cust", 8)), "INVALID_ID"),
+    (good(9, messageAttributes={"isManual": "perhaps"}), "INVALID_FIELD"),
+    (good(10, voiceCallAttributes={"callStatus": "two"}), "INVALID_FIELD"),
+    (b"[1, 2, 3]", "NOT_AN_OBJECT"),
+    (
+        b'{"departmentUUID": "dep", "customerUUID": "cust", "sourceUuid": "u-\xff\xfe"}',
+        "INVALID_UTF8",
+    ),
+    (good(1), "DUPLICATE_SOURCE_UUID"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "TOO_DEEP"),
+    (b"", None),
+    (b"   ", None),
+    (good(11), None),
+]
+
+
+def hostile_file(tmp_path: Path) -> tuple[Path, dict[int, str]]:
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in HOSTILE) + b"\n")
+    expected = {n + 1: code for n, (_, code) in enumerate(HOSTILE) if code is not None}
+    return path, expected
+
+
+def test_hostile_jsonl_validate_names_exactly_the_bad_lines(tmp_path: Path) -> None:
+    path, expected = hostile_file(tmp_path)
+    result = histimport.validate([path], Config(failed_out=tmp_path / "failed.json"))
+    assert result.exit_status is ExitStatus.INCOMPLETE
+    failures = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert {f["line"]: f["errors"][0]["errorCode"] for f in failures} == expected
+    assert all(f["stage"] == "rejected" and f["source"] == str(path) for f in failures)
+    by_line = {f["line"]: f for f in failures}
+    assert by_line[4]["errors"][0]["errorDescription"].startswith('sentOn: "31/02/2024 10:00"')
+    assert by_line[5]["errors"][0]["errorDescription"].startswith('customerUUID: "a/b"')
+    assert by_line[14]["errors"][0]["errorDescription"].endswith("already read at line 1")
+    assert result.counts["read"] == len(HOSTILE) - 2  # blank lines are not counted
+
+
+def test_hostile_jsonl_load_sends_only_good_rows_to_the_endpoint(tmp_path: Path) -> None:
+    path, _ = hostile_file(tmp_path)
+    journal = tmp_path / "journal.jsonl"
+    with sandbox(SandboxConfig(port=0, journal=journal)) as server:
+        result = histimport.load([path], config_for(server, tmp_path))
+        stored = sorted(m.source_uuid for m in server.store.messages())
+    assert result.exit_status is ExitStatus.INCOMPLETE
+    assert stored == ["dep.cust.000001", "dep.cust.000011"]
+    paths = {orjson.loads(line)["path"] for line in journal.read_bytes().splitlines()}
+    assert paths == {"/communications/department/dep/customer/cust/communication/historical"}
+
+
+def test_validate_outputs_for_ci(tmp_path: Path, workdir: Path) -> None:
+    path, expected = hostile_file(workdir)
+    result = runner.invoke(app, ["validate", path.name, "--output", "github"])
+    assert result.exit_code == 1
+    errors = [line for line in result.stdout.splitlines() if line.startswith("::error ")]
+    assert len(errors) == len(expected)
+    assert errors[0].startswith(f"::error file={path.name},line=2::line is not valid JSON")
+    result = runner.invoke(app, ["validate", path.name, "--output", "json"])
+    document = orjson.loads(result.stdout)
+    assert document["counts"]["rejected"] == len(expected)
+    assert document["plan"] == {
+        "requests": 1,
+        "messages": 2,
+        "customers": [
+            {"departmentUUID": "dep", "customerUUID": "cust", "messages": 2, "requests": 1}
+        ],
+    }
+    write_jsonl(workdir / "fine.jsonl", [message("d", "c", 1)])
+    assert runner.invoke(app, ["validate", "fine.jsonl"]).exit_code == 0
+
+
+def test_warnings_are_reported_and_block_only_with_strict(tmp_path: Path, workdir: Path) -> None:
+    rows = [
+        message("d", "c", 1, receivedOn="2023-01-01T00:00:00Z"),
+        message("d", "c", 2, sentOn="2999-01-01T00:00:00Z"),
+        message("d", "c", 3, messageAttributes={"protocol": "SMS"}),
+        message("d", "c", 4),
+    ]
+    write_jsonl(workdir / "w.jsonl", rows)
+    result = runner.invoke(app, ["validate", "w.jsonl", "--output", "github"])
+    assert result.exit_code == 0
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("::warning")]
+    assert [w.split("::")[1] for w in warnings] == [
+        "warning file=w.jsonl,line=1",
+        "warning file=w.jsonl,line=2",
+        "warning file=w.jsonl,line=3",
+    ]
+    strict = runner.invoke(app, ["validate", "w.jsonl", "--strict", "--output", "json"])
+    assert strict.exit_code == 1
+    codes = [r["errors"][0]["errorCode"] for r in orjson.loads(strict.stdout)["rejected"]]
+    assert codes == ["RECEIVED_BEFORE_SENT", "IN_THE_FUTURE", "EMPTY_MESSAGE"]
+
+
+def test_csv_bodies_arrive_byte_for_byte(server: RunningSandbox, tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    bodies = {}
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(
+            [
+                "departmentUUID",
+                "customerUUID",
+                "sourceUuid",
+                "sentOn",
+                "messageAttributes.body",
+                "messageAttributes.isManual",
+                "messageAttributes.tags",
+                "voiceCallAttributes.callStatus",
+            ]
+        )
+        for n in range(5000):
+            body = f'row {n}, with a comma;\nand a new line, "quotes" and ünïcödé  '
+            if n % 7 == 0:
+                body = f"  leading and trailing spaces {n}\r\n\tkept  "
+            bodies[f"csv-{n}"] = body
+            writer.writerow(
+                [
+                    "dep",
+                    f"c{n % 50}",
+                    f"csv-{n}",
+                    "2024-05-01T10:00:00+02:00",
+                    body,
+                    ["yes", "No", "TRUE", "0"][n % 4],
+                    '["a", "b"]',
+                    n % 3,
+                ]
+            )
+    result = histimport.load([path], config_for(server, tmp_path))
+    assert result.exit_status is ExitStatus.OK, result.preview
+    stored = {m.source_uuid: m.body for m in server.store.messages()}
+    assert len(stored) == 5000
+    for uuid, body in bodies.items():
+        assert stored[uuid]["messageAttributes"]["body"] == body
+    sample = stored["csv-5"]
+    assert sample["messageAttributes"]["isManual"] is False  # "No"
+    assert sample["messageAttributes"]["tags"] == ["a", "b"]
+    assert sample["voiceCallAttributes"]["callStatus"] == 2
+    assert sample["sentOn"] == "2024-05-01T08:00:00.000Z"
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_csv_delimiter_is_sniffed_and_lines_are_physical(tmp_path: Path, delimiter: str) -> None:
+    header = ["departmentUUID", "customerUUID", "sourceUuid", "messageAttributes.body"]
+    lines = [
+        delimiter.join(header),
+        "",
+        delimiter.join(["d", "c", "s1", '"two\nlines"']),
+        delimiter.join(["d", "c", "s2", "x"]) + delimiter + "extra",
+        delimiter.join(["d", "c/x", "s3", "y"]),
+    ]
+    path = tmp_path / "e.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = histimport.validate([path], Config(failed_out=tmp_path / "failed.json"))
+    failures = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert [(f["line"], f["errors"][0]["errorCode"]) for f in failures] == [
+        (5, "INVALID_CSV"),
+        (6, "INVALID_ID"),
+    ]
+    assert result.counts["read"] == 3
+
+
+def test_csv_encodings(tmp_path: Path) -> None:
+    text = "departmentUUID,customerUUID,sourceUuid,messageAttributes.body\nd,c,s1,Grüße\n"
+    for name, data in {
+        "bom.csv": b"\xef\xbb\xbf" + text.encode(),
+        "utf16.csv": text.encode("utf-16"),
+        "bad.csv": text.encode() + b"d,c,s2,\xff\xfe\n",
+    }.items():
+        (tmp_path / name).write_bytes(data)
+        result = histimport.validate([tmp_path / name], Config(failed_out=tmp_path / "f.json"))
+        failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+        if name == "bad.csv":
+            assert [(f["line"], f["errors"][0]["errorCode"]) for f in failures] == [
+                (3, "INVALID_UTF8")
+            ]
+        else:
+            assert failures == [] and result.counts["read"] == 1, name
+
+
+def test_csv_with_unknown_columns_needs_a_mapping(workdir: Path) -> None:
+    (workdir / "e.csv").write_text("ticket,text\n1,hello\n")
+    result = runner.invoke(app, ["validate", "e.csv"])
+    assert result.exit_code == 2
+    assert "'ticket', 'text' are not fields" in result.output
+    assert "histimport map init e.csv" in result.output
+
+
+def test_the_legacy_sample_imports_with_its_mapping(server: RunningSandbox, tmp_path: Path) -> None:
+    result = histimport.load(
+        [SAMPLES / "legacy-helpdesk.csv"],
+        config_for(server, tmp_path, map_file=SAMPLES / "legacy-helpdesk.map.toml"),
+    )
+    assert result.exit_status is ExitStatus.OK, result.preview
+    stored = {m.source_uuid: m for m in server.store.messages()}
+    first = stored["helpdesk-40101-1"]
+    assert (first.department, first.customer) == ("support-nordics", "legacy-7000")
+    # 29/03/2025 22:10 in Berlin is CET (+01:00).
+    assert first.body["sentOn"] == "2025-03-29T21:10:00.000Z"
+    assert first.body["messageAttributes"]["protocol"] == "SMS"
+    assert first.body["messageAttributes"]["type"] == "INBOUND"
+    assert first.body["messageAttributes"]["metaData"] == {
+        "ticket": "40101",
+        "customerName": "Anna Berg",
+    }
+    assert "userUuid" not in first.body and stored["helpdesk-40101-2"].body["userUuid"] == "agent-0"
+    with (SAMPLES / "legacy-helpdesk.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(stored) == len(rows)
+    assert {r["text"] for r in rows} == {
+        m.body["messageAttributes"]["body"] for m in stored.values()
+    }
+
+
+@pytest.mark.parametrize(
+    ("local", "utc"),
+    [
+        ("30/03/2025 01:59", "2025-03-30T00:59:00+00:00"),  # CET, before the spring change
+        ("30/03/2025 03:00", "2025-03-30T01:00:00+00:00"),  # CEST, after it
+        ("26/10/2025 01:30", "2025-10-25T23:30:00+00:00"),  # CEST
+        ("26/10/2025 02:30", "2025-10-26T00:30:00+00:00"),  # ambiguous: the first (CEST) one
+        ("26/10/2025 03:30", "2025-10-26T02:30:00+00:00"),  # CET, after the autumn change
+    ],
+)
+def test_local_times_across_daylight_saving(local: str, utc: str) -> None:
+    from datetime import UTC
+    from zoneinfo import ZoneInfo
+
+    moment = parse_time(local, "%d/%m/%Y %H:%M", ZoneInfo("Europe/Berlin"))
+    assert moment is not None and moment.astimezone(UTC).isoformat() == utc
+
+
+def test_epoch_and_iso_forms() -> None:
+    assert parse_time("1700000000", "epoch", None).isoformat() == "2023-11-14T22:13:20+00:00"  # type: ignore[union-attr]
+    assert parse_time(1700000000123, "epoch_ms", None).microsecond == 123000  # type: ignore[union-attr]
+    assert parse_time("2024-01-01T10:00:00", "iso", None) is None  # naive and no tz
+
+
+def test_map_init_prints_a_usable_starter(workdir: Path) -> None:
+    result = runner.invoke(app, ["map", "init", str(SAMPLES / "legacy-helpdesk.csv")])
+    assert result.exit_code == 0
+    assert '"messageAttributes.body" = "text"' in result.stdout
+    assert 'sentOn = { column = "created_at"' in result.stdout
+    assert '# "messageAttributes.metaData.first_name" = "first_name"' in result.stdout
+    import tomllib
+
+    assert "fields" in tomllib.loads(result.stdout)
+
+
+def test_generated_source_uuids_are_stable(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in message("d", "c", n).items() if k != "sourceUuid"} for n in range(3)]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    config = Config(failed_out=tmp_path / "f.json", generate_source_uuid=True)
+    first = histimport.validate([path], config)
+    assert first.exit_status is ExitStatus.OK
+    plans = []
+    for _ in range(2):
+        with sandbox(SandboxConfig(port=0)) as server:
+            histimport.load(
+                [path], config_for(server, tmp_path / str(len(plans)), generate_source_uuid=True)
+            )
+            plans.append(sorted(m.source_uuid for m in server.store.messages()))
+    assert plans[0] == plans[1] and len(set(plans[0])) == 3
+
+
+def test_gzip_and_stdin_import_like_the_plain_file(tmp_path: Path) -> None:
+    rows = [message(f"d{n % 2}", f"c{n % 5}", n) for n in range(200)]
+    plain = write_jsonl(tmp_path / "e.jsonl", rows)
+    (tmp_path / "e.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    (tmp_path / "e.csv.gz").write_bytes(gzip.compress(b"departmentUUID,customerUUID,sourceUuid\n"))
+    stored = []
+    for variant in ("plain", "gz", "stdin"):
+        with sandbox(SandboxConfig(port=0)) as server:
+            base = [
+                "-m",
+                "histimport",
+                "load",
+                "--base-url",
+                server.base_url,
+                "--state-dir",
+                str(tmp_path / variant),
+                "--failed-out",
+                str(tmp_path / f"{variant}.json"),
+            ]
+            args = {
+                "plain": [str(plain)],
+                "gz": [str(tmp_path / "e.jsonl.gz")],
+                "stdin": ["-", "--format", "jsonl"],
+            }[variant]
+            env = {**os.environ, "HISTIMPORT_USERNAME": "u", "HISTIMPORT_PASSWORD": "p"}
+            done = subprocess.run(
+                [sys.executable, *base, *args],
+                input=plain.read_bytes() if variant == "stdin" else None,
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            messages = [(m.department, m.customer, m.body) for m in server.store.messages()]
+            stored.append(sorted(messages, key=lambda m: m[:2]))  # stable: per-customer order
+    assert stored[0] == stored[1] == stored[2] and len(stored[0]) == 200

@@ -1,0 +1,126 @@
+"""Property tests: whatever bytes a source holds, reading and checking never raise, and every
+non-blank line ends up as a message or a rejected row with its location."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from histimport.check import Rejected, Valid, check_row
+from histimport.mapping import Mapper
+from histimport.read import read_jsonl
+from histimport.read_csv import read_csv
+
+LIMIT = 1 << 16
+
+
+def stream(data: bytes) -> io.BufferedReader:
+    return io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
+
+
+def non_blank_lines(data: bytes) -> list[int]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]
+    return [n + 1 for n, line in enumerate(lines) if line.strip()]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+API_KEYS = [
+    "departmentUUID",
+    "customerUUID",
+    "sourceUuid",
+    "sentOn",
+    "receivedOn",
+    "messageAttributes",
+    "notificationAttributes",
+    "voiceCallAttributes",
+    "userUuid",
+    "body",
+    "callStatus",
+]
+rows = st.dictionaries(st.sampled_from(API_KEYS) | st.text(max_size=8), json_values, max_size=8)
+line_parts = st.sampled_from(
+    [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b'"',
+        b":",
+        b",",
+        b"\n",
+        b"\r\n",
+        b" ",
+        b"\xff",
+        b"\xef\xbb\xbf",
+        b'"departmentUUID":"d"',
+        b'"customerUUID":"c"',
+        b'"sourceUuid":"s"',
+        b"null",
+        b"1e999",
+        b"\\u0000",
+    ]
+)
+messy = st.lists(line_parts | st.binary(max_size=6), max_size=60).map(b"".join) | st.binary(
+    max_size=600
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messy)
+def test_any_bytes_as_jsonl(data: bytes) -> None:
+    found = list(read_jsonl(stream(data), 0, max_line_bytes=LIMIT))
+    assert [r.line for r in found] == non_blank_lines(data)
+    for row in found:
+        assert (row.data is None) != (row.error is None)
+        checked = check_row(row, notify=False)
+        assert isinstance(checked, Valid | Rejected)
+        assert checked.line == row.line
+
+
+@settings(max_examples=300, deadline=None)
+@given(messy)
+def test_any_bytes_as_csv(data: bytes) -> None:
+    lines = data.count(b"\n") + 1
+    mapper = Mapper("csv", None, "x.csv", generate_source_uuid=False)
+    previous = 0
+    for raw in read_csv(
+        stream(b"sourceUuid,departmentUUID,customerUUID,sentOn\n" + data), 0, max_line_bytes=LIMIT
+    ):
+        assert 1 <= raw.line <= lines + 1
+        assert raw.line > previous
+        previous = raw.line
+        row = mapper(raw)
+        if row is not None:
+            checked = check_row(row, notify=False)
+            assert isinstance(checked, Valid | Rejected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows)
+def test_any_object_is_checked_without_raising(data: dict[str, Any]) -> None:
+    import orjson
+
+    line = orjson.dumps(data)
+    (row,) = read_jsonl(stream(line + b"\n"), 0, max_line_bytes=LIMIT)
+    checked = check_row(row, notify=False)
+    if isinstance(checked, Rejected):
+        assert checked.problems and all(p.description for p in checked.problems)
+    else:
+        assert orjson.loads(checked.body)["sourceUuid"] == checked.source_uuid

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
 
 from . import __version__
@@ -185,7 +186,7 @@ def _run_options(func: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def _config(options: dict[str, Any], *, dry_run: bool = False) -> Any:
+def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = False) -> Any:
     from .config import Config
 
     if options["log_format"] not in ("text", "json"):
@@ -199,7 +200,7 @@ def _config(options: dict[str, Any], *, dry_run: bool = False) -> Any:
             "(or --password-stdin), or use --sandbox",
         )
     fields = {k: v for k, v in options.items() if k not in ("password_stdin",)}
-    return Config(**fields, password=password, dry_run=dry_run)
+    return Config(**fields, password=password, dry_run=dry_run, fresh=fresh)
 
 
 def _password(from_stdin: bool) -> str | None:
@@ -239,6 +240,12 @@ def load(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate only: send nothing.")
     ] = False,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh", help="Start over instead of resuming (accepted messages still skipped)."
+        ),
+    ] = False,
     **options: Any,
 ) -> int:
     """Read, validate, send; write the failed file (and the report)."""
@@ -248,7 +255,7 @@ def load(
         raise UsageError("stdin cannot carry both a source and the password")
     run.open_sources(sources, options["format"])
     display = _display(options)
-    config = _config(options, dry_run=dry_run)
+    config = _config(options, dry_run=dry_run, fresh=fresh)
     result = (run.validate if dry_run else run.load)(sources, config, observer=display)
     return _finish(result, display, "validate" if dry_run else "load")
 
@@ -373,6 +380,40 @@ def sandbox(
 
     with sigterm_as_interrupt():
         serve(config, on_ready=lambda url: print(f"sandbox: serving {url}", file=sys.stderr))
+    return 0
+
+
+@app.command()
+@_exits
+def status(
+    state_dirs: Annotated[
+        list[Path] | None,
+        typer.Option("--state-dir", help="A state dir; repeat it for several (shards)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Delete the state dir after a finished import.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --purge: even if unfinished.")] = (
+        False
+    ),
+) -> int:
+    """What the state ledger knows: runs, sources, counts per state, frequent errors."""
+    from . import status as ledger_status
+    from .display import render_status
+
+    dirs = state_dirs or [Path(".histimport")]
+    if purge:
+        for state_dir in dirs:
+            ledger_status.purge(state_dir, force=force)
+            print(f"deleted {state_dir}", file=sys.stderr)
+        return 0
+    summaries = [ledger_status.status(d) for d in dirs]
+    if as_json:
+        document = summaries[0] if len(summaries) == 1 else {"stateDirs": summaries}
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        render_status(summaries)
     return 0
 
 

@@ -40,6 +40,7 @@ class Config:
     generate_source_uuid: bool = False
     strict: bool = False
     dry_run: bool = False
+    fresh: bool = False
     max_response_bytes: int = 16 * 1024 * 1024
     quiet: bool = False
     log_format: LogFormat = "text"

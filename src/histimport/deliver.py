@@ -214,6 +214,8 @@ class Deliverer:
             if self.stopping:
                 return
             await self._limit.acquire()
+            if attempt == throttled == 0:
+                self.ledger.mark_in_flight(m.id for m in chunk.messages)
             decision = Decision(Action.RETRY)
             try:
                 decision = await self._request(chunk)

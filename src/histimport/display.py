@@ -156,3 +156,36 @@ class Display:
             self.console.print(f"failed file: {result.failed_path}", markup=False)
         if result.message:
             self.error(result.message)
+
+
+def render_status(summaries: list[dict[str, Any]]) -> None:
+    """`histimport status` for people, on stdout; with several state dirs, a total too."""
+    out: list[str] = []
+    totals: dict[str, int] = {}
+    for summary in summaries:
+        out.append(f"state dir {summary['stateDir']}")
+        for target, n in summary["acceptedByTarget"].items():
+            refused = summary["refusedByTarget"].get(target, 0)
+            out.append(f"  {target or '(no target)'}: {n} accepted, {refused} refused")
+        last = summary["lastRun"]
+        if last:
+            out.append("  last run now: " + _pairs(last))
+        if summary["errorCodes"]:
+            out.append("  most frequent errors: " + _pairs(summary["errorCodes"]))
+        for run in summary["runs"]:
+            # A run still "running" with no finish time is running now, or was killed.
+            state = run["status"] if run["finishedAt"] else "running, or killed"
+            out.append(f"  run {run['id']} {run['command']} {run['startedAt']}: {state}")
+            if run["sources"]:
+                out.append("    sources: " + ", ".join(s["path"] for s in run["sources"]))
+            if run["counts"]:
+                out.append("    " + _pairs(run["counts"]))
+        for key, value in last.items():
+            totals[key] = totals.get(key, 0) + value
+    if len(summaries) > 1:
+        out.append("total: " + _pairs(totals))
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items())

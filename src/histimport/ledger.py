@@ -33,7 +33,11 @@ CREATE TABLE IF NOT EXISTS runs(
     id INTEGER PRIMARY KEY, command TEXT, target TEXT, started_at TEXT, finished_at TEXT,
     status TEXT, counts TEXT);
 CREATE TABLE IF NOT EXISTS sources(
-    run_id INTEGER, idx INTEGER, path TEXT, format TEXT, size INTEGER, sha256 TEXT);
+    run_id INTEGER, idx INTEGER, path TEXT, format TEXT, size INTEGER, sha256 TEXT,
+    realpath TEXT);
+CREATE TABLE IF NOT EXISTS refused(
+    target TEXT, source_uuid TEXT, http_status INTEGER, errors BLOB, run_id INTEGER,
+    PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accepted(
     target TEXT, source_uuid TEXT, message_uuid TEXT, run_id INTEGER, at TEXT,
     PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;
@@ -53,12 +57,13 @@ CREATE TABLE rejected(
 
 
 class State(IntEnum):
-    """Where a staged message stands. PENDING at the end of a run means notSent."""
+    """Where a staged message stands. PENDING or IN_FLIGHT at the end of a run: notSent."""
 
     PENDING = 0
     ACCEPTED = 1
     FAILED = 2
     ALREADY_ACCEPTED = 3
+    IN_FLIGHT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +175,31 @@ class Ledger:
             (_now(), status, orjson.dumps(counts).decode(), self.run_id),
         )
 
-    def record_sources(self, sources: Iterable[tuple[int, str, str, int, str]]) -> None:
+    def changed_sources(self, sources: Iterable[tuple[str, str | None, str]]) -> list[str]:
+        """Of (path, realpath, sha256), the paths whose content differs from what the last
+        run on this target read at the same place."""
+        changed = []
+        for path, realpath, sha256 in sources:
+            row = self._db.execute(
+                "SELECT s.sha256 FROM sources s JOIN runs r ON r.id = s.run_id "
+                "WHERE s.realpath = ? AND r.target = ? AND r.id < ? AND r.command = 'load' "
+                "ORDER BY r.id DESC LIMIT 1",
+                (realpath, self.target, self.run_id),
+            ).fetchone()
+            if row is not None and row[0] != sha256:
+                changed.append(path)
+        return changed
+
+    def record_sources(self, sources: Iterable[tuple[int, str, str, int, str, str | None]]) -> None:
         self._db.executemany(
-            "INSERT INTO sources(run_id, idx, path, format, size, sha256) "
-            f"VALUES ({self.run_id}, ?, ?, ?, ?, ?)",
+            "INSERT INTO sources(run_id, idx, path, format, size, sha256, realpath) "
+            f"VALUES ({self.run_id}, ?, ?, ?, ?, ?, ?)",
             sources,
         )
+
+    def forget_refusals(self) -> None:
+        """--fresh: the platform's earlier refusals are not carried into this run."""
+        self._db.execute("DELETE FROM refused WHERE target = ?", (self.target,))
 
     # -- staging -----------------------------------------------------------------------
 
@@ -218,8 +242,10 @@ class Ledger:
         valid.clear()
         rejected.clear()
 
-    def finish_staging(self) -> None:
-        """Reject repeated sourceUuids (the first one wins) and skip what was accepted before."""
+    def finish_staging(self, *, carry_refused: bool = True) -> None:
+        """Reject repeated sourceUuids (the first one wins), skip what was accepted before
+        and, unless told otherwise, carry over what the platform refused before: a resumed
+        run sends neither again."""
         db = self._db
         with db:
             db.execute("BEGIN")
@@ -247,6 +273,13 @@ class Ledger:
                 "(SELECT source_uuid FROM accepted WHERE target=?)",
                 (State.ALREADY_ACCEPTED, self.target),
             )
+            if carry_refused:
+                db.execute(
+                    "UPDATE msg SET state = ?, retryable = 0, http_status = r.http_status, "
+                    "errors = r.errors FROM refused r "
+                    "WHERE r.target = ? AND r.source_uuid = msg.source_uuid AND msg.state = 0",
+                    (State.FAILED, self.target),
+                )
             db.execute("CREATE INDEX msg_key ON msg(key_id, id)")
 
     # -- sending -----------------------------------------------------------------------
@@ -272,11 +305,30 @@ class Ledger:
             )
         ]
 
+    def mark_in_flight(self, ids: Iterable[int]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                f"UPDATE msg SET state = {State.IN_FLIGHT} WHERE id = ?", ((i,) for i in ids)
+            )
+
     def record(self, outcomes: list[Outcome]) -> None:
         """Commit the outcome of one request before anything relies on it."""
         at = _now()
         with self._db:
             self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
+                [
+                    (self.target, o.source_uuid, o.http_status, orjson.dumps(o.errors), self.run_id)
+                    for o in outcomes
+                    if o.state is State.FAILED and not o.retryable
+                ],
+            )
+            self._db.executemany(
+                "DELETE FROM refused WHERE target = ? AND source_uuid = ?",
+                [(self.target, o.source_uuid) for o in outcomes if o.state is State.ACCEPTED],
+            )
             self._db.executemany(
                 "UPDATE msg SET state=?, http_status=?, retryable=?, errors=? WHERE id=?",
                 [
@@ -309,7 +361,7 @@ class Ledger:
             "rejected": int(rejected),
             "accepted": int(by_state.get(State.ACCEPTED, 0)),
             "failed": int(by_state.get(State.FAILED, 0)),
-            "notSent": int(by_state.get(State.PENDING, 0)),
+            "notSent": int(by_state.get(State.PENDING, 0) + by_state.get(State.IN_FLIGHT, 0)),
             "alreadyAccepted": int(by_state.get(State.ALREADY_ACCEPTED, 0)),
         }
 
@@ -337,7 +389,8 @@ class Ledger:
             SELECT m.src, m.line, m.source_uuid, k.department, k.customer,
                    CASE m.state WHEN 2 THEN 'failed' ELSE 'notSent' END,
                    COALESCE(m.retryable, 1), m.http_status, m.errors
-              FROM msg m JOIN keys k ON k.id = m.key_id WHERE m.state IN (0, 2) AND NOT ?
+              FROM msg m JOIN keys k ON k.id = m.key_id
+             WHERE m.state IN (0, 2, 4) AND NOT ?
             ORDER BY 1, 2"""
         for r in self._db.execute(query, (rejected_only,)):
             yield Failure(

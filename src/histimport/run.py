@@ -140,7 +140,8 @@ def retry(
                 selection.lines.add((entry.get("source"), entry.get("line")))
     if cfg.base_url is None and not cfg.sandbox and base_url is not None:
         cfg = _replace(cfg, base_url=base_url)
-    return _Run(cfg, observer, selection).execute(paths, "retry")
+    run = _Run(cfg, observer, selection, include_permanent=include_permanent)
+    return run.execute(paths, "retry")
 
 
 def _read_failed_file(path: Path) -> dict[str, Any]:
@@ -190,6 +191,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _realpath(source: Source) -> str | None:
+    return None if source.is_stdin else os.path.realpath(source.path)
+
+
 def open_sources(paths: Sequence[str], fmt: str | None) -> list[Source]:
     """The run's sources, each checked to be readable before anything is sent."""
     if not paths:
@@ -234,11 +239,17 @@ def _paths(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 class _Run:
     def __init__(
-        self, config: Config, observer: Observer | None, selection: Selection | None = None
+        self,
+        config: Config,
+        observer: Observer | None,
+        selection: Selection | None = None,
+        *,
+        include_permanent: bool = False,
     ) -> None:
         self.config = config
         self.observer = observer or _Silent()
         self.selection = selection
+        self.include_permanent = include_permanent
         self.read = 0
         self.interrupted = False
         self.warning_count = 0
@@ -256,17 +267,37 @@ class _Run:
             ledger = Ledger(state_dir)
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
+            if config.fresh:
+                ledger.forget_refusals()
             self._stage(ledger, sources)
-            ledger.record_sources(
-                (i, s.path, s.format, s.size, s.sha256) for i, s in enumerate(sources)
-            )
-            ledger.finish_staging()
+            if not self.interrupted:
+                self._check_unchanged(ledger, sources, command)
+                ledger.record_sources(
+                    (i, s.path, s.format, s.size, s.sha256, _realpath(s))
+                    for i, s in enumerate(sources)
+                )
+            ledger.finish_staging(carry_refused=not self.include_permanent)
             stats = None
             if not config.dry_run and not self.interrupted:
                 assert base_url is not None
                 stats = self._deliver(ledger, base_url)
             return self._account(ledger, sources, base_url, stats, started)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_unchanged(self, ledger: Ledger, sources: list[Source], command: str) -> None:
+        """Resuming a load over a source whose content changed would mix two imports."""
+        if command != "load" or self.config.fresh or self.config.dry_run:
+            return
+        changed = ledger.changed_sources(
+            (s.path, _realpath(s), s.sha256) for s in sources if not s.is_stdin
+        )
+        if changed:
+            ledger.finish_run("usage", {})
+            raise UsageError(
+                f"{', '.join(changed)}: changed since the last run with this state dir read it",
+                hint="pass --fresh to import it as a new run (messages the platform accepted "
+                "are still never sent again), or use another --state-dir",
+            )
 
     def _target(self, stack: ExitStack) -> str | None:
         config = self.config

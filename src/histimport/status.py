@@ -1,0 +1,128 @@
+"""What a state ledger knows: its runs, their sources, counts per state, frequent errors.
+
+Read without taking the run lock (read-only), so it works while an import is running.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import LedgerError, UsageError
+from .ledger import LEDGER_FILE, State
+
+_COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
+_STATE_NAMES = {
+    State.PENDING: "pending",
+    State.IN_FLIGHT: "inFlight",
+    State.ACCEPTED: "accepted",
+    State.FAILED: "failed",
+    State.ALREADY_ACCEPTED: "alreadyAccepted",
+}
+
+
+def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
+    """A summary of one state dir, as plain data."""
+    path = state_dir / LEDGER_FILE
+    if not path.is_file():
+        raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot be read: {exc}") from exc
+    try:
+        return _summary(db, state_dir, runs)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot be read: {exc}") from exc
+    finally:
+        db.close()
+
+
+def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, Any]:
+    accepted = dict(db.execute("SELECT target, COUNT(*) FROM accepted GROUP BY target"))
+    refused = dict(db.execute("SELECT target, COUNT(*) FROM refused GROUP BY target"))
+    run_rows = db.execute(
+        "SELECT id, command, target, started_at, finished_at, status, counts FROM runs "
+        "ORDER BY id DESC LIMIT ?",
+        (runs,),
+    ).fetchall()
+    run_list = []
+    for rid, command, target, started, finished, state, counts in run_rows:
+        sources = [
+            {"path": p, "format": f, "size": size, "sha256": sha}
+            for p, f, size, sha in db.execute(
+                "SELECT path, format, size, sha256 FROM sources WHERE run_id = ? ORDER BY idx",
+                (rid,),
+            )
+        ]
+        report = orjson.loads(counts) if counts else {}
+        run_list.append(
+            {
+                "id": rid,
+                "command": command,
+                "target": target,
+                "startedAt": started,
+                "finishedAt": finished,
+                # A run that is neither finished nor running was killed.
+                "status": state,
+                "sources": sources,
+                "counts": {
+                    k: report[k]
+                    for k in (
+                        "read",
+                        "rejected",
+                        "accepted",
+                        "failed",
+                        "notSent",
+                        "alreadyAccepted",
+                    )
+                    if k in report
+                },
+            }
+        )
+    current: dict[str, int] = {}
+    errors: Counter[str] = Counter()
+    if _has_table(db, "msg"):
+        for state, n in db.execute("SELECT state, COUNT(*) FROM msg GROUP BY state"):
+            current[_STATE_NAMES[State(state)]] = n
+        (current["rejected"],) = db.execute("SELECT COUNT(*) FROM rejected").fetchone()
+        for (blob,) in db.execute(
+            "SELECT errors FROM msg WHERE errors IS NOT NULL UNION ALL SELECT errors FROM rejected"
+        ):
+            for error in orjson.loads(blob):
+                errors[str(error.get("errorCode"))] += 1
+    return {
+        "stateDir": str(state_dir),
+        "acceptedByTarget": accepted,
+        "refusedByTarget": refused,
+        "lastRun": current,
+        "errorCodes": dict(errors.most_common(10)),
+        "runs": run_list,
+    }
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+
+
+def purge(state_dir: Path, *, force: bool = False) -> None:
+    """Delete a state dir once its import is finished (it holds message content)."""
+    summary = status(state_dir, runs=1)
+    last = summary["runs"][0] if summary["runs"] else None
+    if not force and (last is None or last["status"] != "ok"):
+        raise UsageError(
+            f"{state_dir}: the last run did not finish with everything accepted",
+            hint="finish the import (or check failed.json), or pass --force to delete anyway",
+        )
+    with open(state_dir / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise LedgerError(f"{state_dir} is in use by a running import") from exc
+        shutil.rmtree(state_dir)

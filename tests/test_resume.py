@@ -1,0 +1,217 @@
+"""The run ledger: crash-safe resume, source checks, carried refusals, status, permissions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+import histimport
+from histimport import Config, ExitStatus
+from histimport.cli import app
+from histimport.ledger import Ledger
+from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
+
+from .factory import interleaved, message, write_jsonl
+
+runner = CliRunner()
+CONCURRENCY = 8
+CHUNK = 100
+
+
+def command(source: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "histimport",
+        "load",
+        str(source),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--failed-out",
+        str(tmp_path / "failed.json"),
+        "--report",
+        str(tmp_path / "report.json"),
+        "--concurrency",
+        str(CONCURRENCY),
+        "--chunk-size",
+        str(CHUNK),
+        *extra,
+    ]
+
+
+def environment(server: RunningSandbox) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HISTIMPORT_USERNAME": "u",
+        "HISTIMPORT_PASSWORD": "p",
+        "HISTIMPORT_BASE_URL": server.base_url,
+    }
+
+
+def kill_when(server: RunningSandbox, process: subprocess.Popen[bytes], stored: int) -> None:
+    """SIGKILL the import once the server holds at least `stored` messages."""
+    deadline = time.monotonic() + 60
+    while server.store.count() < stored and process.poll() is None:
+        assert time.monotonic() < deadline, "the import made no progress"
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+
+
+def test_killed_twice_then_resumed_stores_everything_once(tmp_path: Path) -> None:
+    rows = list(interleaved(customers=600, per_customer=100))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, latency_ms=15)) as server:
+        env = environment(server)
+        for threshold in (15_000, 35_000):
+            process = subprocess.Popen(command(source, tmp_path), env=env)
+            kill_when(server, process, threshold)
+            assert process.returncode == -signal.SIGKILL
+        finished = subprocess.run(
+            command(source, tmp_path), env=env, capture_output=True, timeout=120
+        )
+        assert finished.returncode == 0, finished.stderr
+        assert server.store.count() == 60_000
+        # Only what was in flight at each kill may have been sent twice.
+        assert server.store.duplicate_receipts() <= 2 * CONCURRENCY * CHUNK
+        report = orjson.loads((tmp_path / "report.json").read_bytes())
+        assert report["read"] == 60_000
+        assert report["accepted"] + report["alreadyAccepted"] == 60_000
+        assert report["alreadyAccepted"] >= 35_000 - CONCURRENCY * CHUNK
+        # Per-customer order survives the kills.
+        by_customer: dict[str, list[str]] = {}
+        for m in server.store.messages():
+            by_customer.setdefault(m.customer, []).append(m.source_uuid)
+        assert all(uuids == sorted(uuids) for uuids in by_customer.values())
+
+        requests = server.app.stats()["requests"]
+        again = subprocess.run(command(source, tmp_path), env=env, capture_output=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert server.app.stats()["requests"] == requests
+        report = orjson.loads((tmp_path / "report.json").read_bytes())
+        assert (report["requests"], report["alreadyAccepted"]) == (0, 60_000)
+
+
+@pytest.mark.parametrize("moment", ["staging", "first answers"])
+def test_killed_at_any_moment_leaves_a_usable_ledger(tmp_path: Path, moment: str) -> None:
+    rows = list(interleaved(customers=50, per_customer=40))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, latency_ms=20)) as server:
+        env = environment(server)
+        process = subprocess.Popen(command(source, tmp_path, "--chunk-size", "10"), env=env)
+        if moment == "staging":
+            while not (tmp_path / "state" / "ledger.sqlite3").exists():
+                time.sleep(0.001)
+            process.kill()
+            process.wait()
+        else:
+            kill_when(server, process, 1)
+        finished = subprocess.run(
+            command(source, tmp_path), env=env, capture_output=True, timeout=60
+        )
+        assert finished.returncode == 0, finished.stderr
+        report = orjson.loads((tmp_path / "report.json").read_bytes())
+        assert report["read"] == 2000 == report["accepted"] + report["alreadyAccepted"]
+        assert server.store.count() == 2000
+
+
+def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
+    return Config(
+        base_url=server.base_url,
+        username="u",
+        password="p",
+        state_dir=tmp_path / "state",
+        failed_out=tmp_path / "failed.json",
+        **options,
+    )
+
+
+def test_a_changed_source_needs_fresh(server: RunningSandbox, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(5)])
+    assert histimport.load([source], config_for(server, tmp_path)).exit_status is ExitStatus.OK
+    write_jsonl(source, [message("d", "c", n) for n in range(8)])
+    with pytest.raises(histimport.HistimportError, match="changed since the last run") as caught:
+        histimport.load([source], config_for(server, tmp_path))
+    assert caught.value.exit_status == ExitStatus.USAGE and "--fresh" in (caught.value.hint or "")
+    assert server.store.receipt_count() == 5
+    fresh = histimport.load([source], config_for(server, tmp_path, fresh=True))
+    assert fresh.exit_status is ExitStatus.OK
+    assert (fresh.counts["accepted"], fresh.counts["alreadyAccepted"]) == (3, 5)
+    assert server.store.receipt_count() == 8
+
+
+def test_refusals_are_carried_not_resent(tmp_path: Path) -> None:
+    rows = [message("d", f"c{n % 4}", n) for n in range(200)]
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, reject_rate=0.1, seed=3)) as server:
+        first = histimport.load([source], config_for(server, tmp_path))
+        assert first.exit_status is ExitStatus.INCOMPLETE
+        refused = first.counts["failed"]
+        assert refused > 0 and first.counts["accepted"] == 200 - refused
+        receipts = server.store.receipt_count()
+        again = histimport.load([source], config_for(server, tmp_path))
+        assert again.exit_status is ExitStatus.INCOMPLETE
+        assert (again.report["requests"], again.counts["failed"]) == (0, refused)
+        failures = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+        assert {f["errors"][0]["errorCode"] for f in failures} == {"REJECTED"}
+        assert server.store.receipt_count() == receipts
+        retried = histimport.retry(
+            [tmp_path / "failed.json"], config_for(server, tmp_path), include_permanent=True
+        )
+        assert retried.report["requests"] > 0 and retried.counts["read"] == refused
+
+
+def test_state_is_private(server: RunningSandbox, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", 1)])
+    histimport.load([source], config_for(server, tmp_path))
+    state = tmp_path / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    with Ledger(state) as ledger:  # open, so that SQLite's -wal and -shm files exist too
+        ledger.begin_run("load", "x")
+        files = list(state.iterdir())
+        assert {f.name for f in files} >= {"ledger.sqlite3", "ledger.sqlite3-wal", "lock"}
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_status_and_purge(server: RunningSandbox, workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    write_jsonl(workdir / "bad.jsonl", [message("d", "c/x", 9)])
+    env = {
+        "HISTIMPORT_USERNAME": "u",
+        "HISTIMPORT_PASSWORD": "p",
+        "HISTIMPORT_BASE_URL": server.base_url,
+    }
+    assert runner.invoke(app, ["load", "e.jsonl"], env=env).exit_code == 0
+    assert runner.invoke(app, ["load", "bad.jsonl", "--state-dir", "other"], env=env).exit_code == 1
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0
+    assert f"{server.base_url}: 3 accepted" in result.stdout
+    assert "run 1 load" in result.stdout and ": ok" in result.stdout
+    both = runner.invoke(
+        app, ["status", "--state-dir", ".histimport", "--state-dir", "other", "--json"]
+    )
+    document = orjson.loads(both.stdout)
+    assert [s["lastRun"] for s in document["stateDirs"]] == [
+        {"accepted": 3, "rejected": 0},
+        {"rejected": 1},
+    ]
+    assert document["stateDirs"][1]["errorCodes"] == {"INVALID_ID": 1}
+    refused = runner.invoke(app, ["status", "--state-dir", "other", "--purge"])
+    assert refused.exit_code == 2 and "--force" in refused.output
+    assert runner.invoke(app, ["status", "--purge"]).exit_code == 0
+    assert not (workdir / ".histimport").exists()
+    assert (
+        runner.invoke(app, ["status", "--state-dir", "other", "--purge", "--force"]).exit_code == 0
+    )
+    assert runner.invoke(app, ["status"]).exit_code == 2

@@ -169,7 +169,7 @@ def test_401_aborts_with_few_requests_and_nothing_accepted(staged: Any) -> None:
         return httpx.Response(401, json={"errors": [{"errorCode": "UNAUTHORIZED"}]})
 
     stats = deliver(ledger, handler, concurrency=4)
-    assert stats.auth_refused is not None
+    assert stats.aborted is not None
     assert calls <= 4 + 1
     assert ledger.counts()["notSent"] == 200
 
@@ -260,3 +260,15 @@ def test_every_message_gets_an_outcome(staged: Any, unordered: bool) -> None:
         "notSent": 0,
         "alreadyAccepted": 0,
     }
+
+
+def test_an_oversized_answer_is_cut_off_not_read_whole(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=1)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"[" + b"0," * 600_000 + b"0]")
+
+    stats = deliver(ledger, handler, max_response_bytes=64 * 1024, max_attempts=2)
+    (failure,) = ledger.failures()
+    assert failure.errors[0]["errorCode"] == "RESPONSE_TOO_LARGE" and failure.retryable
+    assert stats.requests == 2

@@ -89,6 +89,9 @@ _RUN_OPTIONS: dict[str, Any] = {
     "allow_insecure_http": Annotated[
         bool, _opt("--allow-insecure-http", help="Permit http:// to a non-loopback host.")
     ],
+    "ca_bundle": Annotated[
+        Path | None, _opt("--ca-bundle", help="PEM file of extra CAs to trust (TLS).")
+    ],
     "format": Annotated[
         str | None, _opt("--format", help="Source format (jsonl or csv); required for stdin.")
     ],
@@ -133,6 +136,7 @@ _DEFAULTS = {
     "state_dir": Path(".histimport"),
     "unordered": False,
     "allow_insecure_http": False,
+    "ca_bundle": None,
     "format": None,
     "delimiter": None,
     "encoding": None,
@@ -348,6 +352,12 @@ def sandbox(
     journal: Annotated[
         Path | None, typer.Option("--journal", help="Append every request received here.")
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve https with this PEM certificate.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The certificate's PEM key.")
+    ] = None,
 ) -> int:
     """Serve the bundled sandbox API on loopback (demos, tests, rehearsals).
 
@@ -375,6 +385,8 @@ def sandbox(
         garble_rate=garble_rate,
         retry_after=retry_after,
         journal=journal,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     from .signals import sigterm_as_interrupt
 

@@ -33,6 +33,7 @@ class Config:
     map_file: Path | None = None
     unordered: bool = False
     allow_insecure_http: bool = False
+    ca_bundle: Path | None = None
     format: str | None = None
     delimiter: str | None = None
     encoding: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import httpx
 from . import __version__
 from .batch import Chunk, Envelope, chunks
 from .config import Config
+from .errors import UsageError
 from .ledger import Ledger, Outcome, Pending, State
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
 
@@ -40,7 +42,7 @@ class DeliveryStats:
     server_warnings: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
-    auth_refused: str | None = None
+    aborted: str | None = None
 
 
 class AdaptiveLimit:
@@ -156,6 +158,7 @@ class Deliverer:
         )
         async with httpx.AsyncClient(
             auth=self.auth,
+            verify=self._verify(),
             timeout=httpx.Timeout(self.config.timeout),
             limits=limits,
             follow_redirects=False,
@@ -173,6 +176,15 @@ class Deliverer:
             await asyncio.gather(*(self._worker(units) for _ in range(workers)))
         self.stats.final_concurrency = self._limit.current
         return self.stats
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        """TLS verification is always on; --ca-bundle adds a corporate CA."""
+        if self.config.ca_bundle is None:
+            return True
+        try:
+            return ssl.create_default_context(cafile=str(self.config.ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--ca-bundle {self.config.ca_bundle}: {exc}") from exc
 
     def _chunks_of(self, key_id: int, department: str, customer: str) -> Iterator[Chunk]:
         return chunks(
@@ -227,7 +239,7 @@ class Deliverer:
                 self._record(settle(chunk.messages, decision.status, decision.body))
                 return
             if decision.action is Action.ABORT:
-                self.stats.auth_refused = decision.description
+                self.stats.aborted = decision.description
                 self.stop()
                 return
             if decision.action is Action.SPLIT:

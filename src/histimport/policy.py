@@ -5,7 +5,8 @@ in one table that the rest of the tool obeys:
 
 - retry: connection failures, timeouts, 408 425 429 500 502 503 504, a garbled 200;
 - split: 413 (the body was too large for someone on the way);
-- abort: 401 403 (the credentials were refused: sending more only locks the account);
+- abort: 401 403 (the credentials were refused: sending more only locks the account), and
+  a server certificate that cannot be verified;
 - fail: everything else, with the status and what the body says.
 
 A timeout after the body was sent, a 5xx or a garbled 200 leave the outcome *unknown*: the
@@ -102,6 +103,14 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def classify_error(exc: httpx.HTTPError) -> Decision:
     """A request that got no answer."""
+    if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        # Every request would fail alike, and retrying cannot make the server trusted.
+        return Decision(
+            Action.ABORT,
+            code="TLS_VERIFY_FAILED",
+            description="the server's TLS certificate could not be verified "
+            "(a corporate CA? pass --ca-bundle)",
+        )
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         # Nothing reached the server: the outcome is known, nothing was stored.
         return Decision(Action.RETRY, code="CONNECT_ERROR", description=_words(exc))

@@ -462,9 +462,9 @@ class _Run:
                 for d, c, n, r in ledger.plan(config.chunk_size)
             ]
         message = None
-        if stats is not None and stats.auth_refused:
+        if stats is not None and stats.aborted:
             status = ExitStatus.ABORTED
-            message = f"{stats.auth_refused}: nothing more was sent"
+            message = f"{stats.aborted}: nothing more was sent"
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"

@@ -54,6 +54,9 @@ class SandboxConfig:
     #: Append every request the endpoint reads (path, headers but Authorization, body) to
     #: this JSONL file: what exactly did the client send?
     journal: Path | None = None
+    #: Serve https with this certificate (PEM) and key instead of http.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

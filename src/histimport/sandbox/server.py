@@ -57,7 +57,7 @@ class RunningSandbox:
     @property
     def root_url(self) -> str:
         """``http://HOST:PORT``, where the admin views live under ``/_sandbox/``."""
-        return _root_url(self.host, self.port)
+        return _root_url(self.host, self.port, tls=self.config.tls_cert is not None)
 
     @property
     def base_url(self) -> str:
@@ -113,6 +113,8 @@ def start_sandbox(config: SandboxConfig | None = None) -> RunningSandbox:
         log_config=None,
         lifespan="off",
         timeout_graceful_shutdown=_STOP_TIMEOUT,
+        ssl_certfile=config.tls_cert,
+        ssl_keyfile=config.tls_key,
     )
     server = uvicorn.Server(uv_config)
     thread = threading.Thread(
@@ -157,10 +159,17 @@ def serve(config: SandboxConfig, *, on_ready: Callable[[str], None] | None = Non
             port = listener.getsockname()[1]
             app = SandboxApp(config, store)
             uv_config = uvicorn.Config(
-                app, host=config.host, port=port, log_level="warning", lifespan="off"
+                app,
+                host=config.host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                ssl_certfile=config.tls_cert,
+                ssl_keyfile=config.tls_key,
             )
             if on_ready is not None:
-                on_ready(f"{_root_url(config.host, port)}/{PREFIX}")
+                tls = config.tls_cert is not None
+                on_ready(f"{_root_url(config.host, port, tls=tls)}/{PREFIX}")
             uvicorn.Server(uv_config).run(sockets=[listener])
         finally:
             listener.close()
@@ -221,6 +230,7 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> SandboxError:
     )
 
 
-def _root_url(host: str, port: int) -> str:
+def _root_url(host: str, port: int, *, tls: bool = False) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

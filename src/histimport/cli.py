@@ -113,6 +113,13 @@ _RUN_OPTIONS: dict[str, Any] = {
     "max_line_bytes": Annotated[
         int, _opt("--max-line-bytes", help="Longest accepted line; longer ones are rejected.")
     ],
+    "shard": Annotated[
+        str | None, _opt("--shard", help="Take only shard K/N (0-based) of the customers.")
+    ],
+    "shards": Annotated[
+        int | None,
+        _opt("--shards", help="N shards, K from JOB_COMPLETION_INDEX (validate: plan for N)."),
+    ],
     "quiet": Annotated[bool, _opt("--quiet", "-q", help="No progress bar, no summary.")],
     "log_format": Annotated[
         str, _opt("--log-format", help="text, or json (one object per line on stderr).")
@@ -144,6 +151,8 @@ _DEFAULTS = {
     "generate_source_uuid": False,
     "strict": False,
     "max_line_bytes": 8 * 1024 * 1024,
+    "shard": None,
+    "shards": None,
     "quiet": False,
     "log_format": "text",
 }
@@ -192,6 +201,7 @@ def _run_options(func: Callable[..., int]) -> Callable[..., int]:
 
 def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = False) -> Any:
     from .config import Config
+    from .shard import parse_shard, shard_suffix
 
     if options["log_format"] not in ("text", "json"):
         raise UsageError("--log-format must be text or json")
@@ -203,8 +213,18 @@ def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = Fal
             hint="set HISTIMPORT_USERNAME (or --username) and HISTIMPORT_PASSWORD "
             "(or --password-stdin), or use --sandbox",
         )
-    fields = {k: v for k, v in options.items() if k not in ("password_stdin",)}
-    return Config(**fields, password=password, dry_run=dry_run, fresh=fresh)
+    fields = {k: v for k, v in options.items() if k not in ("password_stdin", "shard", "shards")}
+    shard = None
+    if not dry_run or options["shard"] is not None:
+        shard = parse_shard(options["shard"], options["shards"])
+    if shard is not None:
+        # Each shard keeps its own ledger and failed file unless told otherwise.
+        suffix = shard_suffix(shard)
+        if fields["failed_out"] == _DEFAULTS["failed_out"]:
+            fields["failed_out"] = Path(f"failed.{suffix}.json")
+        if fields["state_dir"] == _DEFAULTS["state_dir"]:
+            fields["state_dir"] = Path(f".histimport-{suffix}")
+    return Config(**fields, password=password, dry_run=dry_run, fresh=fresh, shard=shard)
 
 
 def _password(from_stdin: bool) -> str | None:
@@ -310,7 +330,7 @@ def validate(
     result = run.validate(sources, _config(options, dry_run=True), observer=display)
     if output == "text":
         return _finish(result, display, "validate")
-    sys.stdout.write(render_validation(result, output))
+    sys.stdout.write(render_validation(result, output, shards=options["shards"]))
     return int(result.exit_status)
 
 

@@ -42,6 +42,7 @@ class Config:
     strict: bool = False
     dry_run: bool = False
     fresh: bool = False
+    shard: tuple[int, int] | None = None
     max_response_bytes: int = 16 * 1024 * 1024
     quiet: bool = False
     log_format: LogFormat = "text"

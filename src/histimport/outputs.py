@@ -115,7 +115,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
 
 
-def render_validation(result: Any, output: str) -> str:
+def render_validation(result: Any, output: str, *, shards: int | None = None) -> str:
     """`validate --output json|github`: one JSON document, or GitHub Actions annotations."""
     failures = orjson.loads(Path(result.failed_path).read_bytes())["failures"]
     if output == "github":
@@ -159,6 +159,8 @@ def render_validation(result: Any, output: str) -> str:
             "customers": result.plan,
         },
     }
+    if shards:
+        document["shards"] = _per_shard(result.plan, shards)
     return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
@@ -168,3 +170,16 @@ def _escape(text: str, prop: bool = False) -> str:
     if prop:
         text = text.replace(":", "%3A").replace(",", "%2C")
     return text
+
+
+def _per_shard(plan: list[dict[str, Any]], shards: int) -> list[dict[str, int]]:
+    """Messages and requests per shard, to see the balance before launching N copies."""
+    from .shard import shard_of
+
+    totals = [{"shard": k, "customers": 0, "messages": 0, "requests": 0} for k in range(shards)]
+    for entry in plan:
+        slot = totals[shard_of(entry["departmentUUID"], entry["customerUUID"], shards)]
+        slot["customers"] += 1
+        slot["messages"] += entry["messages"]
+        slot["requests"] += entry["requests"]
+    return totals

@@ -29,6 +29,7 @@ from .mapping import Mapper, Mapping
 from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
 from .read_csv import read_csv
+from .shard import shard_of
 from .signals import install_async_signals, sigterm_as_interrupt
 
 WARNINGS_KEPT = 10_000
@@ -344,16 +345,28 @@ class _Run:
                         continue
                     if self.selection is not None and not self.selection.wants(source.path, row):
                         continue
-                    self.read += 1
                     checked = check_row(
                         row, notify=config.notify, strict=config.strict, now=now, max_body=max_body
                     )
+                    if not self._owns(checked):
+                        continue
+                    self.read += 1
                     if isinstance(checked, Valid) and checked.warnings:
                         self._warn(source.path, checked)
                     yield checked
                 # Drain, so that size and sha256 cover the whole source.
                 while stream.read(1 << 20):
                     pass
+
+    def _owns(self, row: Valid | Rejected) -> bool:
+        """With --shard K/N, a row is this shard's when its key hashes to K; a row whose ids
+        could not be read is shard 0's, so that every rejected row is reported once."""
+        shard = self.config.shard
+        if shard is None:
+            return True
+        if row.department is None or row.customer is None:
+            return shard[0] == 0
+        return shard_of(row.department, row.customer, shard[1]) == shard[0]
 
     def _rows(self, source: Source, stream: IO[bytes], index: int) -> Iterator[RawRow]:
         config = self.config

@@ -57,7 +57,9 @@ def deliver(ledger: Ledger, handler: Handler, **options: Any) -> DeliveryStats:
         auth=httpx.BasicAuth("u", "p"),
         transport=httpx.MockTransport(handler),
     )
-    return asyncio.run(deliverer.run())
+    stats = asyncio.run(deliverer.run())
+    ledger.settle()
+    return stats
 
 
 def customer_of(request: httpx.Request) -> str:

@@ -1,11 +1,17 @@
 """The run ledger: a SQLite database in the state dir.
 
-It holds two things. `accepted` is durable across runs: every message the platform has
-accepted, per target (base URL), committed as soon as its answer arrives — the basis of
-de-duplication and resume. The staging tables (`msg`, `rejected`, `keys`) hold the current
-run: every validated message, in input order, grouped by (department, customer), so that a
-file in any order is sent in full chunks per customer without being held in memory, and
-every row is accounted for exactly.
+It holds two things. `accepted` and `refused` are durable across runs: every message the
+platform accepted or refused, per target (base URL) — the basis of de-duplication and
+resume. The staging tables (`msg`, `rejected`, `keys`) hold the current run: every
+validated message, in input order, grouped by (department, customer), so that a file in any
+order is sent in full chunks per customer without being held in memory, and every row is
+accounted for exactly.
+
+While sending, every answer is committed as it arrives, as rows appended to `journal`:
+appending touches a page or two per request, where updating the staged messages in place
+would rewrite a page per message (a customer's messages are scattered through the file).
+`settle` applies the journal at the end of a run; after a crash, the next run applies the
+dead run's journal before it starts, so nothing the platform answered is ever forgotten.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ _STAGING = """
 DROP TABLE IF EXISTS msg;
 DROP TABLE IF EXISTS rejected;
 DROP TABLE IF EXISTS keys;
+DROP TABLE IF EXISTS journal;
+DROP TABLE IF EXISTS stage_meta;
+CREATE TABLE stage_meta(run_id INTEGER, target TEXT);
+CREATE TABLE journal(
+    seq INTEGER PRIMARY KEY, msg_id INTEGER, state INTEGER, http_status INTEGER,
+    retryable INTEGER, errors BLOB, message_uuid TEXT);
 CREATE TABLE keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
 CREATE TABLE msg(
     id INTEGER PRIMARY KEY, key_id INTEGER, source_uuid TEXT, src INTEGER, line INTEGER,
@@ -159,7 +171,8 @@ class Ledger:
     # -- run ---------------------------------------------------------------------------
 
     def begin_run(self, command: str, target: str) -> None:
-        """Start a run: a fresh staging area; what was accepted before stays."""
+        """Start a run: a fresh staging area; what was accepted or refused before stays."""
+        self._recover()
         self.target = target
         self._db.executescript(_STAGING)
         cur = self._db.execute(
@@ -167,7 +180,20 @@ class Ledger:
             (command, target, _now()),
         )
         self.run_id = int(cur.lastrowid or 0)
+        self._db.execute("INSERT INTO stage_meta VALUES (?, ?)", (self.run_id, target))
         self._keys.clear()
+
+    def _recover(self) -> None:
+        """Apply the journal a killed run left behind, before its staging is dropped."""
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'stage_meta'"
+        ).fetchone()
+        if exists is None:
+            return
+        row = self._db.execute("SELECT run_id, target FROM stage_meta").fetchone()
+        if row is not None:
+            self.run_id, self.target = row
+            self.settle()
 
     def finish_run(self, status: str, counts: dict[str, Any]) -> None:
         self._db.execute(
@@ -309,47 +335,62 @@ class Ledger:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                f"UPDATE msg SET state = {State.IN_FLIGHT} WHERE id = ?", ((i,) for i in ids)
+                f"INSERT INTO journal(msg_id, state) VALUES (?, {State.IN_FLIGHT})",
+                ((i,) for i in ids),
             )
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Commit the outcome of one request before anything relies on it."""
-        at = _now()
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
-                [
-                    (self.target, o.source_uuid, o.http_status, orjson.dumps(o.errors), self.run_id)
-                    for o in outcomes
-                    if o.state is State.FAILED and not o.retryable
-                ],
-            )
-            self._db.executemany(
-                "DELETE FROM refused WHERE target = ? AND source_uuid = ?",
-                [(self.target, o.source_uuid) for o in outcomes if o.state is State.ACCEPTED],
-            )
-            self._db.executemany(
-                "UPDATE msg SET state=?, http_status=?, retryable=?, errors=? WHERE id=?",
+                "INSERT INTO journal(msg_id, state, http_status, retryable, errors, message_uuid) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (
+                        o.id,
                         o.state,
                         o.http_status,
                         int(o.retryable),
                         orjson.dumps(o.errors) if o.errors else None,
-                        o.id,
+                        o.message_uuid,
                     )
                     for o in outcomes
                 ],
             )
-            self._db.executemany(
-                "INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?)",
-                [
-                    (self.target, o.source_uuid, o.message_uuid, self.run_id, at)
-                    for o in outcomes
-                    if o.state is State.ACCEPTED
-                ],
+
+    def settle(self) -> None:
+        """Apply the journal: each message's last word becomes its state, and what the
+        platform accepted or refused is kept for later runs. Idempotent."""
+        db = self._db
+        params = {"target": self.target, "run": self.run_id, "at": _now()}
+        with db:
+            db.execute("BEGIN")
+            db.execute(
+                """UPDATE msg SET state = j.state, http_status = j.http_status,
+                          retryable = j.retryable, errors = j.errors
+                   FROM (SELECT msg_id, state, http_status, retryable, errors, MAX(seq)
+                           FROM journal GROUP BY msg_id) AS j
+                   WHERE msg.id = j.msg_id"""
             )
+            db.execute(
+                """INSERT OR IGNORE INTO accepted
+                   SELECT :target, m.source_uuid, j.message_uuid, :run, :at
+                     FROM journal j JOIN msg m ON m.id = j.msg_id WHERE j.state = 1""",
+                params,
+            )
+            db.execute(
+                """DELETE FROM refused WHERE target = :target AND source_uuid IN
+                   (SELECT source_uuid FROM msg WHERE state = 1)""",
+                params,
+            )
+            db.execute(
+                """INSERT OR REPLACE INTO refused
+                   SELECT :target, source_uuid, http_status, errors, :run
+                     FROM msg WHERE state = 2 AND retryable = 0""",
+                params,
+            )
+            db.execute("DELETE FROM journal")
 
     # -- accounting --------------------------------------------------------------------
 

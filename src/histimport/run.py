@@ -281,7 +281,10 @@ class _Run:
             stats = None
             if not config.dry_run and not self.interrupted:
                 assert base_url is not None
-                stats = self._deliver(ledger, base_url)
+                try:
+                    stats = self._deliver(ledger, base_url)
+                finally:
+                    ledger.settle()
             return self._account(ledger, sources, base_url, stats, started)
         raise AssertionError("unreachable")  # pragma: no cover
 

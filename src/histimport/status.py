@@ -89,7 +89,13 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
     current: dict[str, int] = {}
     errors: Counter[str] = Counter()
     if _has_table(db, "msg"):
-        for state, n in db.execute("SELECT state, COUNT(*) FROM msg GROUP BY state"):
+        # During a run, the latest word on a message is in the journal.
+        for state, n in db.execute(
+            """SELECT COALESCE(j.state, m.state), COUNT(*) FROM msg m
+               LEFT JOIN (SELECT msg_id, state, MAX(seq) FROM journal GROUP BY msg_id) j
+                 ON j.msg_id = m.id
+               GROUP BY 1"""
+        ):
             current[_STATE_NAMES[State(state)]] = n
         (current["rejected"],) = db.execute("SELECT COUNT(*) FROM rejected").fetchone()
         for (blob,) in db.execute(

@@ -19,6 +19,7 @@ from .models import NOTIFIER_FLAGS, SaveMessageRequest
 from .read import RawRow
 
 _ID = re.compile(r"[A-Za-z0-9._~-]+")
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 _ADAPTER: TypeAdapter[SaveMessageRequest] = TypeAdapter(SaveMessageRequest)
 # Timestamp fields as (parent object or None, field).
 _TIMESTAMPS = ((None, "sentOn"), (None, "receivedOn"), ("voiceCallAttributes", "callDateTime"))
@@ -167,10 +168,13 @@ def normalise_timestamp(value: str) -> str | None:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
         return None
-    if moment.tzinfo is None:
+    offset = moment.utcoffset()
+    if offset is None:
         return None
+    if not offset and _CANONICAL.fullmatch(value):
+        return value  # already the wire form (and a real date: fromisoformat checked it)
     moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return f"{moment.isoformat(timespec='milliseconds')[:-6]}Z"
 
 
 def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None:

@@ -50,6 +50,12 @@ class Config:
     def __post_init__(self) -> None:
         from .errors import UsageError
 
+        # The Python API takes str paths too.
+        for name in ("failed_out", "report", "state_dir", "map_file", "ca_bundle"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
         checks = [
             (self.chunk_size >= 1, "--chunk-size must be at least 1"),
             (self.max_request_bytes >= 256, "--max-request-bytes must be at least 256"),

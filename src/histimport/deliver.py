@@ -15,7 +15,9 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -135,6 +137,7 @@ class Deliverer:
         self._limit = AdaptiveLimit(config.concurrency)
         self._bucket = TokenBucket(config.rate) if config.rate else None
         self._client: httpx.AsyncClient | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histimport-ledger")
 
     def stop(self) -> None:
         """Take no new work; requests in flight settle and are recorded."""
@@ -173,7 +176,10 @@ class Deliverer:
             workers = min(self.config.concurrency, max(len(keys), 1))
             if self.config.unordered:
                 workers = self.config.concurrency
-            await asyncio.gather(*(self._worker(units) for _ in range(workers)))
+            try:
+                await asyncio.gather(*(self._worker(units) for _ in range(workers)))
+            finally:
+                self._writer.shutdown(wait=True)
         self.stats.final_concurrency = self._limit.current
         return self.stats
 
@@ -220,14 +226,16 @@ class Deliverer:
             size = self.envelope.size(chunk.messages)
             if len(chunk.messages) == 1 and size >= self._refused_size:
                 description = f"a request of {size} bytes with this message alone was refused (413)"
-                self._fail(chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description))
+                await self._fail(
+                    chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description)
+                )
                 return
             await self._pace()
             if self.stopping:
                 return
             await self._limit.acquire()
             if attempt == throttled == 0:
-                self.ledger.mark_in_flight(m.id for m in chunk.messages)
+                await self._write(self.ledger.mark_in_flight, [m.id for m in chunk.messages])
             decision = Decision(Action.RETRY)
             try:
                 decision = await self._request(chunk)
@@ -236,7 +244,7 @@ class Deliverer:
             if decision.action is Action.ACCEPT:
                 assert decision.body is not None and decision.status is not None
                 self.stats.server_warnings += server_warnings(decision.body)
-                self._record(settle(chunk.messages, decision.status, decision.body))
+                await self._record(settle(chunk.messages, decision.status, decision.body))
                 return
             if decision.action is Action.ABORT:
                 self.stats.aborted = decision.description
@@ -246,7 +254,7 @@ class Deliverer:
                 await self._split(chunk, decision)
                 return
             if decision.action is Action.FAIL:
-                self._fail(chunk, decision)
+                await self._fail(chunk, decision)
                 return
             if decision.unknown_outcome:
                 self.stats.unknown_outcomes += 1
@@ -254,7 +262,7 @@ class Deliverer:
             throttled += paced
             attempt += not paced
             if attempt >= self.config.max_attempts or throttled >= _THROTTLE_ATTEMPTS:
-                self._fail(chunk, decision, retryable=True)
+                await self._fail(chunk, decision, retryable=True)
                 return
             self.stats.retries += 1
             delay = self._backoff.delay(attempt, decision.retry_after)
@@ -266,7 +274,7 @@ class Deliverer:
         """413: the body was too large for someone on the way. Send both halves in order,
         and remember the lower limit for the rest of the run."""
         if len(chunk.messages) == 1:
-            self._fail(chunk, decision)
+            await self._fail(chunk, decision)
             return
         self.stats.splits += 1
         size = self.envelope.size(chunk.messages)
@@ -319,6 +327,11 @@ class Deliverer:
         if self._bucket is not None:
             await self._bucket.take()
 
+    async def _write(self, write: Callable[[Any], None], argument: Any) -> None:
+        """Ledger writes run in one writer thread (SQLite releases the GIL while it works),
+        so a commit never stalls the event loop; the worker waits for its own commit."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, write, argument)
+
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:
             await asyncio.sleep(0)
@@ -326,16 +339,16 @@ class Deliverer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay)
 
-    def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
+    async def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
         errors = decision.as_errors()
-        self._record(
+        await self._record(
             [
                 Outcome(m.id, m.source_uuid, State.FAILED, decision.status, retryable, errors)
                 for m in chunk.messages
             ]
         )
 
-    def _record(self, outcomes: list[Outcome]) -> None:
-        self.ledger.record(outcomes)
+    async def _record(self, outcomes: list[Outcome]) -> None:
+        await self._write(self.ledger.record, outcomes)
         accepted = sum(1 for o in outcomes if o.state is State.ACCEPTED)
         self._progress(accepted, len(outcomes) - accepted)

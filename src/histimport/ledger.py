@@ -58,6 +58,10 @@ CREATE TABLE stage_meta(run_id INTEGER, target TEXT);
 CREATE TABLE journal(
     seq INTEGER PRIMARY KEY, msg_id INTEGER, state INTEGER, http_status INTEGER,
     retryable INTEGER, errors BLOB, message_uuid TEXT);
+DROP TABLE IF EXISTS outcome;
+CREATE TABLE outcome(
+    msg_id INTEGER PRIMARY KEY, state INTEGER, http_status INTEGER, retryable INTEGER,
+    errors BLOB, message_uuid TEXT);
 CREATE TABLE keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
 CREATE TABLE msg(
     id INTEGER PRIMARY KEY, key_id INTEGER, source_uuid TEXT, src INTEGER, line INTEGER,
@@ -143,7 +147,9 @@ class Ledger:
         path = state_dir / LEDGER_FILE
         old_umask = os.umask(0o077)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
+            # Writes come from one thread at a time: the run's, or the writer thread while
+            # sending. Reads while sending use a connection of their own (`pending`).
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -154,11 +160,15 @@ class Ledger:
             ) from exc
         finally:
             os.umask(old_umask)
+        self._path = path
+        self._reader: sqlite3.Connection | None = None
         self.run_id = 0
         self.target = ""
         self._keys: dict[tuple[str, str], int] = {}
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._db.close()
         self._lock.close()
 
@@ -322,9 +332,11 @@ class Ledger:
 
     def pending(self, key_id: int, after: int, limit: int) -> list[Pending]:
         """The next pending messages of a key, in input order."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(self._path, isolation_level=None)
         return [
             Pending(r[0], r[1], r[2])
-            for r in self._db.execute(
+            for r in self._reader.execute(
                 "SELECT id, source_uuid, body FROM msg "
                 "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
                 (key_id, after, limit),
@@ -360,43 +372,53 @@ class Ledger:
             )
 
     def settle(self) -> None:
-        """Apply the journal: each message's last word becomes its state, and what the
+        """Apply the journal: each message's last word goes into `outcome`, and what the
         platform accepted or refused is kept for later runs. Idempotent."""
         db = self._db
         params = {"target": self.target, "run": self.run_id, "at": _now()}
         with db:
             db.execute("BEGIN")
             db.execute(
-                """UPDATE msg SET state = j.state, http_status = j.http_status,
-                          retryable = j.retryable, errors = j.errors
-                   FROM (SELECT msg_id, state, http_status, retryable, errors, MAX(seq)
-                           FROM journal GROUP BY msg_id) AS j
-                   WHERE msg.id = j.msg_id"""
+                """INSERT OR REPLACE INTO outcome
+                   SELECT msg_id, state, http_status, retryable, errors, message_uuid
+                     FROM (SELECT msg_id, state, http_status, retryable, errors, message_uuid,
+                                  MAX(seq) FROM journal GROUP BY msg_id)"""
             )
+            db.execute("DELETE FROM journal")
+            # Sorted, so that the B-tree grows page by page instead of at random.
             db.execute(
                 """INSERT OR IGNORE INTO accepted
-                   SELECT :target, m.source_uuid, j.message_uuid, :run, :at
-                     FROM journal j JOIN msg m ON m.id = j.msg_id WHERE j.state = 1""",
+                   SELECT :target, m.source_uuid, o.message_uuid, :run, :at
+                     FROM outcome o JOIN msg m ON m.id = o.msg_id
+                    WHERE o.state = 1 ORDER BY m.source_uuid""",
                 params,
             )
             db.execute(
-                """DELETE FROM refused WHERE target = :target AND source_uuid IN
-                   (SELECT source_uuid FROM msg WHERE state = 1)""",
+                """DELETE FROM refused WHERE target = :target
+                     AND EXISTS (SELECT 1 FROM refused WHERE target = :target)
+                     AND source_uuid IN
+                   (SELECT m.source_uuid FROM outcome o JOIN msg m ON m.id = o.msg_id
+                     WHERE o.state = 1)""",
                 params,
             )
             db.execute(
                 """INSERT OR REPLACE INTO refused
-                   SELECT :target, source_uuid, http_status, errors, :run
-                     FROM msg WHERE state = 2 AND retryable = 0""",
+                   SELECT :target, m.source_uuid, o.http_status, o.errors, :run
+                     FROM outcome o JOIN msg m ON m.id = o.msg_id
+                    WHERE o.state = 2 AND o.retryable = 0 ORDER BY m.source_uuid""",
                 params,
             )
-            db.execute("DELETE FROM journal")
 
     # -- accounting --------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         """Counts per contract name for the current run."""
-        by_state = dict(self._db.execute("SELECT state, COUNT(*) FROM msg GROUP BY state"))
+        by_state = dict(
+            self._db.execute(
+                "SELECT COALESCE(o.state, m.state), COUNT(*) FROM msg m "
+                "LEFT JOIN outcome o ON o.msg_id = m.id GROUP BY 1"
+            )
+        )
         (rejected,) = self._db.execute("SELECT COUNT(*) FROM rejected").fetchone()
         return {
             "rejected": int(rejected),
@@ -428,10 +450,12 @@ class Ledger:
               FROM rejected
             UNION ALL
             SELECT m.src, m.line, m.source_uuid, k.department, k.customer,
-                   CASE m.state WHEN 2 THEN 'failed' ELSE 'notSent' END,
-                   COALESCE(m.retryable, 1), m.http_status, m.errors
-              FROM msg m JOIN keys k ON k.id = m.key_id
-             WHERE m.state IN (0, 2, 4) AND NOT ?
+                   CASE COALESCE(o.state, m.state) WHEN 2 THEN 'failed' ELSE 'notSent' END,
+                   COALESCE(IIF(o.msg_id IS NULL, m.retryable, o.retryable), 1),
+                   IIF(o.msg_id IS NULL, m.http_status, o.http_status),
+                   IIF(o.msg_id IS NULL, m.errors, o.errors)
+              FROM msg m JOIN keys k ON k.id = m.key_id LEFT JOIN outcome o ON o.msg_id = m.id
+             WHERE COALESCE(o.state, m.state) IN (0, 2, 4) AND NOT ?
             ORDER BY 1, 2"""
         for r in self._db.execute(query, (rejected_only,)):
             yield Failure(

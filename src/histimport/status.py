@@ -91,15 +91,18 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
     if _has_table(db, "msg"):
         # During a run, the latest word on a message is in the journal.
         for state, n in db.execute(
-            """SELECT COALESCE(j.state, m.state), COUNT(*) FROM msg m
+            """SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
                LEFT JOIN (SELECT msg_id, state, MAX(seq) FROM journal GROUP BY msg_id) j
                  ON j.msg_id = m.id
+               LEFT JOIN outcome o ON o.msg_id = m.id
                GROUP BY 1"""
         ):
             current[_STATE_NAMES[State(state)]] = n
         (current["rejected"],) = db.execute("SELECT COUNT(*) FROM rejected").fetchone()
         for (blob,) in db.execute(
-            "SELECT errors FROM msg WHERE errors IS NOT NULL UNION ALL SELECT errors FROM rejected"
+            "SELECT errors FROM msg WHERE errors IS NOT NULL UNION ALL "
+            "SELECT errors FROM outcome WHERE errors IS NOT NULL AND state = 2 UNION ALL "
+            "SELECT errors FROM rejected"
         ):
             for error in orjson.loads(blob):
                 errors[str(error.get("errorCode"))] += 1

@@ -274,3 +274,38 @@ def test_an_oversized_answer_is_cut_off_not_read_whole(staged: Any) -> None:
     (failure,) = ledger.failures()
     assert failure.errors[0]["errorCode"] == "RESPONSE_TOO_LARGE" and failure.retryable
     assert stats.requests == 2
+
+
+def test_a_429_without_retry_after_does_not_use_up_the_attempts(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=2)))
+    answers = [httpx.Response(429, text="<html>slow down</html>")] * 5
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop() if answers else accept_all(request)
+
+    stats = deliver(ledger, handler, max_attempts=2)
+    assert ledger.counts()["accepted"] == 2
+    assert stats.statuses["429"] == 5
+
+
+def test_push_back_caps_the_rate_then_lets_it_grow() -> None:
+    from histimport.deliver import AdaptiveRate
+
+    async def scenario() -> tuple[float | None, float | None, float | None]:
+        rate = AdaptiveRate(ceiling=None)
+        for _ in range(40):
+            await rate.take()
+        uncapped = rate.cap
+        rate.pushed_back()
+        cut = rate.cap
+        for _ in range(10):
+            rate.succeeded()
+        return uncapped, cut, rate.cap
+
+    uncapped, cut, grown = asyncio.run(scenario())
+    assert uncapped is None
+    assert cut is not None and grown is not None and 1.0 <= cut < grown
+    capped = AdaptiveRate(ceiling=5.0)
+    for _ in range(1000):
+        capped.succeeded()
+    assert capped.cap == 5.0

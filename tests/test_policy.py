@@ -25,7 +25,7 @@ def decide(status: int, content: bytes = b"", **headers: str) -> policy.Decision
 def test_retryable_statuses(status: int) -> None:
     decision = decide(status, b"<html>busy</html>")
     assert decision.action is Action.RETRY
-    assert decision.unknown_outcome is (status >= 500)
+    assert decision.unknown_outcome is (status >= 500 and status != 503)
     assert decision.backpressure is (status in (429, 503))
 
 

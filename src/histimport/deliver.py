@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,9 +28,11 @@ from .errors import UsageError
 from .ledger import Ledger, Outcome, Pending, State
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
 
-# A 429 with Retry-After is the server pacing us, not failing: it draws on its own, larger
+# A 429 is the server (or a proxy) pacing us, not failing: it draws on its own, larger
 # budget, so that a rate limit never makes the tool give up on a healthy message.
 _THROTTLE_ATTEMPTS = 50
+# On back-pressure the request rate is capped at this share of the rate just before it.
+_RATE_CUT = 0.85
 
 
 @dataclass
@@ -103,6 +105,49 @@ class TokenBucket:
                 await asyncio.sleep((1.0 - self._tokens) / self.rate)
 
 
+class AdaptiveRate:
+    """The request rate, capped once the server pushes back.
+
+    Lowering concurrency alone cannot slow a client below a proxy's rate when answers are
+    fast, so a 429 also caps the rate at `_RATE_CUT` of the rate just measured (at
+    most once a second); every success then raises the cap by 1/cap, about one request per
+    second each second, until the next push-back. `--rate` is a ceiling throughout.
+    """
+
+    def __init__(self, ceiling: float | None) -> None:
+        self.ceiling = ceiling
+        self._bucket = TokenBucket(ceiling) if ceiling else None
+        self._recent: deque[float] = deque(maxlen=512)
+        self._last_cut = 0.0
+
+    @property
+    def cap(self) -> float | None:
+        return self._bucket.rate if self._bucket else None
+
+    async def take(self) -> None:
+        if self._bucket is not None:
+            await self._bucket.take()
+        self._recent.append(time.monotonic())
+
+    def pushed_back(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cut < 1.0:
+            return
+        self._last_cut = now
+        window = [t for t in self._recent if now - t <= 2.0]
+        measured = len(window) / max(now - window[0], 0.5) if len(window) > 1 else 1.0
+        cap = max(1.0, _RATE_CUT * min(measured, self.cap or measured))
+        if self._bucket is None:
+            self._bucket = TokenBucket(cap)
+        else:
+            self._bucket.rate = cap
+
+    def succeeded(self) -> None:
+        if self._bucket is not None:
+            grown = self._bucket.rate + 1.0 / self._bucket.rate
+            self._bucket.rate = min(grown, self.ceiling) if self.ceiling else grown
+
+
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
 
@@ -135,7 +180,7 @@ class Deliverer:
         self._stopping = asyncio.Event()
         self._resume_at = 0.0
         self._limit = AdaptiveLimit(config.concurrency)
-        self._bucket = TokenBucket(config.rate) if config.rate else None
+        self._rate = AdaptiveRate(config.rate)
         self._client: httpx.AsyncClient | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histimport-ledger")
 
@@ -244,6 +289,7 @@ class Deliverer:
             if decision.action is Action.ACCEPT:
                 assert decision.body is not None and decision.status is not None
                 self.stats.server_warnings += server_warnings(decision.body)
+                self._rate.succeeded()
                 await self._record(settle(chunk.messages, decision.status, decision.body))
                 return
             if decision.action is Action.ABORT:
@@ -258,17 +304,22 @@ class Deliverer:
                 return
             if decision.unknown_outcome:
                 self.stats.unknown_outcomes += 1
-            paced = decision.status == 429 and decision.retry_after is not None
+            paced = decision.status == 429
             throttled += paced
             attempt += not paced
             if attempt >= self.config.max_attempts or throttled >= _THROTTLE_ATTEMPTS:
                 await self._fail(chunk, decision, retryable=True)
                 return
             self.stats.retries += 1
-            delay = self._backoff.delay(attempt, decision.retry_after)
             if decision.backpressure:
-                self._resume_at = max(self._resume_at, time.monotonic() + delay)
-            await self._sleep(delay)
+                # Everyone pauses: for as long as the server asked, or a short breather
+                # (the growing backoff is this chunk's own, not the whole run's). Only a 429
+                # speaks of the rate; a 503 may be any overload.
+                if paced:
+                    self._rate.pushed_back()
+                pause = self._backoff.delay(0, decision.retry_after)
+                self._resume_at = max(self._resume_at, time.monotonic() + pause)
+            await self._sleep(self._backoff.delay(max(attempt, throttled), decision.retry_after))
 
     async def _split(self, chunk: Chunk, decision: Decision) -> None:
         """413: the body was too large for someone on the way. Send both halves in order,
@@ -324,8 +375,7 @@ class Deliverer:
         """Wait out a global pause (a 429 or 503 anywhere pauses everyone), then the rate."""
         while (delay := self._resume_at - time.monotonic()) > 0 and not self.stopping:
             await self._sleep(delay)
-        if self._bucket is not None:
-            await self._bucket.take()
+        await self._rate.take()
 
     async def _write(self, write: Callable[[Any], None], argument: Any) -> None:
         """Ledger writes run in one writer thread (SQLite releases the GIL while it works),

@@ -149,7 +149,8 @@ def classify(status: int, headers: httpx.Headers, content: bytes, now: float) ->
             f"HTTP_{status}",
             f"HTTP {status}: {_excerpt(content)}",
             retry_after=parse_retry_after(headers.get("retry-after"), now),
-            unknown_outcome=status >= 500,
+            # 503 says the service did not take the request; 500, 502, 504 may hide a store.
+            unknown_outcome=status >= 500 and status != 503,
             backpressure=status in BACKPRESSURE_STATUSES,
             errors=errors,
         )

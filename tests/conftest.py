@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from histimport import policy
+from histimport import Config, policy
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +32,19 @@ def contract_schema(name: str) -> dict[str, Any]:
     """A schema of the endpoint's contract (docs/openapi.yaml), with its $refs inlined."""
     schemas = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))["components"]["schemas"]
     return _inline_refs(schemas[name], schemas)  # type: ignore[no-any-return]
+
+
+def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
+    """A run against `server`, with its state, failed file and report under `tmp_path`."""
+    return Config(
+        base_url=server.base_url,
+        username="importer",
+        password="s3cret-pass",
+        state_dir=tmp_path / "state",
+        failed_out=tmp_path / "failed.json",
+        report=tmp_path / "report.json",
+        **options,
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -13,25 +13,13 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 
 import histimport
-from histimport import Config, ExitStatus
+from histimport import ExitStatus
 from histimport.check import normalise_timestamp
 from histimport.models import NOTIFIER_FLAGS
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
-from .conftest import contract_schema
+from .conftest import config_for, contract_schema
 from .factory import interleaved, message, write_jsonl
-
-
-def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
-    return Config(
-        base_url=server.base_url,
-        username="importer",
-        password="s3cret-pass",
-        state_dir=tmp_path / "state",
-        failed_out=tmp_path / "failed.json",
-        report=tmp_path / "report.json",
-        **options,
-    )
 
 
 def stored_order(server: RunningSandbox) -> dict[str, list[str]]:

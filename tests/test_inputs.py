@@ -20,22 +20,11 @@ from histimport.cli import app
 from histimport.mapping import parse_time
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
-from .conftest import REPO
+from .conftest import REPO, config_for
 from .factory import message, write_jsonl
 
 runner = CliRunner()
 SAMPLES = REPO / "samples"
-
-
-def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
-    return Config(
-        base_url=server.base_url,
-        username="u",
-        password="p",
-        state_dir=tmp_path / "state",
-        failed_out=tmp_path / "failed.json",
-        **options,
-    )
 
 
 def good(n: int, **extra: Any) -> bytes:

@@ -9,18 +9,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
 import histimport
-from histimport import Config, ExitStatus
+from histimport import ExitStatus
 from histimport.cli import app
 from histimport.ledger import Ledger
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
+from .conftest import config_for
 from .factory import interleaved, message, write_jsonl
 
 runner = CliRunner()
@@ -123,17 +123,6 @@ def test_killed_at_any_moment_leaves_a_usable_ledger(tmp_path: Path, moment: str
         report = orjson.loads((tmp_path / "report.json").read_bytes())
         assert report["read"] == 2000 == report["accepted"] + report["alreadyAccepted"]
         assert server.store.count() == 2000
-
-
-def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
-    return Config(
-        base_url=server.base_url,
-        username="u",
-        password="p",
-        state_dir=tmp_path / "state",
-        failed_out=tmp_path / "failed.json",
-        **options,
-    )
 
 
 def test_a_changed_source_needs_fresh(server: RunningSandbox, tmp_path: Path) -> None:

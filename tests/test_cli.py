@@ -165,3 +165,14 @@ def test_exit_130_on_sigint_then_the_same_command_finishes(tmp_path: Path) -> No
         assert finished.returncode == 0, finished.stderr
         assert server.store.count() == 400
         assert server.store.duplicate_receipts() == 0
+
+
+def test_retry_reads_stdin_again_in_the_format_the_failed_file_records(workdir: Path) -> None:
+    bad = '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "s1", "sentOn": "yesterday"}'
+    fixed = bad.replace('"yesterday"', '"2024-01-01T00:00:00Z"')
+    good = orjson.dumps(message("d", "c", 2)).decode()
+    code, output = invoke("load", "-", "--format", "jsonl", "--sandbox", stdin=f"{bad}\n{good}\n")
+    assert code == 1, output
+    code, output = invoke("retry", "failed.json", "--sandbox", stdin=f"{fixed}\n{good}\n")
+    assert code == 0, output
+    assert "read 1," in output and "accepted 1," in output

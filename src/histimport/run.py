@@ -121,6 +121,8 @@ def retry(
     cfg = config or Config()
     selection = Selection()
     paths: list[str] = []
+    formats: dict[str, str] = {}
+    maps: set[str] = set()
     base_url: str | None = None
     for failed_file in failed_files:
         document = _read_failed_file(Path(failed_file))
@@ -128,6 +130,9 @@ def retry(
         for source in document.get("sources", []):
             if source["path"] not in paths:
                 paths.append(source["path"])
+                formats[source["path"]] = source.get("format")
+            if source.get("map"):
+                maps.add(source["map"])
         for entry in document.get("failures", []):
             wanted = (
                 entry.get("stage") in ("rejected", "notSent")
@@ -142,8 +147,10 @@ def retry(
                 selection.lines.add((entry.get("source"), entry.get("line")))
     if cfg.base_url is None and not cfg.sandbox and base_url is not None:
         cfg = _replace(cfg, base_url=base_url)
+    if cfg.map_file is None and len(maps) == 1:
+        cfg = _replace(cfg, map_file=Path(maps.pop()))  # the mapping the failed run used
     run = _Run(cfg, observer, selection, include_permanent=include_permanent)
-    return run.execute(paths, "retry")
+    return run.execute(paths, "retry", formats)
 
 
 def _read_failed_file(path: Path) -> dict[str, Any]:
@@ -211,11 +218,15 @@ def _realpath(source: Source) -> str | None:
     return None if source.is_stdin else os.path.realpath(source.path)
 
 
-def open_sources(paths: Sequence[str], fmt: str | None) -> list[Source]:
-    """The run's sources, each checked to be readable before anything is sent."""
+def open_sources(
+    paths: Sequence[str], fmt: str | None, formats: dict[str, str] | None = None
+) -> list[Source]:
+    """The run's sources, each checked to be readable before anything is sent; `formats`
+    are those a failed file recorded, for `--format` left out."""
     if not paths:
         raise UsageError("no source given", hint="name one or more .jsonl or .csv files")
-    sources = [Source(path=p, format=detect_format(p, fmt)) for p in paths]
+    known = formats or {}
+    sources = [Source(path=p, format=detect_format(p, fmt or known.get(p))) for p in paths]
     for source in sources:
         check_readable(source)
     if sum(s.is_stdin for s in sources) > 1:
@@ -271,9 +282,11 @@ class _Run:
         self.warning_count = 0
         self.warnings: list[dict[str, Any]] = []
 
-    def execute(self, paths: list[str], command: str) -> RunResult:
+    def execute(
+        self, paths: list[str], command: str, formats: dict[str, str] | None = None
+    ) -> RunResult:
         config = self.config
-        sources = open_sources(paths, config.format)
+        sources = open_sources(paths, config.format, formats)
         started = time.monotonic()
         with ExitStack() as stack:
             base_url = self._target(stack)

@@ -15,9 +15,7 @@ import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 
@@ -182,7 +180,6 @@ class Deliverer:
         self._limit = AdaptiveLimit(config.concurrency)
         self._rate = AdaptiveRate(config.rate)
         self._client: httpx.AsyncClient | None = None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histimport-ledger")
 
     def stop(self) -> None:
         """Take no new work; requests in flight settle and are recorded."""
@@ -221,10 +218,7 @@ class Deliverer:
             workers = min(self.config.concurrency, max(len(keys), 1))
             if self.config.unordered:
                 workers = self.config.concurrency
-            try:
-                await asyncio.gather(*(self._worker(units) for _ in range(workers)))
-            finally:
-                self._writer.shutdown(wait=True)
+            await asyncio.gather(*(self._worker(units) for _ in range(workers)))
         self.stats.final_concurrency = self._limit.current
         return self.stats
 
@@ -280,7 +274,7 @@ class Deliverer:
                 return
             await self._limit.acquire()
             if attempt == throttled == 0:
-                await self._write(self.ledger.mark_in_flight, [m.id for m in chunk.messages])
+                self.ledger.mark_in_flight(m.id for m in chunk.messages)
             decision = Decision(Action.RETRY)
             try:
                 decision = await self._request(chunk)
@@ -377,11 +371,6 @@ class Deliverer:
             await self._sleep(delay)
         await self._rate.take()
 
-    async def _write(self, write: Callable[[Any], None], argument: Any) -> None:
-        """Ledger writes run in one writer thread (SQLite releases the GIL while it works),
-        so a commit never stalls the event loop; the worker waits for its own commit."""
-        await asyncio.get_running_loop().run_in_executor(self._writer, write, argument)
-
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:
             await asyncio.sleep(0)
@@ -399,6 +388,8 @@ class Deliverer:
         )
 
     async def _record(self, outcomes: list[Outcome]) -> None:
-        await self._write(self.ledger.record, outcomes)
+        # A commit of one request's outcomes takes well under a millisecond; a writer thread
+        # was tried and cost more in contention for the GIL than it saved.
+        self.ledger.record(outcomes)
         accepted = sum(1 for o in outcomes if o.state is State.ACCEPTED)
         self._progress(accepted, len(outcomes) - accepted)

@@ -147,9 +147,7 @@ class Ledger:
         path = state_dir / LEDGER_FILE
         old_umask = os.umask(0o077)
         try:
-            # Writes come from one thread at a time: the run's, or the writer thread while
-            # sending. Reads while sending use a connection of their own (`pending`).
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -160,15 +158,11 @@ class Ledger:
             ) from exc
         finally:
             os.umask(old_umask)
-        self._path = path
-        self._reader: sqlite3.Connection | None = None
         self.run_id = 0
         self.target = ""
         self._keys: dict[tuple[str, str], int] = {}
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
         self._db.close()
         self._lock.close()
 
@@ -332,11 +326,9 @@ class Ledger:
 
     def pending(self, key_id: int, after: int, limit: int) -> list[Pending]:
         """The next pending messages of a key, in input order."""
-        if self._reader is None:
-            self._reader = sqlite3.connect(self._path, isolation_level=None)
         return [
             Pending(r[0], r[1], r[2])
-            for r in self._reader.execute(
+            for r in self._db.execute(
                 "SELECT id, source_uuid, body FROM msg "
                 "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
                 (key_id, after, limit),

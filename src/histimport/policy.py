@@ -125,8 +125,8 @@ def classify(status: int, headers: httpx.Headers, content: bytes, now: float) ->
     """An answer: its status, headers and (bounded) body."""
     if 200 <= status < 300:
         try:
-            body = SaveMessageResponseBody.model_validate(orjson.loads(content))
-        except (orjson.JSONDecodeError, ValidationError):
+            body = SaveMessageResponseBody.model_validate_json(content)
+        except ValidationError:
             return Decision(
                 Action.RETRY,
                 status,

@@ -176,3 +176,23 @@ def test_retry_reads_stdin_again_in_the_format_the_failed_file_records(workdir: 
     code, output = invoke("retry", "failed.json", "--sandbox", stdin=f"{fixed}\n{good}\n")
     assert code == 0, output
     assert "read 1," in output and "accepted 1," in output
+
+
+def test_settings_come_from_histimport_toml_and_the_command_line_wins(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(4)])
+    (workdir / "histimport.toml").write_text(
+        f'base-url = "{server.base_url}"\nreport = "r.json"\n[load]\nchunk-size = 1\n'
+    )
+    code, output = invoke("load", "e.jsonl", env=CREDENTIALS)
+    assert code == 0, output
+    assert orjson.loads((workdir / "r.json").read_bytes())["requests"] == 4
+    code, output = invoke(
+        "load", "e.jsonl", "--chunk-size", "3", "--fresh", "--state-dir", "s2", env=CREDENTIALS
+    )
+    assert code == 0, output
+    assert orjson.loads((workdir / "r.json").read_bytes())["requests"] == 2
+    (workdir / "histimport.toml").write_text('password = "no"\n')
+    code, output = invoke("load", "e.jsonl", env=CREDENTIALS)
+    assert code == 2 and "holds a password" in output

@@ -480,12 +480,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
     """Import customer-communication history: load, retry, validate, sandbox."""
+    # Read here, before a command's options are, so that histimport.toml applies however
+    # the app is invoked.
+    try:
+        ctx.default_map = {**_settings(Path(CONFIG_FILE)), **(ctx.default_map or {})}
+    except HistimportError as exc:
+        _report_error(exc.message, exc.hint)
+        raise typer.Exit(exc.exit_status) from exc
 
 
 def _settings(path: Path) -> dict[str, Any]:
@@ -507,12 +515,7 @@ def _settings(path: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `histimport` command."""
-    try:
-        settings = _settings(Path(CONFIG_FILE))
-    except HistimportError as exc:
-        _report_error(exc.message, exc.hint)
-        sys.exit(exc.exit_status)
-    app(args=argv, prog_name="histimport", default_map=settings)
+    app(args=argv, prog_name="histimport")
 
 
 def _report_error(message: str, hint: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -309,3 +310,29 @@ def test_push_back_caps_the_rate_then_lets_it_grow() -> None:
     for _ in range(1000):
         capped.succeeded()
     assert capped.cap == 5.0
+
+
+def test_the_token_bucket_spaces_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rate R: at most R requests a second, after a burst of one second's worth."""
+    from histimport import deliver as module
+
+    clock = [100.0]
+
+    async def fake_sleep(delay: float) -> None:
+        clock[0] += delay
+
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(module.asyncio, "sleep", fake_sleep)
+
+    async def take(n: int) -> list[float]:
+        bucket = module.TokenBucket(4.0)
+        moments = []
+        for _ in range(n):
+            await bucket.take()
+            moments.append(clock[0])
+        return moments
+
+    moments = asyncio.run(take(9))
+    assert moments[0] == 100.0
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(moments)]
+    assert all(gap <= 0.25 for gap in gaps) and round(moments[-1] - 100.0, 6) == 2.0

@@ -211,3 +211,20 @@ def test_no_notifier_flag_is_true_without_notify(tmp_path: Path) -> None:
 
     assert len(quiet) == 3 and flags(quiet) == {False}
     assert len(noisy) == 3 and flags(noisy) == {True}
+
+
+def test_an_unknown_department_fails_alone(tmp_path: Path) -> None:
+    rows = list(interleaved(customers=30, per_customer=5, departments=3))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, departments=frozenset({"dep-0", "dep-1"}))) as server:
+        result = histimport.load([source], config_for(server, tmp_path))
+        stored = {m.source_uuid for m in server.store.messages()}
+    assert result.exit_status is ExitStatus.INCOMPLETE
+    unknown = {r["sourceUuid"] for r in rows if r["departmentUUID"] == "dep-2"}
+    assert stored == {r["sourceUuid"] for r in rows} - unknown
+    failures = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert {f["sourceUuid"] for f in failures} == unknown
+    assert {(f["httpStatus"], f["retryable"], f["errors"][0]["errorCode"]) for f in failures} == {
+        (404, False, "DEPARTMENT_NOT_FOUND")
+    }
+    assert result.report["retries"] == 0

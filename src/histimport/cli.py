@@ -369,6 +369,10 @@ def sandbox(
         float | None, typer.Option("--retry-after", help="Retry-After seconds sent with 503.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the injected faults.")] = 0,
+    departments: Annotated[
+        str | None,
+        typer.Option("--departments", help="Comma-separated departments that exist (else 404)."),
+    ] = None,
     journal: Annotated[
         Path | None, typer.Option("--journal", help="Append every request received here.")
     ] = None,
@@ -405,6 +409,7 @@ def sandbox(
         garble_rate=garble_rate,
         retry_after=retry_after,
         journal=journal,
+        departments=frozenset(departments.split(",")) if departments else None,
         tls_cert=tls_cert,
         tls_key=tls_key,
     )

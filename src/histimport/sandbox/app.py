@@ -93,6 +93,9 @@ class SandboxApp:
         key = _endpoint_key(segments)
         if key is None:
             return error_response(404, "NOT_FOUND", f"no such resource: {scope['path']}")
+        departments = self.config.departments
+        if departments is not None and key[0] not in departments:
+            return error_response(404, "DEPARTMENT_NOT_FOUND", f"no department {key[0]!r}")
         if scope["method"] != "PUT":
             return error_response(
                 405, "METHOD_NOT_ALLOWED", "use PUT on this resource", (("Allow", "PUT"),)

@@ -54,6 +54,8 @@ class SandboxConfig:
     #: Append every request the endpoint reads (path, headers but Authorization, body) to
     #: this JSONL file: what exactly did the client send?
     journal: Path | None = None
+    #: When set, the only departments that exist: any other is answered 404.
+    departments: frozenset[str] | None = None
     #: Serve https with this certificate (PEM) and key instead of http.
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -196,3 +196,33 @@ def test_settings_come_from_histimport_toml_and_the_command_line_wins(
     (workdir / "histimport.toml").write_text('password = "no"\n')
     code, output = invoke("load", "e.jsonl", env=CREDENTIALS)
     assert code == 2 and "holds a password" in output
+
+
+@pytest.mark.parametrize(
+    ("url", "same"),
+    [
+        ("HTTP://LOCALHOST:{port}/communications/", True),
+        ("http://localhost:{port}/communications", True),
+        ("http://127.0.0.1:{port}/communications", False),
+    ],
+)
+def test_one_target_however_its_url_is_spelt(
+    workdir: Path, server: RunningSandbox, url: str, same: bool
+) -> None:
+    from histimport.run import check_base_url
+
+    port = server.port
+    first = check_base_url(f"http://localhost:{port}/communications", allow_insecure_http=False)
+    assert (check_base_url(url.format(port=port), allow_insecure_http=False) == first) is same
+    assert check_base_url("https://API.example.com:443/c/", allow_insecure_http=False) == (
+        "https://api.example.com/c"
+    )
+
+
+def test_a_password_in_the_base_url_is_refused_and_never_echoed(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    code, output = invoke(
+        "load", "e.jsonl", "--base-url", "https://admin:S3cretPw@api.example.com/c", env=CREDENTIALS
+    )
+    assert code == 2 and "user name or password" in output
+    assert "S3cretPw" not in output

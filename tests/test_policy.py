@@ -138,3 +138,11 @@ def test_settle_per_message() -> None:
     )
     assert (c.state, c.retryable) == (State.FAILED, False)
     assert (d.state, d.retryable, d.errors[0]["errorCode"]) == (State.FAILED, True, "UNCONFIRMED")
+
+
+@pytest.mark.parametrize(
+    "value", ["inf", "nan", "-inf", "1e999", "1e9", "Fri, 01 Jan 2999 00:00:00 GMT"]
+)
+def test_an_absurd_retry_after_never_hangs_the_run(value: str) -> None:
+    seconds = parse_retry_after(value, 1_000_000.0)
+    assert seconds is None or 0.0 <= seconds <= policy.MAX_RETRY_AFTER

@@ -16,6 +16,7 @@ messages by sourceUuid) and counted as unknown outcomes.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,20 +86,26 @@ class Backoff:
         return random.uniform(0.0, min(self.cap, self.base * 2**attempt))
 
 
+MAX_RETRY_AFTER = 600.0
+"""A longer `Retry-After` is cut to this: the chunk still retries, the run does not hang."""
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """`Retry-After` in seconds or as an HTTP date; None when absent or unreadable."""
+    """`Retry-After` in seconds or as an HTTP date, at most MAX_RETRY_AFTER; None when
+    absent or unreadable."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
         return None
-    return max(moment.timestamp() - now, 0.0)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def classify_error(exc: httpx.HTTPError) -> Decision:

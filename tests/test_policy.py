@@ -146,3 +146,23 @@ def test_settle_per_message() -> None:
 def test_an_absurd_retry_after_never_hangs_the_run(value: str) -> None:
     seconds = parse_retry_after(value, 1_000_000.0)
     assert seconds is None or 0.0 <= seconds <= policy.MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"succesfullySubmittedSourceUuids": ["a", 5], "warnings": [1, "x", None]},
+        {
+            "saveMessageResponse": [7, {"sourceUuid": "b", "errors": [5, {"errorCode": 409}]}],
+            "succesfullySubmittedSourceUuids": ["a"],
+            "errors": "none",
+        },
+    ],
+)
+def test_odd_details_do_not_hide_an_explicit_success(answer: dict[str, object]) -> None:
+    decision = decide(200, orjson.dumps(answer))
+    assert decision.action is Action.ACCEPT and decision.body is not None
+    outcomes = settle(pending("a", "b"), 200, decision.body)
+    assert outcomes[0].state is State.ACCEPTED
+    if "saveMessageResponse" in answer:
+        assert outcomes[1].errors == ({"errorCode": "409"},)

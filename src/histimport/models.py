@@ -3,14 +3,16 @@
 Enum-like fields are plain strings: the vendor documents one example value each, not the set.
 Request models forbid unknown fields, so that a misspelt field in an export is reported
 instead of silently dropped; free-form objects (`metaData`, `value`, ...) take anything.
-Response models ignore unknown fields: the server may add some at any time.
+Response models ignore unknown fields, and malformed items in their lists (a warning that is
+not an object, an id that is not a string): the server may add or garble details, and one
+odd warning must not turn an explicit success into an unreadable answer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class _Request(BaseModel):
@@ -18,7 +20,7 @@ class _Request(BaseModel):
 
 
 class _Response(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
 
 
 class DraftAttributes(_Request):
@@ -134,6 +136,16 @@ class SaveMessageRequestBody(_Request):
     callBackPathUrl: str | None = None
 
 
+def _objects(value: Any) -> Any:
+    """Keep the objects of a list; anything but a list is as good as absent."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else None
+
+
+def _strings(value: Any) -> Any:
+    """Keep the strings of a list, so that a stray item does not hide the rest."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else value
+
+
 class ApiError(_Response):
     errorCode: str | None = None
     errorDescription: str | None = None
@@ -145,23 +157,30 @@ class ApiWarning(_Response):
     warningDescription: str | None = None
 
 
+Errors = Annotated[list[ApiError] | None, BeforeValidator(_objects)]
+Warnings = Annotated[list[ApiWarning] | None, BeforeValidator(_objects)]
+Ids = Annotated[list[str] | None, BeforeValidator(_strings)]
+
+
 class SaveMessageResponse(_Response):
     sourceUuid: str | None = None
     messageUuid: str | None = None
-    errors: list[ApiError] | None = None
-    warnings: list[ApiWarning] | None = None
+    errors: Errors = None
+    warnings: Warnings = None
 
 
 class SaveMessageResponseBody(_Response):
     """The 200 answer. The vendor spells the success list with one "s"; both are read."""
 
-    saveMessageResponse: list[SaveMessageResponse] | None = None
-    succesfullySubmittedSourceUuids: list[str] | None = Field(
+    saveMessageResponse: Annotated[
+        list[SaveMessageResponse] | None, BeforeValidator(_objects)
+    ] = None
+    succesfullySubmittedSourceUuids: Ids = Field(
         default=None,
         validation_alias=AliasChoices(
             "succesfullySubmittedSourceUuids", "successfullySubmittedSourceUuids"
         ),
     )
-    failedSourceUuids: list[str] | None = None
-    errors: list[ApiError] | None = None
-    warnings: list[ApiWarning] | None = None
+    failedSourceUuids: Ids = None
+    errors: Errors = None
+    warnings: Warnings = None

@@ -336,3 +336,22 @@ def test_the_token_bucket_spaces_requests(monkeypatch: pytest.MonkeyPatch) -> No
     assert moments[0] == 100.0
     gaps = [round(b - a, 6) for a, b in itertools.pairwise(moments)]
     assert all(gap <= 0.25 for gap in gaps) and round(moments[-1] - 100.0, 6) == 2.0
+
+
+def test_after_a_retryable_failure_the_customer_is_held_back(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=2, per_customer=30)))
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        customer = customer_of(request)
+        seen.append(customer)
+        if customer == "cust-00000":
+            return httpx.Response(503)
+        return accept_all(request)
+
+    deliver(ledger, handler, chunk_size=10, max_attempts=1)
+    assert seen.count("cust-00000") == 1 and seen.count("cust-00001") == 3
+    failures = list(ledger.failures())
+    assert [f.stage for f in failures] == ["failed"] * 10 + ["notSent"] * 20
+    assert {f.errors[0]["errorCode"] for f in failures[10:]} == {"HELD_BACK"}
+    assert all(f.retryable for f in failures)

@@ -14,7 +14,7 @@ import itertools
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -256,10 +256,14 @@ class Deliverer:
             for chunk in unit:
                 if self.stopping:
                     return
-                await self._send(chunk)
+                if not await self._send(chunk) and not self.config.unordered:
+                    if not self.stopping:
+                        await self._hold_back(unit)
+                    break
 
-    async def _send(self, chunk: Chunk) -> None:
-        """Send one chunk until it has a final outcome, or the run stops."""
+    async def _send(self, chunk: Chunk) -> bool:
+        """Send one chunk until it has a final outcome, or the run stops. True when the
+        customer's next chunk may follow: nothing of this one is left to send again."""
         attempt = throttled = 0
         while not self.stopping:
             size = self.envelope.size(chunk.messages)
@@ -268,10 +272,10 @@ class Deliverer:
                 await self._fail(
                     chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description)
                 )
-                return
+                return True
             await self._pace()
             if self.stopping:
-                return
+                return False
             await self._limit.acquire()
             if attempt == throttled == 0:
                 self.ledger.mark_in_flight(m.id for m in chunk.messages)
@@ -284,18 +288,18 @@ class Deliverer:
                 assert decision.body is not None and decision.status is not None
                 self.stats.server_warnings += server_warnings(decision.body)
                 self._rate.succeeded()
-                await self._record(settle(chunk.messages, decision.status, decision.body))
-                return
+                outcomes = settle(chunk.messages, decision.status, decision.body)
+                await self._record(outcomes)
+                return not any(o.retryable for o in outcomes)
             if decision.action is Action.ABORT:
                 self.stats.aborted = decision.description
                 self.stop()
-                return
+                return False
             if decision.action is Action.SPLIT:
-                await self._split(chunk, decision)
-                return
+                return await self._split(chunk, decision)
             if decision.action is Action.FAIL:
                 await self._fail(chunk, decision)
-                return
+                return True
             if decision.unknown_outcome:
                 self.stats.unknown_outcomes += 1
             paced = decision.status == 429
@@ -303,7 +307,7 @@ class Deliverer:
             attempt += not paced
             if attempt >= self.config.max_attempts or throttled >= _THROTTLE_ATTEMPTS:
                 await self._fail(chunk, decision, retryable=True)
-                return
+                return False
             self.stats.retries += 1
             if decision.backpressure:
                 # Everyone pauses: for as long as the server asked, or a short breather
@@ -314,19 +318,38 @@ class Deliverer:
                 pause = self._backoff.delay(0, decision.retry_after)
                 self._resume_at = max(self._resume_at, time.monotonic() + pause)
             await self._sleep(self._backoff.delay(max(attempt, throttled), decision.retry_after))
+        return False
 
-    async def _split(self, chunk: Chunk, decision: Decision) -> None:
+    async def _split(self, chunk: Chunk, decision: Decision) -> bool:
         """413: the body was too large for someone on the way. Send both halves in order,
         and remember the lower limit for the rest of the run."""
         if len(chunk.messages) == 1:
             await self._fail(chunk, decision)
-            return
+            return True
         self.stats.splits += 1
         size = self.envelope.size(chunk.messages)
         self._refused_size = min(self._refused_size, size)
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
-        for half in chunk.halves():
-            await self._send(half)
+        first, second = chunk.halves()
+        if not await self._send(first):
+            await self._hold_back([second])
+            return False
+        return await self._send(second)
+
+    async def _hold_back(self, chunks: Iterable[Chunk]) -> None:
+        """A customer whose chunk may still be sent again keeps the rest of its messages
+        back, so that a later run or `retry` stores them after it, in order."""
+        error = {
+            "errorCode": "HELD_BACK",
+            "errorDescription": "not sent, to keep the customer's order: an earlier message "
+            "of this customer failed and may be sent again",
+        }
+        for chunk in chunks:
+            held = [
+                Outcome(m.id, m.source_uuid, State.PENDING, None, True, (error,))
+                for m in chunk.messages
+            ]
+            await self._record(held)
 
     async def _request(self, chunk: Chunk) -> Decision:
         assert self._client is not None

@@ -172,9 +172,9 @@ class SaveMessageResponse(_Response):
 class SaveMessageResponseBody(_Response):
     """The 200 answer. The vendor spells the success list with one "s"; both are read."""
 
-    saveMessageResponse: Annotated[
-        list[SaveMessageResponse] | None, BeforeValidator(_objects)
-    ] = None
+    saveMessageResponse: Annotated[list[SaveMessageResponse] | None, BeforeValidator(_objects)] = (
+        None
+    )
     succesfullySubmittedSourceUuids: Ids = Field(
         default=None,
         validation_alias=AliasChoices(

@@ -204,3 +204,25 @@ def test_status_and_purge(server: RunningSandbox, workdir: Path) -> None:
         runner.invoke(app, ["status", "--state-dir", "other", "--purge", "--force"]).exit_code == 0
     )
     assert runner.invoke(app, ["status"]).exit_code == 2
+
+
+def test_sigterm_while_staging_exits_130_with_every_staged_row_listed(tmp_path: Path) -> None:
+    rows = list(interleaved(customers=500, per_customer=200))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0)) as server:
+        process = subprocess.Popen(
+            command(source, tmp_path), env=environment(server), stderr=subprocess.PIPE
+        )
+        ledger = tmp_path / "state" / "ledger.sqlite3"
+        while not ledger.exists() or ledger.stat().st_size < 1_000_000:
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr
+        assert server.app.stats()["requests"] == 0
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    failed = orjson.loads((tmp_path / "failed.json").read_bytes())
+    assert 0 < report["read"] < 100_000
+    assert report["read"] == report["notSent"] == failed["counts"]["notSent"]
+    assert len(failed["failures"]) == report["read"]

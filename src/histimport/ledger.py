@@ -119,6 +119,12 @@ class Failure:
     errors: list[dict[str, Any]]
 
 
+def _take(items: list[Any]) -> list[Any]:
+    taken = items[:]
+    items.clear()
+    return taken
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -234,28 +240,41 @@ class Ledger:
     # -- staging -----------------------------------------------------------------------
 
     def stage(self, rows: Iterable[Valid | Rejected]) -> None:
-        """Store every checked row of the run, in input order, in batched transactions."""
+        """Store every checked row of the run, in input order, in batched transactions.
+        Interrupted, it stores what it can; `staged_rows` says how much that was."""
         keys: list[tuple[int, str, str]] = []
         valid: list[tuple[int, str, int, int, bytes]] = []
         rejected: list[tuple[int, int, str | None, str | None, str | None, bytes]] = []
-        for row in rows:
-            if isinstance(row, Valid):
-                key = (row.department, row.customer)
-                key_id = self._keys.get(key)
-                if key_id is None:
-                    key_id = self._keys[key] = len(self._keys) + 1
-                    keys.append((key_id, *key))
-                valid.append((key_id, row.source_uuid, row.source, row.line, row.body))
-                if len(valid) >= _STAGE_BATCH:
+        try:
+            for row in rows:
+                if isinstance(row, Valid):
+                    key = (row.department, row.customer)
+                    key_id = self._keys.get(key)
+                    if key_id is None:
+                        key_id = self._keys[key] = len(self._keys) + 1
+                        keys.append((key_id, *key))
+                    valid.append((key_id, row.source_uuid, row.source, row.line, row.body))
+                else:
+                    errors = orjson.dumps([p.as_error() for p in row.problems])
+                    rejected.append(
+                        (
+                            row.source,
+                            row.line,
+                            row.department,
+                            row.customer,
+                            row.source_uuid,
+                            errors,
+                        )
+                    )
+                if len(valid) + len(rejected) >= _STAGE_BATCH:
                     self._flush(keys, valid, rejected)
-            else:
-                errors = orjson.dumps([p.as_error() for p in row.problems])
-                rejected.append(
-                    (row.source, row.line, row.department, row.customer, row.source_uuid, errors)
-                )
-        self._flush(keys, valid, rejected)
+        finally:
+            self._flush(keys, valid, rejected)
 
     def _flush(self, keys: list[Any], valid: list[Any], rejected: list[Any]) -> None:
+        # Taken out of the lists first: interrupted anywhere, a batch is stored once or not
+        # at all (the transaction), never twice.
+        keys, valid, rejected = _take(keys), _take(valid), _take(rejected)
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
@@ -268,9 +287,13 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 rejected,
             )
-        keys.clear()
-        valid.clear()
-        rejected.clear()
+
+    def staged_rows(self) -> int:
+        """Rows of this run in the ledger, whatever became of them."""
+        (n,) = self._db.execute(
+            "SELECT (SELECT COUNT(*) FROM msg) + (SELECT COUNT(*) FROM rejected)"
+        ).fetchone()
+        return int(n)
 
     def finish_staging(self, *, carry_refused: bool = True) -> None:
         """Reject repeated sourceUuids (the first one wins), skip what was accepted before

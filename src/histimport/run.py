@@ -31,7 +31,7 @@ from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
 from .read_csv import read_csv
 from .shard import shard_of
-from .signals import install_async_signals, sigterm_as_interrupt
+from .signals import deferred, install_async_signals, sigterm_as_interrupt
 
 WARNINGS_KEPT = 10_000
 """Warnings are counted without limit; the first ones are kept for the outputs."""
@@ -316,9 +316,17 @@ class _Run:
                     (i, s.path, s.format, s.size, s.sha256, _realpath(s))
                     for i, s in enumerate(sources)
                 )
-            ledger.finish_staging(carry_refused=not self.include_permanent)
+            try:
+                with deferred():
+                    ledger.finish_staging(carry_refused=not self.include_permanent)
+            except KeyboardInterrupt:
+                self.interrupted = True
             stats = None
-            if not config.dry_run and not self.interrupted:
+            if self.interrupted:
+                # Rows read but not yet handed to the ledger when the run was stopped are
+                # not part of this run: a resumed run reads them again.
+                self.read = ledger.staged_rows()
+            elif not config.dry_run:
                 assert base_url is not None
                 try:
                     stats = self._deliver(ledger, base_url)

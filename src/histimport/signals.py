@@ -33,6 +33,28 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM wait: the block runs to its end, then the
+    interruption is raised as KeyboardInterrupt. For short work that must not be cut."""
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) -> Callable[[], None]:
     """First Ctrl-C or SIGTERM: stop taking work, settle what is in flight. Second: leave now
     (the ledger commits per answer, so it stays consistent). Returns the undo."""

@@ -345,3 +345,40 @@ def test_gzip_and_stdin_import_like_the_plain_file(tmp_path: Path) -> None:
             messages = [(m.department, m.customer, m.body) for m in server.store.messages()]
             stored.append(sorted(messages, key=lambda m: m[:2]))  # stable: per-customer order
     assert stored[0] == stored[1] == stored[2] and len(stored[0]) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "says"),
+    [
+        (
+            b"sourceUuid,departmentUUID,\xffcustomerUUID\n",
+            "line 1: the header row: line 1 is not valid UTF-8",
+        ),
+        (
+            b"sourceUuid,sourceUuid,departmentUUID,customerUUID\n",
+            "'sourceUuid' appear more than once",
+        ),
+        (b'"sourceUuid,departmentUUID\n', "the header row is not valid CSV"),
+    ],
+)
+def test_a_header_that_cannot_be_read_stops_the_run_before_sending(
+    workdir: Path, header: bytes, says: str
+) -> None:
+    (workdir / "e.csv").write_bytes(header + b"s1,d,c\ns2,d,c\n")
+    result = runner.invoke(app, ["load", "e.csv", "--sandbox"])
+    assert result.exit_code == 2, result.output
+    assert f"e.csv: {says}"[:40] in result.output or says in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_column_named_like_an_internal_key_is_just_a_column(workdir: Path) -> None:
+    (workdir / "e.jsonl").write_text(
+        '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "s", "__header__": []}\n'
+    )
+    result = runner.invoke(app, ["validate", "e.jsonl", "--output", "json"])
+    assert result.exit_code == 1
+    (rejected,) = orjson.loads(result.stdout)["rejected"]
+    assert (
+        rejected["errors"][0]["errorDescription"]
+        == "__header__: is not a field of the API's message"
+    )

@@ -387,13 +387,13 @@ class Mapper:
         self.generate_source_uuid = generate_source_uuid
 
     def __call__(self, row: RawRow) -> RawRow | None:
+        if row.header is not None:
+            if self.mapping is None:
+                check_headers(row.header, self.source)
+            return None
         data = row.data
         if data is None:
             return row
-        if "__header__" in data:
-            if self.mapping is None:
-                check_headers(data["__header__"], self.source)
-            return None
         if self.mapping is not None:
             data, problems = self.mapping.apply(data)
             if problems:

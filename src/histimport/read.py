@@ -43,6 +43,7 @@ class RawRow:
     data: dict[str, Any] | None
     error: RowError | None = None
     problems: list[RowError] | None = None
+    header: list[str] | None = None  # a CSV source's header row: names, not a record
 
 
 @dataclass

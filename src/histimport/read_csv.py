@@ -11,6 +11,7 @@ import typing
 from collections.abc import Iterator
 from typing import IO
 
+from .errors import SourceError
 from .read import RawRow, RowError, skip_rest_of_line
 
 _DELIMITERS = (",", ";", "\t", "|")
@@ -24,9 +25,11 @@ def read_csv(
     max_line_bytes: int,
     delimiter: str | None = None,
     encoding: str | None = None,
+    name: str = "source",
 ) -> Iterator[RawRow]:
-    """Yield the header as line 0's `data` (`{"__header__": [...]}`), then one row per record
-    with `data` mapping header -> cell text."""
+    """Yield the header (a row with `header` set), then one row per record with `data`
+    mapping header -> cell text. A header that cannot be read is a SourceError: without
+    it no record can be."""
     lines = _Lines(stream, max_line_bytes, encoding)
     first = lines.peek_first()
     sep = delimiter or max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
@@ -40,6 +43,10 @@ def read_csv(
         except StopIteration:
             return
         except csv.Error as exc:
+            if header is None:
+                raise SourceError(
+                    f"{name}: line {start}: the header row is not valid CSV: {exc}"
+                ) from exc
             yield RawRow(
                 index, start, None, RowError("INVALID_CSV", f"record is not valid CSV: {exc}")
             )
@@ -49,10 +56,18 @@ def read_csv(
         problem = lines.problem(start, lines.count)
         if header is None:
             if problem is not None:
-                yield RawRow(index, start, None, problem)
-                return
+                raise SourceError(
+                    f"{name}: line {start}: the header row: {problem.description}",
+                    hint="fix the header (and --encoding, if the file is not UTF-8)",
+                )
             header = [c.strip() for c in cells]
-            yield RawRow(index, start, {"__header__": header})
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                raise SourceError(
+                    f"{name}: line {start}: column(s) {', '.join(map(repr, repeated))} "
+                    "appear more than once in the header"
+                )
+            yield RawRow(index, start, None, header=header)
             continue
         if problem is not None:
             yield RawRow(index, start, None, problem)

@@ -256,9 +256,9 @@ def source_fields(
                 stream, 0, max_line_bytes=1 << 24, delimiter=delimiter, encoding=encoding
             )
             first = next(rows, None)
-            if first is None or first.data is None:
+            if first is None or first.header is None:
                 raise UsageError(f"{path}: no header row")
-            return list(first.data["__header__"])
+            return first.header
         for row in read_jsonl(stream, 0, max_line_bytes=1 << 24):
             if row.data is not None:
                 return _paths(row.data)
@@ -427,6 +427,7 @@ class _Run:
                 max_line_bytes=config.max_line_bytes,
                 delimiter=config.delimiter,
                 encoding=config.encoding,
+                name=source.path,
             )
         return read_jsonl(stream, index, max_line_bytes=config.max_line_bytes)
 

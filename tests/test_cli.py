@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -226,3 +227,58 @@ def test_a_password_in_the_base_url_is_refused_and_never_echoed(workdir: Path) -
     )
     assert code == 2 and "user name or password" in output
     assert "S3cretPw" not in output
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(sources=["a.jsonl"]),
+        lambda d: d.update(sources={"path": "a"}),
+        lambda d: d["sources"][0].update(path=5),
+        lambda d: d.update(failures=["x"]),
+        lambda d: d["failures"][0].update(sourceUuid=["s1"]),
+        lambda d: d["failures"][0].update(line=[2]),
+        lambda d: d.update(format="something/v9"),
+    ],
+)
+def test_a_hand_edited_failed_file_is_a_usage_error(workdir: Path, edit: Any) -> None:
+    (workdir / "e.jsonl").write_text(
+        '{"departmentUUID": "d", "customerUUID": "c/x", "sourceUuid": "s1"}\n'
+    )
+    assert invoke("validate", "e.jsonl")[0] == 1
+    document = orjson.loads((workdir / "failed.json").read_bytes())
+    edit(document)
+    (workdir / "failed.json").write_bytes(orjson.dumps(document))
+    code, output = invoke("retry", "failed.json", "--sandbox")
+    assert code == 2 and "is not a failed file" in output, output
+
+
+def test_retry_keeps_listing_what_it_does_not_send(workdir: Path) -> None:
+    rows = [message("d", f"c{n}", n) for n in range(40)]
+    write_jsonl(workdir / "e.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, reject_rate=0.2, fail_rate=0.3, seed=3)) as faulty:
+        env = {**CREDENTIALS, "HISTIMPORT_BASE_URL": faulty.base_url}
+        code, _ = invoke("load", "e.jsonl", "--chunk-size", "1", "--max-attempts", "1", env=env)
+        assert code == 1
+        before = orjson.loads((workdir / "failed.json").read_bytes())
+        refused = {f["sourceUuid"] for f in before["failures"] if not f["retryable"]}
+        assert refused
+        code, _ = invoke("retry", "failed.json", "--max-attempts", "20", env=env)
+        after = orjson.loads((workdir / "failed.json").read_bytes())
+        stored = {m.source_uuid for m in faulty.store.messages()}
+    listed = {f["sourceUuid"] for f in after["failures"]}
+    assert refused <= listed
+    assert listed | stored == {r["sourceUuid"] for r in rows}
+    assert after["counts"]["failed"] == len(
+        [f for f in after["failures"] if f["stage"] == "failed"]
+    )
+
+
+def test_retry_does_not_choke_on_odd_ids_in_the_source(workdir: Path) -> None:
+    (workdir / "e.jsonl").write_text(
+        '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "s1", "sentOn": "bad"}\n'
+        '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": {"id": "s2"}}\n'
+    )
+    assert invoke("load", "e.jsonl", "--sandbox")[0] == 1
+    code, output = invoke("retry", "failed.json", "--sandbox")
+    assert code == 1 and "Traceback" not in output

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import orjson
+from pydantic import BaseModel, ValidationError
 
 from .ledger import Failure
 from .read import Source
@@ -63,6 +64,50 @@ def source_entry(source: Source) -> dict[str, Any]:
     }
 
 
+class FailedSource(BaseModel):
+    path: str
+    format: str | None = None
+    sha256: str | None = None
+    map: str | None = None
+
+
+class FailedEntry(BaseModel):
+    sourceUuid: str | None = None
+    departmentUUID: str | None = None
+    customerUUID: str | None = None
+    source: str
+    line: int
+    stage: Literal["rejected", "failed", "notSent"]
+    retryable: bool = False
+    httpStatus: int | None = None
+    errors: list[dict[str, Any]] = []
+
+
+class FailedFile(BaseModel):
+    """A failed file as `retry` reads it: checked, since people edit them."""
+
+    format: Literal["histimport.failed/v1"]
+    baseUrl: str | None = None
+    sources: list[FailedSource]
+    failures: list[FailedEntry]
+
+
+def read_failed_file(path: Path) -> FailedFile:
+    from .errors import UsageError
+
+    try:
+        return FailedFile.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(
+            f"{path}: is not a failed file ({where}: {first['msg']})",
+            hint="retry takes the failed.json a run wrote",
+        ) from exc
+
+
 def write_failed(
     path: Path,
     *,
@@ -72,10 +117,15 @@ def write_failed(
     failures: Iterable[Failure],
     error_codes: Counter[str],
     preview: list[str],
+    carried: Sequence[FailedEntry] = (),
     preview_size: int = 20,
 ) -> None:
     """Stream every failure into the failed file; tally error codes and keep a short preview
-    of the rejected rows for the summary on the way."""
+    of the rejected rows for the summary on the way. `carried` entries (those of an earlier
+    failed file that a retry did not send) are listed again as they were."""
+    counts = dict(counts)
+    for kept in carried:
+        counts[kept.stage] += 1
     head = {
         "format": FAILED_FORMAT,
         "createdAt": timestamp(),
@@ -85,7 +135,8 @@ def write_failed(
     }
     with atomic_writer(path) as out:
         out.write(orjson.dumps(head)[:-1] + b',"failures":[')
-        for n, failure in enumerate(failures):
+        written = 0
+        for failure in failures:
             errors = failure.errors or ([_NOT_SENT] if failure.stage == "notSent" else [])
             for error in errors:
                 error_codes[str(error.get("errorCode"))] += 1
@@ -106,7 +157,13 @@ def write_failed(
                 "httpStatus": failure.http_status,
                 "errors": errors,
             }
-            out.write((b",\n" if n else b"\n") + orjson.dumps(entry))
+            out.write((b",\n" if written else b"\n") + orjson.dumps(entry))
+            written += 1
+        for kept in carried:
+            for error in kept.errors:
+                error_codes[str(error.get("errorCode"))] += 1
+            out.write((b",\n" if written else b"\n") + kept.model_dump_json().encode())
+            written += 1
         out.write(b"\n]}\n")
 
 

@@ -19,7 +19,6 @@ from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 
 from .batch import Envelope
 from .check import Rejected, Valid, check_row, normalise_timestamp
@@ -27,7 +26,7 @@ from .config import Config
 from .errors import ExitStatus, InvariantError, UsageError
 from .ledger import Ledger
 from .mapping import Mapper, Mapping
-from .outputs import REPORT_FORMAT, write_failed, write_report
+from .outputs import REPORT_FORMAT, FailedEntry, read_failed_file, write_failed, write_report
 from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
 from .read_csv import read_csv
 from .shard import shard_of
@@ -62,15 +61,33 @@ class _Silent:
 
 @dataclass
 class Selection:
-    """What `retry` re-sends: listed sourceUuids, and rows at listed lines."""
+    """What `retry` re-sends: listed sourceUuids, and rows at listed lines. Entries it never
+    meets again in the sources (a source edited since) are listed again as they were."""
 
-    uuids: set[str] = field(default_factory=set)
-    lines: set[tuple[str, int]] = field(default_factory=set)
+    uuids: dict[str, FailedEntry] = field(default_factory=dict)
+    lines: dict[tuple[str, int], FailedEntry] = field(default_factory=dict)
+    carried: list[FailedEntry] = field(default_factory=list)
+
+    def add(self, entry: FailedEntry) -> None:
+        if entry.sourceUuid:
+            self.uuids[entry.sourceUuid] = entry
+        if entry.stage == "rejected" or not entry.sourceUuid:
+            self.lines[(entry.source, entry.line)] = entry
 
     def wants(self, path: str, row: RawRow) -> bool:
-        if (path, row.line) in self.lines:
+        if self.lines.pop((path, row.line), None) is not None:
+            if row.data is not None and isinstance(row.data.get("sourceUuid"), str):
+                self.uuids.pop(row.data["sourceUuid"], None)
             return True
-        return row.data is not None and row.data.get("sourceUuid") in self.uuids
+        uuid = row.data.get("sourceUuid") if row.data is not None else None
+        return isinstance(uuid, str) and self.uuids.pop(uuid, None) is not None
+
+    def unmet(self) -> list[FailedEntry]:
+        """The kept entries, then those wanted but not found."""
+        found = {id(e) for e in self.carried}
+        missing = [e for e in [*self.uuids.values(), *self.lines.values()] if id(e) not in found]
+        unique = list({id(e): e for e in missing}.values())
+        return self.carried + unique
 
 
 @dataclass
@@ -125,46 +142,27 @@ def retry(
     maps: set[str] = set()
     base_url: str | None = None
     for failed_file in failed_files:
-        document = _read_failed_file(Path(failed_file))
-        base_url = base_url or document.get("baseUrl")
-        for source in document.get("sources", []):
-            if source["path"] not in paths:
-                paths.append(source["path"])
-                formats[source["path"]] = source.get("format")
-            if source.get("map"):
-                maps.add(source["map"])
-        for entry in document.get("failures", []):
-            wanted = (
-                entry.get("stage") in ("rejected", "notSent")
-                or entry.get("retryable")
-                or include_permanent
-            )
-            if not wanted:
-                continue
-            if entry.get("sourceUuid"):
-                selection.uuids.add(entry["sourceUuid"])
-            if entry.get("stage") == "rejected" or not entry.get("sourceUuid"):
-                selection.lines.add((entry.get("source"), entry.get("line")))
+        document = read_failed_file(Path(failed_file))
+        base_url = base_url or document.baseUrl
+        for source in document.sources:
+            if source.path not in paths:
+                paths.append(source.path)
+                if source.format is not None:
+                    formats[source.path] = source.format
+            if source.map:
+                maps.add(source.map)
+        for entry in document.failures:
+            if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:
+                selection.add(entry)
+            else:
+                # Not sent again, but still not accepted: the new failed file lists it too.
+                selection.carried.append(entry)
     if cfg.base_url is None and not cfg.sandbox and base_url is not None:
         cfg = _replace(cfg, base_url=base_url)
     if cfg.map_file is None and len(maps) == 1:
         cfg = _replace(cfg, map_file=Path(maps.pop()))  # the mapping the failed run used
     run = _Run(cfg, observer, selection, include_permanent=include_permanent)
     return run.execute(paths, "retry", formats)
-
-
-def _read_failed_file(path: Path) -> dict[str, Any]:
-    try:
-        document = orjson.loads(path.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except orjson.JSONDecodeError as exc:
-        raise UsageError(f"{path}: is not a failed file: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format") != "histimport.failed/v1":
-        raise UsageError(
-            f"{path}: is not a failed file", hint="retry takes the failed.json a run wrote"
-        )
-    return document
 
 
 def _replace(config: Config, **changes: Any) -> Config:
@@ -501,6 +499,7 @@ class _Run:
             failures=ledger.failures(rejected_only=config.dry_run),
             error_codes=error_codes,
             preview=preview,
+            carried=self.selection.unmet() if self.selection is not None else (),
         )
         elapsed = time.monotonic() - started
         report: dict[str, Any] = {

@@ -382,3 +382,61 @@ def test_a_column_named_like_an_internal_key_is_just_a_column(workdir: Path) -> 
         rejected["errors"][0]["errorDescription"]
         == "__header__: is not a field of the API's message"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--encoding", "bogus"], "not a known encoding"),
+        (["--delimiter", "ab"], "one character"),
+    ],
+)
+def test_bad_csv_options_are_usage_errors(workdir: Path, args: list[str], says: str) -> None:
+    (workdir / "e.csv").write_text("departmentUUID,customerUUID,sourceUuid\nd,c,s\n")
+    result = runner.invoke(app, ["validate", "e.csv", *args])
+    assert result.exit_code == 2 and says in result.output
+
+
+@pytest.mark.parametrize(
+    ("rule", "says"),
+    [
+        ("{ column = 5 }", "column must be text"),
+        ('{ column = "a", tz = 5 }', "tz must be text"),
+        ('{ column = "a", strip = "yes" }', "strip must be true or false"),
+        ('{ column = "a", tz = "Mars/Olympus" }', "unknown time zone"),
+        ('{ column = "a", frobnicate = true }', "unknown key"),
+    ],
+)
+def test_odd_mapping_values_are_usage_errors(workdir: Path, rule: str, says: str) -> None:
+    (workdir / "e.csv").write_text("a\nx\n")
+    (workdir / "m.toml").write_text(f"[fields]\nsourceUuid = {rule}\n")
+    result = runner.invoke(app, ["validate", "e.csv", "--map", "m.toml"])
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_templates_reach_into_json_records(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"cust": {"id": 7}, "dep": "d", "text": "hi", "n": 1}\n')
+    (tmp_path / "m.toml").write_text(
+        '[fields]\ndepartmentUUID = "dep"\ncustomerUUID = { template = "c-{cust.id}" }\n'
+        'sourceUuid = { template = "{dep}-{n}-{missing}" }\n"messageAttributes.body" = "text"\n'
+    )
+    result = histimport.validate(
+        [path], Config(map_file=tmp_path / "m.toml", failed_out=tmp_path / "f.json")
+    )
+    assert result.exit_status is ExitStatus.OK
+    assert result.plan[0]["customerUUID"] == "c-7"
+
+
+def test_numbers_beyond_64_bits_are_rejected_not_altered(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_text(
+        '{"departmentUUID":"d","customerUUID":"c","sourceUuid":"s1",'
+        '"messageAttributes":{"body":"x","metaData":{"n":99999999999999999999}}}\n'
+        '{"departmentUUID":"d","customerUUID":"c","sourceUuid":"s2",'
+        '"messageAttributes":{"body":"call 12345678901234567890, ok"}}\n'
+    )
+    result = histimport.validate([path], Config(failed_out=tmp_path / "f.json"))
+    (failure,) = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    assert (failure["line"], failure["errors"][0]["errorCode"]) == (1, "NUMBER_TOO_LARGE")
+    assert result.counts["read"] == 2

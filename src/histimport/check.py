@@ -106,9 +106,12 @@ def check_row(
         _silence(data)
     try:
         body = orjson.dumps(data)
-    except orjson.JSONEncodeError:
-        # orjson writes at most 254 levels; the platform would not want more either.
-        problem = Problem("TOO_DEEP", "the message is nested too deeply (more than 254 levels)")
+    except orjson.JSONEncodeError as exc:
+        if "64-bit" in str(exc):
+            problem = Problem("NUMBER_TOO_LARGE", "a number does not fit in 64 bits")
+        else:
+            # orjson writes at most 254 levels; the platform would not want more either.
+            problem = Problem("TOO_DEEP", "the message is nested too deeply (over 254 levels)")
         return Rejected(row.source, row.line, department, customer, source_uuid, [problem])
     if max_body is not None and len(body) > max_body:
         problem = Problem(
@@ -248,5 +251,11 @@ def _excerpt(value: Any) -> str:
         return "an object"
     if isinstance(value, list):
         return "a list"
-    text = orjson.dumps(value).decode() if not isinstance(value, str) else f'"{value}"'
+    if isinstance(value, str):
+        text = f'"{value}"'
+    else:
+        try:
+            text = orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits
+            text = str(value)
     return text if len(text) <= 60 else text[:57] + '..."'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -68,3 +69,10 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise UsageError(f"--delimiter must be one character, not {self.delimiter!r}")
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise UsageError(f"--encoding {self.encoding!r} is not a known encoding") from None

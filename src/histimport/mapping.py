@@ -84,8 +84,8 @@ def coerce(path: str, value: Any) -> Any:
         if lowered in _FALSE:
             return False
     elif kind == "int":
-        if _INT.fullmatch(value.strip()):
-            return int(value)
+        if _INT.fullmatch(value.strip()) and -(2**63) <= (number := int(value)) < 2**63:
+            return number
     elif kind == "json":
         try:
             return orjson.loads(value)
@@ -173,8 +173,8 @@ class Rule:
             return self.const, None
         if self.template is not None:
             try:
-                raw: Any = self.template.format_map(_Blank(record))
-            except (ValueError, IndexError) as exc:
+                raw: Any = _TEMPLATES.vformat(self.template, (), record)
+            except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
                 return None, MapProblem("MAPPING_ERROR", f"{self.path}: template failed: {exc}")
         else:
             assert self.column is not None
@@ -205,14 +205,15 @@ class Rule:
         return moment.astimezone(UTC).isoformat(timespec="milliseconds"), None
 
 
-class _Blank(dict[str, Any]):
-    """Template fields that are missing render as empty text."""
+class _Template(string.Formatter):
+    """`{column}` or `{a.b}` (a dotted path into a JSON record); missing ones render empty."""
 
-    def __init__(self, record: dict[str, Any]) -> None:
-        super().__init__(record)
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, str]:
+        value = get_path(kwargs, field_name)
+        return ("" if value is None else value), field_name
 
-    def __missing__(self, key: str) -> str:
-        return ""
+
+_TEMPLATES = _Template()
 
 
 def parse_time(raw: Any, form: str, tz: ZoneInfo | None) -> datetime | None:
@@ -282,6 +283,12 @@ def _rule(source: str, target: str, spec: Any) -> Rule:
     sources = [k for k in ("column", "const", "template") if k in spec]
     if len(sources) != 1:
         raise UsageError(f"{where}: needs exactly one of column, const or template")
+    for key in ("column", "template", "timestamp", "tz"):
+        if key in spec and not isinstance(spec[key], str):
+            raise UsageError(f"{where}: {key} must be text, not {spec[key]!r}")
+    for key in ("strip", "lower", "upper"):
+        if key in spec and not isinstance(spec[key], bool):
+            raise UsageError(f"{where}: {key} must be true or false")
     tz = None
     if "tz" in spec:
         try:
@@ -405,7 +412,11 @@ class Mapper:
                     set_path(data, header, coerce(header, value))
         if self.generate_source_uuid and data.get("sourceUuid") in (None, ""):
             # Derived from the content, so that a re-run derives the same id.
-            content = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
-            data["sourceUuid"] = str(uuid.uuid5(_GENERATED, content.decode()))
+            try:
+                content = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+            except orjson.JSONEncodeError:
+                pass  # a number beyond 64 bits: validation rejects the row and says why
+            else:
+                data["sourceUuid"] = str(uuid.uuid5(_GENERATED, content.decode()))
         row.data = data
         return row

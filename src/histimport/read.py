@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -179,6 +181,14 @@ def _parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return RawRow(index, line_no, None, _json_error(line, exc))
+    if _LONG_NUMBER.search(line) and _has_huge_int(json.loads(line)):
+        # orjson would have read it as a float: the message would not arrive unchanged.
+        return RawRow(
+            index,
+            line_no,
+            None,
+            RowError("NUMBER_TOO_LARGE", "a number does not fit in 64 bits and would be altered"),
+        )
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "null"
         kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number"}.get(
@@ -188,6 +198,22 @@ def _parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
             index, line_no, None, RowError("NOT_AN_OBJECT", f"line is {kind}, not a JSON object")
         )
     return RawRow(index, line_no, data)
+
+
+# Only a line with a run of 19 or more digits can hold an integer beyond 64 bits.
+_LONG_NUMBER = re.compile(rb"\d{19,}")
+
+
+def _has_huge_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -(2**63) <= value < 2**64
+    if isinstance(value, dict):
+        return any(_has_huge_int(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_int(v) for v in value)
+    return False
 
 
 def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> RowError:

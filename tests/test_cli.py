@@ -210,7 +210,7 @@ def test_settings_come_from_histimport_toml_and_the_command_line_wins(
 def test_one_target_however_its_url_is_spelt(
     workdir: Path, server: RunningSandbox, url: str, same: bool
 ) -> None:
-    from histimport.run import check_base_url
+    from histimport.target import check_base_url
 
     port = server.port
     first = check_base_url(f"http://localhost:{port}/communications", allow_insecure_http=False)

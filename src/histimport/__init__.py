@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .config import Config
     from .errors import ExitStatus, HistimportError
-    from .run import RunResult, load, retry, validate
+    from .resend import retry
+    from .run import RunResult, load, validate
 
 __all__ = [
     "Config",
@@ -35,7 +36,7 @@ _LAZY = {
     "HistimportError": "errors",
     "RunResult": "run",
     "load": "run",
-    "retry": "run",
+    "retry": "resend",
     "validate": "run",
 }
 

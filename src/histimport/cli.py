@@ -300,13 +300,13 @@ def retry(
     **options: Any,
 ) -> int:
     """Re-send exactly what the failed files list as retryable, unsent or rejected."""
-    from . import run
+    from .resend import retry as retry_run
 
     display = _display(options)
     if options["base_url"] is None:
         options = {**options, "base_url": None}
     config = _config(options)
-    result = run.retry(failed_files, config, include_permanent=include_permanent, observer=display)
+    result = retry_run(failed_files, config, include_permanent=include_permanent, observer=display)
     return _finish(result, display, "retry")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import os
 import tempfile
 import time
@@ -15,8 +14,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
-from urllib.parse import urlsplit
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -26,11 +24,15 @@ from .config import Config
 from .errors import ExitStatus, InvariantError, UsageError
 from .ledger import Ledger
 from .mapping import Mapper, Mapping
-from .outputs import REPORT_FORMAT, FailedEntry, read_failed_file, write_failed, write_report
+from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import RawRow, Source, check_readable, detect_format, open_source, read_jsonl
 from .read_csv import read_csv
 from .shard import shard_of
 from .signals import deferred, install_async_signals, sigterm_as_interrupt
+from .target import check_base_url
+
+if TYPE_CHECKING:
+    from .resend import Selection
 
 WARNINGS_KEPT = 10_000
 """Warnings are counted without limit; the first ones are kept for the outputs."""
@@ -57,37 +59,6 @@ class _Silent:
 
     def done(self) -> None:
         pass
-
-
-@dataclass
-class Selection:
-    """What `retry` re-sends: listed sourceUuids, and rows at listed lines. Entries it never
-    meets again in the sources (a source edited since) are listed again as they were."""
-
-    uuids: dict[str, FailedEntry] = field(default_factory=dict)
-    lines: dict[tuple[str, int], FailedEntry] = field(default_factory=dict)
-    carried: list[FailedEntry] = field(default_factory=list)
-
-    def add(self, entry: FailedEntry) -> None:
-        if entry.sourceUuid:
-            self.uuids[entry.sourceUuid] = entry
-        if entry.stage == "rejected" or not entry.sourceUuid:
-            self.lines[(entry.source, entry.line)] = entry
-
-    def wants(self, path: str, row: RawRow) -> bool:
-        if self.lines.pop((path, row.line), None) is not None:
-            if row.data is not None and isinstance(row.data.get("sourceUuid"), str):
-                self.uuids.pop(row.data["sourceUuid"], None)
-            return True
-        uuid = row.data.get("sourceUuid") if row.data is not None else None
-        return isinstance(uuid, str) and self.uuids.pop(uuid, None) is not None
-
-    def unmet(self) -> list[FailedEntry]:
-        """The kept entries, then those wanted but not found."""
-        found = {id(e) for e in self.carried}
-        missing = [e for e in [*self.uuids.values(), *self.lines.values()] if id(e) not in found]
-        unique = list({id(e): e for e in missing}.values())
-        return self.carried + unique
 
 
 @dataclass
@@ -125,88 +96,10 @@ def validate(
     return _Run(cfg, observer).execute([str(s) for s in sources], "validate")
 
 
-def retry(
-    failed_files: Sequence[str | os.PathLike[str]],
-    config: Config | None = None,
-    *,
-    include_permanent: bool = False,
-    observer: Observer | None = None,
-) -> RunResult:
-    """Re-send what one or more failed files list: retryable failures, unsent messages and
-    rejected rows (re-read, as the user may have fixed them); with `include_permanent`,
-    also the messages the platform refused."""
-    cfg = config or Config()
-    selection = Selection()
-    paths: list[str] = []
-    formats: dict[str, str] = {}
-    maps: set[str] = set()
-    base_url: str | None = None
-    for failed_file in failed_files:
-        document = read_failed_file(Path(failed_file))
-        base_url = base_url or document.baseUrl
-        for source in document.sources:
-            if source.path not in paths:
-                paths.append(source.path)
-                if source.format is not None:
-                    formats[source.path] = source.format
-            if source.map:
-                maps.add(source.map)
-        for entry in document.failures:
-            if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:
-                selection.add(entry)
-            else:
-                # Not sent again, but still not accepted: the new failed file lists it too.
-                selection.carried.append(entry)
-    if cfg.base_url is None and not cfg.sandbox and base_url is not None:
-        cfg = _replace(cfg, base_url=base_url)
-    if cfg.map_file is None and len(maps) == 1:
-        cfg = _replace(cfg, map_file=Path(maps.pop()))  # the mapping the failed run used
-    run = _Run(cfg, observer, selection, include_permanent=include_permanent)
-    return run.execute(paths, "retry", formats)
-
-
 def _replace(config: Config, **changes: Any) -> Config:
     from dataclasses import replace
 
     return replace(config, **changes)
-
-
-def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
-    """The service root, refusing plain http to anything but loopback unless allowed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(
-            f"--base-url {url!r} is not an http(s) URL",
-            hint="e.g. https://api.example.com/communications",
-        )
-    if parts.username is not None or parts.password is not None:
-        # Never echo it: it may hold a password, which would end up in every output.
-        raise UsageError(
-            "--base-url must not contain a user name or password",
-            hint="set HISTIMPORT_USERNAME and HISTIMPORT_PASSWORD instead",
-        )
-    if parts.query or parts.fragment:
-        raise UsageError(f"--base-url {url!r} must not have a query or fragment")
-    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
-        raise UsageError(
-            f"--base-url {url!r} would send credentials and messages unencrypted",
-            hint="use https://, or pass --allow-insecure-http if you really mean it",
-        )
-    # One spelling per target, so that the ledger knows it again (case, default port, slash).
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    default_port = {"http": 80, "https": 443}[parts.scheme]
-    if parts.port is not None and parts.port != default_port:
-        host += f":{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @contextmanager

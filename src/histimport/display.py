@@ -111,6 +111,10 @@ class Display:
     def summary(self, result: RunResult, *, title: str) -> None:
         self.done()
         if self.json:
+            for line in result.preview:
+                self.event("problem", text=line)
+            if result.message:
+                self.error(result.message)
             self.event(
                 "summary",
                 exitStatus=int(result.exit_status),

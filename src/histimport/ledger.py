@@ -388,7 +388,8 @@ class Ledger:
 
     def settle(self) -> None:
         """Apply the journal: each message's last word goes into `outcome`, and what the
-        platform accepted or refused is kept for later runs. Idempotent."""
+        platform accepted or refused is kept for later runs. Idempotent. In-flight marks are
+        left out: a message with no later word is still pending, that is, not sent."""
         db = self._db
         params = {"target": self.target, "run": self.run_id, "at": _now()}
         with db:
@@ -397,7 +398,7 @@ class Ledger:
                 """INSERT OR REPLACE INTO outcome
                    SELECT msg_id, state, http_status, retryable, errors, message_uuid
                      FROM (SELECT msg_id, state, http_status, retryable, errors, message_uuid,
-                                  MAX(seq) FROM journal GROUP BY msg_id)"""
+                                  MAX(seq) FROM journal WHERE state != 4 GROUP BY msg_id)"""
             )
             db.execute("DELETE FROM journal")
             # Sorted, so that the B-tree grows page by page instead of at random.

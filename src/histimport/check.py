@@ -176,8 +176,12 @@ def normalise_timestamp(value: str) -> str | None:
         return None
     if not offset and _CANONICAL.fullmatch(value):
         return value  # already the wire form (and a real date: fromisoformat checked it)
-    moment = moment.astimezone(UTC)
-    return f"{moment.isoformat(timespec='milliseconds')[:-6]}Z"
+    return wire_time(moment)
+
+
+def wire_time(moment: datetime) -> str:
+    """An aware time as the API takes it: UTC `YYYY-MM-DDTHH:MM:SS.sssZ`."""
+    return f"{moment.astimezone(UTC).isoformat(timespec='milliseconds')[:-6]}Z"
 
 
 def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None:

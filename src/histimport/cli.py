@@ -7,6 +7,7 @@ Exit codes are decided in one place, `@_exits`, from the library's result or exc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import getpass
 import inspect
@@ -21,6 +22,7 @@ import orjson
 import typer
 
 from . import __version__
+from .config import Config
 from .errors import ExitStatus, HistimportError, UsageError
 
 app = typer.Typer(
@@ -125,36 +127,12 @@ _RUN_OPTIONS: dict[str, Any] = {
         str, _opt("--log-format", help="text, or json (one object per line on stderr).")
     ],
 }
-_DEFAULTS = {
-    "base_url": None,
-    "username": None,
+# Defaults live in Config; the command line adds only what is not a Config field.
+_DEFAULTS: dict[str, Any] = {
+    **{f.name: f.default for f in dataclasses.fields(Config) if f.name in _RUN_OPTIONS},
     "password_stdin": False,
-    "sandbox": False,
-    "chunk_size": 100,
-    "max_request_bytes": 1_048_576,
-    "concurrency": 8,
-    "rate": None,
-    "max_attempts": 6,
-    "timeout": 30.0,
-    "callback_url": None,
-    "notify": False,
-    "failed_out": Path("failed.json"),
-    "report": None,
-    "state_dir": Path(".histimport"),
-    "unordered": False,
-    "allow_insecure_http": False,
-    "ca_bundle": None,
-    "format": None,
-    "delimiter": None,
-    "encoding": None,
-    "map_file": None,
-    "generate_source_uuid": False,
-    "strict": False,
-    "max_line_bytes": 8 * 1024 * 1024,
     "shard": None,
     "shards": None,
-    "quiet": False,
-    "log_format": "text",
 }
 
 
@@ -199,8 +177,7 @@ def _run_options(func: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = False) -> Any:
-    from .config import Config
+def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = False) -> Config:
     from .shard import parse_shard, shard_suffix
 
     if options["log_format"] not in ("text", "json"):
@@ -277,6 +254,7 @@ def load(
 
     if "-" in sources and options["password_stdin"]:
         raise UsageError("stdin cannot carry both a source and the password")
+    # Checked here too, so that a missing file is said before a password is asked for.
     run.open_sources(sources, options["format"])
     display = _display(options)
     config = _config(options, dry_run=dry_run, fresh=fresh)
@@ -303,8 +281,6 @@ def retry(
     from .resend import retry as retry_run
 
     display = _display(options)
-    if options["base_url"] is None:
-        options = {**options, "base_url": None}
     config = _config(options)
     result = retry_run(failed_files, config, include_permanent=include_permanent, observer=display)
     return _finish(result, display, "retry")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .errors import UsageError
+
 LogFormat = Literal["text", "json"]
 
 
@@ -49,8 +51,6 @@ class Config:
     log_format: LogFormat = "text"
 
     def __post_init__(self) -> None:
-        from .errors import UsageError
-
         # The Python API takes str paths too.
         for name in ("failed_out", "report", "state_dir", "map_file", "ca_bundle"):
             value = getattr(self, name)

@@ -215,9 +215,10 @@ class Deliverer:
             transport=self._transport,
         ) as client:
             self._client = client
-            workers = min(self.config.concurrency, max(len(keys), 1))
-            if self.config.unordered:
-                workers = self.config.concurrency
+            # In order, one worker per customer at most; unordered, chunks are shared out.
+            workers = self.config.concurrency
+            if not self.config.unordered:
+                workers = min(workers, max(len(keys), 1))
             await asyncio.gather(*(self._worker(units) for _ in range(workers)))
         self.stats.final_concurrency = self._limit.current
         return self.stats
@@ -258,7 +259,7 @@ class Deliverer:
                     return
                 if not await self._send(chunk) and not self.config.unordered:
                     if not self.stopping:
-                        await self._hold_back(unit)
+                        self._hold_back(unit)
                     break
 
     async def _send(self, chunk: Chunk) -> bool:
@@ -269,9 +270,7 @@ class Deliverer:
             size = self.envelope.size(chunk.messages)
             if len(chunk.messages) == 1 and size >= self._refused_size:
                 description = f"a request of {size} bytes with this message alone was refused (413)"
-                await self._fail(
-                    chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description)
-                )
+                self._fail(chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description))
                 return True
             await self._pace()
             if self.stopping:
@@ -289,7 +288,7 @@ class Deliverer:
                 self.stats.server_warnings += server_warnings(decision.body)
                 self._rate.succeeded()
                 outcomes = settle(chunk.messages, decision.status, decision.body)
-                await self._record(outcomes)
+                self._record(outcomes)
                 return not any(o.retryable for o in outcomes)
             if decision.action is Action.ABORT:
                 self.stats.aborted = decision.description
@@ -298,7 +297,7 @@ class Deliverer:
             if decision.action is Action.SPLIT:
                 return await self._split(chunk, decision)
             if decision.action is Action.FAIL:
-                await self._fail(chunk, decision)
+                self._fail(chunk, decision)
                 return True
             if decision.unknown_outcome:
                 self.stats.unknown_outcomes += 1
@@ -306,7 +305,7 @@ class Deliverer:
             throttled += paced
             attempt += not paced
             if attempt >= self.config.max_attempts or throttled >= _THROTTLE_ATTEMPTS:
-                await self._fail(chunk, decision, retryable=True)
+                self._fail(chunk, decision, retryable=True)
                 return False
             self.stats.retries += 1
             if decision.backpressure:
@@ -324,7 +323,7 @@ class Deliverer:
         """413: the body was too large for someone on the way. Send both halves in order,
         and remember the lower limit for the rest of the run."""
         if len(chunk.messages) == 1:
-            await self._fail(chunk, decision)
+            self._fail(chunk, decision)
             return True
         self.stats.splits += 1
         size = self.envelope.size(chunk.messages)
@@ -332,11 +331,11 @@ class Deliverer:
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
         first, second = chunk.halves()
         if not await self._send(first):
-            await self._hold_back([second])
+            self._hold_back([second])
             return False
         return await self._send(second)
 
-    async def _hold_back(self, chunks: Iterable[Chunk]) -> None:
+    def _hold_back(self, chunks: Iterable[Chunk]) -> None:
         """A customer whose chunk may still be sent again keeps the rest of its messages
         back, so that a later run or `retry` stores them after it, in order."""
         error = {
@@ -349,7 +348,7 @@ class Deliverer:
                 Outcome(m.id, m.source_uuid, State.PENDING, None, True, (error,))
                 for m in chunk.messages
             ]
-            await self._record(held)
+            self._record(held)
 
     async def _request(self, chunk: Chunk) -> Decision:
         assert self._client is not None
@@ -401,16 +400,16 @@ class Deliverer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay)
 
-    async def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
+    def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
         errors = decision.as_errors()
-        await self._record(
+        self._record(
             [
                 Outcome(m.id, m.source_uuid, State.FAILED, decision.status, retryable, errors)
                 for m in chunk.messages
             ]
         )
 
-    async def _record(self, outcomes: list[Outcome]) -> None:
+    def _record(self, outcomes: list[Outcome]) -> None:
         # A commit of one request's outcomes takes well under a millisecond; a writer thread
         # was tried and cost more in contention for the GIL than it saved.
         self.ledger.record(outcomes)

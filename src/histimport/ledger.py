@@ -160,7 +160,9 @@ class Ledger:
         except sqlite3.Error as exc:
             self._lock.close()
             raise LedgerError(
-                f"state ledger {path} is unusable: {exc}", hint="use --fresh"
+                f"state ledger {path} is unusable: {exc}",
+                hint=f"move {state_dir} aside (it records what was accepted) and run again, "
+                "or pass another --state-dir",
             ) from exc
         finally:
             os.umask(old_umask)
@@ -229,8 +231,8 @@ class Ledger:
     def record_sources(self, sources: Iterable[tuple[int, str, str, int, str, str | None]]) -> None:
         self._db.executemany(
             "INSERT INTO sources(run_id, idx, path, format, size, sha256, realpath) "
-            f"VALUES ({self.run_id}, ?, ?, ?, ?, ?, ?)",
-            sources,
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ((self.run_id, *source) for source in sources),
         )
 
     def forget_refusals(self) -> None:
@@ -444,12 +446,10 @@ class Ledger:
             "alreadyAccepted": int(by_state.get(State.ALREADY_ACCEPTED, 0)),
         }
 
-    def to_send(self) -> tuple[int, int]:
-        """(messages, keys) still pending."""
-        row = self._db.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT key_id) FROM msg WHERE state = 0"
-        ).fetchone()
-        return int(row[0]), int(row[1])
+    def to_send(self) -> int:
+        """Messages still pending."""
+        (n,) = self._db.execute("SELECT COUNT(*) FROM msg WHERE state = 0").fetchone()
+        return int(n)
 
     def plan(self, chunk_size: int) -> Iterator[tuple[str, str, int, int]]:
         """(department, customer, messages, requests at most chunk_size each) still to send."""

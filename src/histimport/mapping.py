@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from pydantic import BaseModel
 
+from .check import wire_time
 from .errors import UsageError
 from .models import SaveMessageRequest
 from .read import RawRow, RowError
@@ -202,7 +203,7 @@ class Rule:
                 "INVALID_TIMESTAMP",
                 f"{self.path}: {shown[:60]} is not a timestamp of the form {self.timestamp!r}",
             )
-        return moment.astimezone(UTC).isoformat(timespec="milliseconds"), None
+        return wire_time(moment), None
 
 
 class _Template(string.Formatter):

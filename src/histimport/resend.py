@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config
 from .outputs import FailedEntry, read_failed_file
 from .read import RawRow
-from .run import Observer, RunResult, _replace, _Run
+from .run import Observer, Run, RunResult
 
 
 @dataclass
@@ -77,8 +77,8 @@ def retry(
                 # Not sent again, but still not accepted: the new failed file lists it too.
                 selection.carried.append(entry)
     if cfg.base_url is None and not cfg.sandbox and base_url is not None:
-        cfg = _replace(cfg, base_url=base_url)
+        cfg = replace(cfg, base_url=base_url)
     if cfg.map_file is None and len(maps) == 1:
-        cfg = _replace(cfg, map_file=Path(maps.pop()))  # the mapping the failed run used
-    run = _Run(cfg, observer, selection, include_permanent=include_permanent)
+        cfg = replace(cfg, map_file=Path(maps.pop()))  # the mapping the failed run used
+    run = Run(cfg, observer, selection, include_permanent=include_permanent)
     return run.execute(paths, "retry", formats)

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -21,6 +21,7 @@ import httpx
 from .batch import Envelope
 from .check import Rejected, Valid, check_row, normalise_timestamp
 from .config import Config
+from .deliver import Deliverer, DeliveryStats
 from .errors import ExitStatus, InvariantError, UsageError
 from .ledger import Ledger
 from .mapping import Mapper, Mapping
@@ -82,7 +83,7 @@ def load(
     observer: Observer | None = None,
 ) -> RunResult:
     """Import sources: read, validate, send, and account for every row."""
-    return _Run(config or Config(), observer).execute([str(s) for s in sources], "load")
+    return Run(config or Config(), observer).execute([str(s) for s in sources], "load")
 
 
 def validate(
@@ -92,14 +93,8 @@ def validate(
     observer: Observer | None = None,
 ) -> RunResult:
     """Check sources offline (no network, no credentials): `load --dry-run`."""
-    cfg = _replace(config or Config(), dry_run=True)
-    return _Run(cfg, observer).execute([str(s) for s in sources], "validate")
-
-
-def _replace(config: Config, **changes: Any) -> Config:
-    from dataclasses import replace
-
-    return replace(config, **changes)
+    cfg = replace(config or Config(), dry_run=True)
+    return Run(cfg, observer).execute([str(s) for s in sources], "validate")
 
 
 @contextmanager
@@ -166,7 +161,9 @@ def _paths(data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-class _Run:
+class Run:
+    """One load, retry or validate run, from its sources to its outputs."""
+
     def __init__(
         self,
         config: Config,
@@ -336,8 +333,7 @@ class _Run:
                     }
                 )
 
-    def _deliver(self, ledger: Ledger, base_url: str) -> Any:
-        from .deliver import Deliverer
+    def _deliver(self, ledger: Ledger, base_url: str) -> DeliveryStats:
 
         config = self.config
         auth = None
@@ -350,9 +346,9 @@ class _Run:
             auth=auth,
             progress=self.observer.progress,
         )
-        self.observer.sending(ledger.to_send()[0])
+        self.observer.sending(ledger.to_send())
 
-        async def main() -> Any:
+        async def main() -> DeliveryStats:
             restore = install_async_signals(deliverer.stop, self._mark_interrupted)
             try:
                 return await deliverer.run()
@@ -371,10 +367,11 @@ class _Run:
         ledger: Ledger,
         sources: list[Source],
         base_url: str | None,
-        stats: Any,
+        stats: DeliveryStats | None,
         started: float,
     ) -> RunResult:
         config = self.config
+        delivered = stats or DeliveryStats()
         counts = {"read": self.read, **ledger.counts()}
         parts = sum(v for k, v in counts.items() if k != "read")
         if parts != counts["read"]:
@@ -398,13 +395,13 @@ class _Run:
         report: dict[str, Any] = {
             "format": REPORT_FORMAT,
             **counts,
-            "warnings": self.warning_count + (stats.server_warnings if stats else 0),
-            "requests": stats.requests if stats else 0,
-            "retries": stats.retries if stats else 0,
-            "unknownOutcomes": stats.unknown_outcomes if stats else 0,
-            "splits": stats.splits if stats else 0,
-            "statusCodes": dict(sorted(stats.statuses.items())) if stats else {},
-            "finalConcurrency": stats.final_concurrency if stats else 0,
+            "warnings": self.warning_count + delivered.server_warnings,
+            "requests": delivered.requests,
+            "retries": delivered.retries,
+            "unknownOutcomes": delivered.unknown_outcomes,
+            "splits": delivered.splits,
+            "statusCodes": dict(sorted(delivered.statuses.items())),
+            "finalConcurrency": delivered.final_concurrency,
             "elapsedSeconds": round(elapsed, 3),
             "messagesPerSecond": round(counts["accepted"] / elapsed, 1) if elapsed > 0 else 0.0,
             "errorCodes": dict(error_codes.most_common()),
@@ -418,9 +415,9 @@ class _Run:
                 for d, c, n, r in ledger.plan(config.chunk_size)
             ]
         message = None
-        if stats is not None and stats.aborted:
+        if delivered.aborted:
             status = ExitStatus.ABORTED
-            message = f"{stats.aborted}: nothing more was sent"
+            message = f"{delivered.aborted}: nothing more was sent"
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"

@@ -124,3 +124,83 @@ def test_any_object_is_checked_without_raising(data: dict[str, Any]) -> None:
         assert checked.problems and all(p.description for p in checked.problems)
     else:
         assert orjson.loads(checked.body)["sourceUuid"] == checked.source_uuid
+
+
+def _field_names() -> list[str]:
+    from pydantic import BaseModel
+
+    from histimport import models
+
+    names: set[str] = set()
+    for value in vars(models).values():
+        if isinstance(value, type) and issubclass(value, models._Request):
+            names.update(value.model_fields)
+    assert issubclass(models.SaveMessageRequest, BaseModel) and "messageAttributes" in names
+    return sorted(names)
+
+
+# Objects shaped like messages: known field names at every level, values of any JSON type.
+near_messages = st.recursive(
+    json_values,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(_field_names()) | st.text(max_size=4), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+def _errors(validate: Any, data: Any) -> list[tuple[str, tuple[Any, ...]]] | None:
+    from pydantic import ValidationError
+
+    try:
+        validate(data, strict=True)
+    except ValidationError as exc:
+        kinds = {"model_type": "dict_type"}  # the same "not an object", named after the class
+        return sorted((kinds.get(e["type"], e["type"]), e["loc"]) for e in exc.errors())
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(_field_names()), near_messages, max_size=8))
+def test_the_message_validator_agrees_with_the_model(data: dict[str, Any]) -> None:
+    from pydantic import TypeAdapter
+
+    from histimport.check import _ADAPTER
+    from histimport.models import SaveMessageRequest
+
+    model = TypeAdapter(SaveMessageRequest)
+    assert _errors(_ADAPTER.validate_python, data) == _errors(model.validate_python, data)
+
+
+def test_the_message_validator_agrees_on_nested_cases() -> None:
+    from pydantic import TypeAdapter
+
+    from histimport.check import _ADAPTER
+    from histimport.models import SaveMessageRequest
+
+    model = TypeAdapter(SaveMessageRequest)
+    good = {
+        "sourceUuid": "s",
+        "messageAttributes": {
+            "body": "hi",
+            "isManual": True,
+            "attachments": [{"fileURL": "u"}],
+            "messageTags": [{"primaryAttribute": {"value": "v"}, "value": {"any": [1]}}],
+        },
+        "voiceCallAttributes": {"callStatus": 3},
+    }
+    assert _errors(_ADAPTER.validate_python, good) is None
+    bad = {
+        "sourceUuid": 1,
+        "messageAttributes": {
+            "isManual": "true",
+            "attachments": [{"fileURL": 2, "x": 1}, 3],
+            "messageTags": [{"secondaryAttributes": [{"value": []}]}],
+        },
+        "voiceCallAttributes": {"callStatus": 1.5},
+        "notificationAttributes": [],
+    }
+    found = _errors(_ADAPTER.validate_python, bad)
+    assert found == _errors(model.validate_python, bad)
+    assert found is not None and len(found) == 8

@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
-from .models import NOTIFIER_FLAGS, SaveMessageRequest
+from .models import NOTIFIER_FLAGS, message_adapter
 from .read import RawRow
 
 _ID = re.compile(r"[A-Za-z0-9._~-]+")
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-_ADAPTER: TypeAdapter[SaveMessageRequest] = TypeAdapter(SaveMessageRequest)
+_ADAPTER = message_adapter()
 # Timestamp fields as (parent object or None, field).
 _TIMESTAMPS = ((None, "sentOn"), (None, "receivedOn"), ("voiceCallAttributes", "callDateTime"))
 # Fields whose values are message content: never quoted in an error description.

@@ -179,7 +179,8 @@ class Deliverer:
         self._resume_at = 0.0
         self._limit = AdaptiveLimit(config.concurrency)
         self._rate = AdaptiveRate(config.rate)
-        self._client: httpx.AsyncClient | None = None
+        # One TLS context for every worker's client: building one costs tens of ms.
+        self._tls = self._verify() if transport is None else None
 
     def stop(self) -> None:
         """Take no new work; requests in flight settle and are recorded."""
@@ -197,15 +198,25 @@ class Deliverer:
             units = (iter((c,)) for c in itertools.chain.from_iterable(key_chunks))
         else:
             units = key_chunks
-        limits = httpx.Limits(
-            max_connections=self.config.concurrency,
-            max_keepalive_connections=self.config.concurrency,
-        )
-        async with httpx.AsyncClient(
+        # In order, one worker per customer at most; unordered, chunks are shared out.
+        workers = self.config.concurrency
+        if not self.config.unordered:
+            workers = min(workers, max(len(keys), 1))
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(self._new_client()) for _ in range(workers)]
+            await asyncio.gather(*(self._worker(units, client) for client in clients))
+        self.stats.final_concurrency = self._limit.current
+        return self.stats
+
+    def _new_client(self) -> httpx.AsyncClient:
+        """A worker's own client, with one connection: a shared pool scans all of its
+        connections on every request and every answer (encode/httpx#3215), a cost that
+        grows with the concurrency for no gain, as a worker has one request in flight."""
+        return httpx.AsyncClient(
             auth=self.auth,
-            verify=self._verify(),
+            verify=self._tls or True,
             timeout=httpx.Timeout(self.config.timeout),
-            limits=limits,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             follow_redirects=False,
             headers={
                 "Content-Type": "application/json",
@@ -213,24 +224,17 @@ class Deliverer:
                 "User-Agent": f"histimport/{__version__}",
             },
             transport=self._transport,
-        ) as client:
-            self._client = client
-            # In order, one worker per customer at most; unordered, chunks are shared out.
-            workers = self.config.concurrency
-            if not self.config.unordered:
-                workers = min(workers, max(len(keys), 1))
-            await asyncio.gather(*(self._worker(units) for _ in range(workers)))
-        self.stats.final_concurrency = self._limit.current
-        return self.stats
+        )
 
-    def _verify(self) -> ssl.SSLContext | bool:
-        """TLS verification is always on; --ca-bundle adds a corporate CA."""
-        if self.config.ca_bundle is None:
-            return True
-        try:
-            return ssl.create_default_context(cafile=str(self.config.ca_bundle))
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"--ca-bundle {self.config.ca_bundle}: {exc}") from exc
+    def _verify(self) -> ssl.SSLContext:
+        """TLS verification is always on; --ca-bundle adds a corporate CA to the usual ones."""
+        context = httpx.create_ssl_context()
+        if self.config.ca_bundle is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.config.ca_bundle))
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"--ca-bundle {self.config.ca_bundle}: {exc}") from exc
+        return context
 
     def _chunks_of(self, key_id: int, department: str, customer: str) -> Iterator[Chunk]:
         return chunks(
@@ -252,17 +256,17 @@ class Deliverer:
             yield from batch
             after = batch[-1].id
 
-    async def _worker(self, units: Iterator[Iterator[Chunk]]) -> None:
+    async def _worker(self, units: Iterator[Iterator[Chunk]], client: httpx.AsyncClient) -> None:
         for unit in units:
             for chunk in unit:
                 if self.stopping:
                     return
-                if not await self._send(chunk) and not self.config.unordered:
+                if not await self._send(chunk, client) and not self.config.unordered:
                     if not self.stopping:
                         self._hold_back(unit)
                     break
 
-    async def _send(self, chunk: Chunk) -> bool:
+    async def _send(self, chunk: Chunk, client: httpx.AsyncClient) -> bool:
         """Send one chunk until it has a final outcome, or the run stops. True when the
         customer's next chunk may follow: nothing of this one is left to send again."""
         attempt = throttled = 0
@@ -280,7 +284,7 @@ class Deliverer:
                 self.ledger.mark_in_flight(m.id for m in chunk.messages)
             decision = Decision(Action.RETRY)
             try:
-                decision = await self._request(chunk)
+                decision = await self._request(chunk, client)
             finally:
                 await self._limit.release(pressure=decision.backpressure)
             if decision.action is Action.ACCEPT:
@@ -295,7 +299,7 @@ class Deliverer:
                 self.stop()
                 return False
             if decision.action is Action.SPLIT:
-                return await self._split(chunk, decision)
+                return await self._split(chunk, decision, client)
             if decision.action is Action.FAIL:
                 self._fail(chunk, decision)
                 return True
@@ -319,7 +323,7 @@ class Deliverer:
             await self._sleep(self._backoff.delay(max(attempt, throttled), decision.retry_after))
         return False
 
-    async def _split(self, chunk: Chunk, decision: Decision) -> bool:
+    async def _split(self, chunk: Chunk, decision: Decision, client: httpx.AsyncClient) -> bool:
         """413: the body was too large for someone on the way. Send both halves in order,
         and remember the lower limit for the rest of the run."""
         if len(chunk.messages) == 1:
@@ -330,10 +334,10 @@ class Deliverer:
         self._refused_size = min(self._refused_size, size)
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
         first, second = chunk.halves()
-        if not await self._send(first):
+        if not await self._send(first, client):
             self._hold_back([second])
             return False
-        return await self._send(second)
+        return await self._send(second, client)
 
     def _hold_back(self, chunks: Iterable[Chunk]) -> None:
         """A customer whose chunk may still be sent again keeps the rest of its messages
@@ -350,15 +354,14 @@ class Deliverer:
             ]
             self._record(held)
 
-    async def _request(self, chunk: Chunk) -> Decision:
-        assert self._client is not None
+    async def _request(self, chunk: Chunk, client: httpx.AsyncClient) -> Decision:
         url = (
             f"{self.base_url}/department/{chunk.department}"
             f"/customer/{chunk.customer}/communication/historical"
         )
         self.stats.requests += 1
         try:
-            async with self._client.stream(
+            async with client.stream(
                 "PUT", url, content=self.envelope.body(chunk.messages)
             ) as response:
                 content = await self._read_bounded(response)

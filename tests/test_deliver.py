@@ -355,3 +355,22 @@ def test_after_a_retryable_failure_the_customer_is_held_back(staged: Any) -> Non
     assert [f.stage for f in failures] == ["failed"] * 10 + ["notSent"] * 20
     assert {f.errors[0]["errorCode"] for f in failures[10:]} == {"HELD_BACK"}
     assert all(f.retryable for f in failures)
+
+
+def test_status_tells_the_messages_in_flight(staged: Any, tmp_path: Path) -> None:
+    from histimport.status import status
+
+    ledger = staged(interleaved(customers=3, per_customer=5))
+    seen: list[dict[str, int]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(status(tmp_path / "state-0")["lastRun"])
+        return accept_all(request)
+
+    deliver(ledger, handler, concurrency=1, chunk_size=2)
+    # One request at a time, of two messages or a customer's last one; the messages of
+    # the requests answered before it are accepted.
+    assert [s.get("inFlight") for s in seen] == [2, 2, 1] * 3
+    assert [s.get("accepted", 0) for s in seen] == [0, 2, 4, 5, 7, 9, 10, 12, 14]
+    assert all(s.get("pending", 0) + s["inFlight"] + s.get("accepted", 0) == 15 for s in seen)
+    assert "inFlight" not in status(tmp_path / "state-0")["lastRun"]

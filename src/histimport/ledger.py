@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,7 +58,7 @@ DROP TABLE IF EXISTS stage_meta;
 CREATE TABLE stage_meta(run_id INTEGER, target TEXT);
 CREATE TABLE journal(
     seq INTEGER PRIMARY KEY, msg_id INTEGER, state INTEGER, http_status INTEGER,
-    retryable INTEGER, errors BLOB, message_uuid TEXT);
+    retryable INTEGER, errors BLOB, message_uuid TEXT, ids BLOB);
 DROP TABLE IF EXISTS outcome;
 CREATE TABLE outcome(
     msg_id INTEGER PRIMARY KEY, state INTEGER, http_status INTEGER, retryable INTEGER,
@@ -361,12 +362,12 @@ class Ledger:
         ]
 
     def mark_in_flight(self, ids: Iterable[int]) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                f"INSERT INTO journal(msg_id, state) VALUES (?, {State.IN_FLIGHT})",
-                ((i,) for i in ids),
-            )
+        """A request is about to leave: one journal row holds the ids of its messages, for
+        `status` to tell; settling passes over it (with no later word, a message is pending)."""
+        self._db.execute(
+            "INSERT INTO journal(state, ids) VALUES (?, ?)",
+            (State.IN_FLIGHT, array("q", ids).tobytes()),
+        )
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Commit the outcome of one request before anything relies on it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import shutil
 import sqlite3
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,16 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
         # During a run, the latest word on a message is in the journal.
         for state, n in db.execute(
             """SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
-               LEFT JOIN (SELECT msg_id, state, MAX(seq) FROM journal GROUP BY msg_id) j
-                 ON j.msg_id = m.id
+               LEFT JOIN (SELECT msg_id, state, MAX(seq) FROM journal
+                           WHERE state != 4 GROUP BY msg_id) j ON j.msg_id = m.id
                LEFT JOIN outcome o ON o.msg_id = m.id
                GROUP BY 1"""
         ):
             current[_STATE_NAMES[State(state)]] = n
+        flying = _in_flight(db)
+        if flying:
+            current["pending"] = current.get("pending", 0) - flying
+            current["inFlight"] = flying
         (current["rejected"],) = db.execute("SELECT COUNT(*) FROM rejected").fetchone()
         for (blob,) in db.execute(
             "SELECT errors FROM msg WHERE errors IS NOT NULL UNION ALL "
@@ -114,6 +119,18 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
         "errorCodes": dict(errors.most_common(10)),
         "runs": run_list,
     }
+
+
+def _in_flight(db: sqlite3.Connection) -> int:
+    """Pending messages sent in a request that has no answer yet: each request leaves one
+    journal row with the ids of its messages, the answer one row per message."""
+    latest = dict(
+        db.execute("SELECT msg_id, MAX(seq) FROM journal WHERE state != 4 GROUP BY msg_id")
+    )
+    flying: set[int] = set()
+    for seq, ids in db.execute("SELECT seq, ids FROM journal WHERE state = 4"):
+        flying.update(i for i in array("q", ids or b"") if latest.get(i, -1) < seq)
+    return len(flying)
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

@@ -11,7 +11,7 @@ import pytest
 
 from histimport import policy
 from histimport.ledger import Pending, State
-from histimport.models import SaveMessageResponseBody
+from histimport.models import read_answer
 from histimport.policy import Action, Backoff, classify, classify_error, parse_retry_after, settle
 
 OK_BODY = orjson.dumps({"succesfullySubmittedSourceUuids": ["a"], "failedSourceUuids": []})
@@ -44,12 +44,14 @@ def test_a_garbled_200_is_retried_as_an_unknown_outcome(content: bytes) -> None:
 def test_a_documented_200_is_read() -> None:
     decision = decide(200, OK_BODY)
     assert decision.action is Action.ACCEPT
-    assert decision.body is not None and decision.body.succesfullySubmittedSourceUuids == ["a"]
+    assert decision.body is not None and decision.body["succesfullySubmittedSourceUuids"] == ["a"]
 
 
 def test_the_correct_spelling_is_read_too() -> None:
-    body = SaveMessageResponseBody.model_validate({"successfullySubmittedSourceUuids": ["x"]})
-    assert body.succesfullySubmittedSourceUuids == ["x"]
+    body = read_answer(b'{"successfullySubmittedSourceUuids": ["x"]}')
+    assert body["succesfullySubmittedSourceUuids"] == ["x"]
+    odd = read_answer(b'{"successfullySubmittedSourceUuids": ["x", 1], "warnings": [2]}')
+    assert odd["succesfullySubmittedSourceUuids"] == ["x"]
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -116,18 +118,20 @@ def pending(*uuids: str) -> list[Pending]:
 
 
 def test_settle_per_message() -> None:
-    body = SaveMessageResponseBody.model_validate(
-        {
-            "saveMessageResponse": [
-                {"sourceUuid": "a", "messageUuid": "m-a"},
-                {
-                    "sourceUuid": "b",
-                    "errors": [{"errorCode": "BAD_BODY", "errorDescription": "no"}],
-                },
-            ],
-            "succesfullySubmittedSourceUuids": ["a"],
-            "failedSourceUuids": ["b", "c"],
-        }
+    body = read_answer(
+        orjson.dumps(
+            {
+                "saveMessageResponse": [
+                    {"sourceUuid": "a", "messageUuid": "m-a"},
+                    {
+                        "sourceUuid": "b",
+                        "errors": [{"errorCode": "BAD_BODY", "errorDescription": "no"}],
+                    },
+                ],
+                "succesfullySubmittedSourceUuids": ["a"],
+                "failedSourceUuids": ["b", "c"],
+            }
+        )
     )
     a, b, c, d = settle(pending("a", "b", "c", "d"), 200, body)
     assert (a.state, a.message_uuid) == (State.ACCEPTED, "m-a")
@@ -166,3 +170,27 @@ def test_odd_details_do_not_hide_an_explicit_success(answer: dict[str, object]) 
     assert outcomes[0].state is State.ACCEPTED
     if "saveMessageResponse" in answer:
         assert outcomes[1].errors == ({"errorCode": "409"},)
+
+
+def test_the_quick_and_the_lenient_reading_of_an_answer_agree() -> None:
+    from histimport.models import SaveMessageResponseBody
+
+    answer = orjson.dumps(
+        {
+            "saveMessageResponse": [
+                {"sourceUuid": "a", "messageUuid": "m-a", "errors": [], "warnings": []},
+                {"sourceUuid": "b", "errors": [{"errorCode": "E", "errorUID": None}]},
+                {"sourceUuid": "c", "messageUuid": None, "warnings": [{"warningCode": "W"}]},
+                {"messageUuid": "m-x", "extra": {"ignored": True}},
+            ],
+            "succesfullySubmittedSourceUuids": ["a", "c"],
+            "failedSourceUuids": ["b"],
+            "errors": None,
+            "warnings": [{"warningCode": "W2", "warningDescription": "d"}],
+        }
+    )
+    lenient = SaveMessageResponseBody.model_validate_json(answer).model_dump(exclude_none=True)
+    quick = read_answer(answer)
+    messages = pending("a", "b", "c", "d")
+    assert settle(messages, 200, quick) == settle(messages, 200, lenient)
+    assert policy.server_warnings(quick) == policy.server_warnings(lenient) == 2

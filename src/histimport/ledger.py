@@ -57,12 +57,12 @@ DROP TABLE IF EXISTS journal;
 DROP TABLE IF EXISTS stage_meta;
 CREATE TABLE stage_meta(run_id INTEGER, target TEXT);
 CREATE TABLE journal(
-    seq INTEGER PRIMARY KEY, msg_id INTEGER, state INTEGER, http_status INTEGER,
-    retryable INTEGER, errors BLOB, message_uuid TEXT, ids BLOB);
+    seq INTEGER PRIMARY KEY, msg_id INTEGER, source_uuid TEXT, state INTEGER,
+    http_status INTEGER, retryable INTEGER, errors BLOB, message_uuid TEXT, ids BLOB);
 DROP TABLE IF EXISTS outcome;
 CREATE TABLE outcome(
-    msg_id INTEGER PRIMARY KEY, state INTEGER, http_status INTEGER, retryable INTEGER,
-    errors BLOB, message_uuid TEXT);
+    msg_id INTEGER PRIMARY KEY, source_uuid TEXT, state INTEGER, http_status INTEGER,
+    retryable INTEGER, errors BLOB, message_uuid TEXT);
 CREATE TABLE keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
 CREATE TABLE msg(
     id INTEGER PRIMARY KEY, key_id INTEGER, source_uuid TEXT, src INTEGER, line INTEGER,
@@ -374,11 +374,12 @@ class Ledger:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO journal(msg_id, state, http_status, retryable, errors, message_uuid) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO journal(msg_id, source_uuid, state, http_status, retryable, errors, "
+                "message_uuid) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         o.id,
+                        o.source_uuid,
                         o.state,
                         o.http_status,
                         int(o.retryable),
@@ -399,32 +400,33 @@ class Ledger:
             db.execute("BEGIN")
             db.execute(
                 """INSERT OR REPLACE INTO outcome
-                   SELECT msg_id, state, http_status, retryable, errors, message_uuid
-                     FROM (SELECT msg_id, state, http_status, retryable, errors, message_uuid,
-                                  MAX(seq) FROM journal WHERE state != 4 GROUP BY msg_id)"""
+                   SELECT msg_id, source_uuid, state, http_status, retryable, errors, message_uuid
+                     FROM (SELECT msg_id, source_uuid, state, http_status, retryable, errors,
+                                  message_uuid, MAX(seq)
+                             FROM journal WHERE state != 4 GROUP BY msg_id)"""
             )
             db.execute("DELETE FROM journal")
-            # Sorted, so that the B-tree grows page by page instead of at random.
+            # Sorted, so that the B-tree grows page by page instead of at random. The staged
+            # messages are not read: the outcomes carry their sourceUuids.
             db.execute(
                 """INSERT OR IGNORE INTO accepted
-                   SELECT :target, m.source_uuid, o.message_uuid, :run, :at
-                     FROM outcome o JOIN msg m ON m.id = o.msg_id
-                    WHERE o.state = 1 ORDER BY m.source_uuid""",
+                   SELECT :target, source_uuid, message_uuid, :run, :at
+                     FROM outcome WHERE state = 1 ORDER BY source_uuid""",
                 params,
             )
-            db.execute(
-                """DELETE FROM refused WHERE target = :target
-                     AND EXISTS (SELECT 1 FROM refused WHERE target = :target)
-                     AND source_uuid IN
-                   (SELECT m.source_uuid FROM outcome o JOIN msg m ON m.id = o.msg_id
-                     WHERE o.state = 1)""",
-                params,
-            )
+            refused_before = db.execute(
+                "SELECT 1 FROM refused WHERE target = ? LIMIT 1", (self.target,)
+            ).fetchone()
+            if refused_before:
+                db.execute(
+                    """DELETE FROM refused WHERE target = :target AND source_uuid IN
+                       (SELECT source_uuid FROM outcome WHERE state = 1)""",
+                    params,
+                )
             db.execute(
                 """INSERT OR REPLACE INTO refused
-                   SELECT :target, m.source_uuid, o.http_status, o.errors, :run
-                     FROM outcome o JOIN msg m ON m.id = o.msg_id
-                    WHERE o.state = 2 AND o.retryable = 0 ORDER BY m.source_uuid""",
+                   SELECT :target, source_uuid, http_status, errors, :run
+                     FROM outcome WHERE state = 2 AND retryable = 0 ORDER BY source_uuid""",
                 params,
             )
 

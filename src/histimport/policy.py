@@ -29,7 +29,7 @@ import orjson
 from pydantic import ValidationError
 
 from .ledger import Outcome, Pending, State
-from .models import ApiError, SaveMessageResponseBody
+from .models import Answer, read_answer
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 BACKPRESSURE_STATUSES = frozenset({429, 503})
@@ -64,7 +64,7 @@ class Decision:
     unknown_outcome: bool = False
     backpressure: bool = False
     errors: tuple[dict[str, Any], ...] = ()
-    body: SaveMessageResponseBody | None = None
+    body: Answer | None = None
 
     def as_errors(self) -> tuple[dict[str, Any], ...]:
         """The errors to list for the messages this decision fails."""
@@ -132,7 +132,7 @@ def classify(status: int, headers: httpx.Headers, content: bytes, now: float) ->
     """An answer: its status, headers and (bounded) body."""
     if 200 <= status < 300:
         try:
-            body = SaveMessageResponseBody.model_validate_json(content)
+            body = read_answer(content)
         except ValidationError:
             return Decision(
                 Action.RETRY,
@@ -216,25 +216,25 @@ def _words(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def settle(
-    messages: Sequence[Pending], status: int, body: SaveMessageResponseBody
-) -> list[Outcome]:
+def settle(messages: Sequence[Pending], status: int, body: Answer) -> list[Outcome]:
     """Per-message outcomes of a 200 answer.
 
     Accepted: listed in `succesfullySubmittedSourceUuids`. Failed: listed in
     `failedSourceUuids` or carrying its own errors (not retryable: the server judged it).
     A message the answer does not mention is failed as `UNCONFIRMED`, retryable.
     """
-    succeeded = body.succesfullySubmittedSourceUuids
+    succeeded = body.get("succesfullySubmittedSourceUuids")
     ok = set(succeeded or ())
-    failed = set(body.failedSourceUuids or ())
-    entries = {e.sourceUuid: e for e in body.saveMessageResponse or () if e.sourceUuid}
-    request_errors = tuple(_dump(e) for e in body.errors or ())
+    failed = set(body.get("failedSourceUuids") or ())
+    entries = {
+        e["sourceUuid"]: e for e in body.get("saveMessageResponse") or () if e.get("sourceUuid")
+    }
+    request_errors = _dump(body.get("errors"))
     outcomes = []
     for m in messages:
         entry = entries.get(m.source_uuid)
-        own_errors = tuple(_dump(e) for e in (entry.errors or ())) if entry else ()
-        message_uuid = entry.messageUuid if entry else None
+        own_errors = _dump(entry.get("errors")) if entry else ()
+        message_uuid = entry.get("messageUuid") if entry else None
         if own_errors or m.source_uuid in failed:
             errors = own_errors or request_errors or (_error("FAILED", "listed as failed"),)
             outcomes.append(Outcome(m.id, m.source_uuid, State.FAILED, status, False, errors))
@@ -250,14 +250,15 @@ def settle(
     return outcomes
 
 
-def server_warnings(body: SaveMessageResponseBody) -> int:
-    return len(body.warnings or ()) + sum(
-        len(e.warnings or ()) for e in body.saveMessageResponse or ()
+def server_warnings(body: Answer) -> int:
+    return len(body.get("warnings") or ()) + sum(
+        len(e.get("warnings") or ()) for e in body.get("saveMessageResponse") or ()
     )
 
 
-def _dump(error: ApiError) -> dict[str, Any]:
-    return error.model_dump(exclude_none=True)
+def _dump(errors: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...]:
+    """The contract's errors, without the fields the answer left empty."""
+    return tuple({k: v for k, v in e.items() if v is not None} for e in errors or ())
 
 
 def _error(code: str, description: str) -> dict[str, Any]:

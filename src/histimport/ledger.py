@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -83,17 +83,16 @@ class State(IntEnum):
     IN_FLIGHT = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A staged message waiting to be sent."""
+class Pending(NamedTuple):
+    """A staged message waiting to be sent. (Tuples: a hundred thousand of them are built in
+    a run, at a third of a frozen dataclass's cost.)"""
 
     id: int
     source_uuid: str
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The final word on one message of a request."""
 
     id: int
@@ -352,14 +351,16 @@ class Ledger:
 
     def pending(self, key_id: int, after: int, limit: int) -> list[Pending]:
         """The next pending messages of a key, in input order."""
-        return [
-            Pending(r[0], r[1], r[2])
-            for r in self._db.execute(
-                "SELECT id, source_uuid, body FROM msg "
-                "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
-                (key_id, after, limit),
+        return list(
+            map(
+                Pending._make,
+                self._db.execute(
+                    "SELECT id, source_uuid, body FROM msg "
+                    "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
+                    (key_id, after, limit),
+                ),
             )
-        ]
+        )
 
     def mark_in_flight(self, ids: Iterable[int]) -> None:
         """A request is about to leave: one journal row holds the ids of its messages, for

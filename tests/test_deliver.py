@@ -374,3 +374,17 @@ def test_status_tells_the_messages_in_flight(staged: Any, tmp_path: Path) -> Non
     assert [s.get("accepted", 0) for s in seen] == [0, 2, 4, 5, 7, 9, 10, 12, 14]
     assert all(s.get("pending", 0) + s["inFlight"] + s.get("accepted", 0) == 15 for s in seen)
     assert "inFlight" not in status(tmp_path / "state-0")["lastRun"]
+
+
+def test_cookies_set_by_the_server_are_not_sent_back(staged: Any) -> None:
+    ledger = staged(interleaved(customers=2, per_customer=4))
+    cookies: list[str | None] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        cookies.append(request.headers.get("cookie"))
+        answer = accept_all(request)
+        answer.headers["set-cookie"] = "AWSALB=sticky; Path=/"
+        return answer
+
+    deliver(ledger, handler, concurrency=1, chunk_size=2)
+    assert cookies == [None] * 4

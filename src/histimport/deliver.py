@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.cookiejar
 import itertools
 import ssl
 import time
@@ -146,6 +147,14 @@ class AdaptiveRate:
             self._bucket.rate = min(grown, self.ceiling) if self.ceiling else grown
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """Cookies a server or a proxy sets are not kept: the endpoint takes Basic auth on every
+    request, and httpx would otherwise parse every answer's headers for them."""
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        return None
+
+
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
 
@@ -218,6 +227,7 @@ class Deliverer:
             timeout=httpx.Timeout(self.config.timeout),
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             follow_redirects=False,
+            cookies=_NoCookies(),
             headers={
                 "Content-Type": "application/json",
                 "Accept": "application/json",

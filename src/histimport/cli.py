@@ -115,6 +115,14 @@ _RUN_OPTIONS: dict[str, Any] = {
     "max_line_bytes": Annotated[
         int, _opt("--max-line-bytes", help="Longest accepted line; longer ones are rejected.")
     ],
+    "check_workers": Annotated[
+        int | None,
+        _opt(
+            "--check-workers",
+            help="Processes that parse and validate JSONL rows (default: one per CPU, at most "
+            "4, on large sources; 0: none).",
+        ),
+    ],
     "shard": Annotated[
         str | None, _opt("--shard", help="Take only shard K/N (0-based) of the customers.")
     ],

@@ -41,6 +41,7 @@ class Config:
     delimiter: str | None = None
     encoding: str | None = None
     max_line_bytes: int = 8 * 1024 * 1024
+    check_workers: int | None = None
     generate_source_uuid: bool = False
     strict: bool = False
     dry_run: bool = False
@@ -65,6 +66,10 @@ class Config:
             (self.max_attempts >= 1, "--max-attempts must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
             (self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024"),
+            (
+                self.check_workers is None or 0 <= self.check_workers <= 64,
+                "--check-workers must be between 0 and 64",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -204,3 +204,30 @@ def test_the_message_validator_agrees_on_nested_cases() -> None:
     found = _errors(_ADAPTER.validate_python, bad)
     assert found == _errors(model.validate_python, bad)
     assert found is not None and len(found) == 8
+
+
+def _normalise_by_the_general_path(value: str) -> str | None:
+    import re
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.utcoffset() is None:
+        return None
+    if not moment.utcoffset() and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", value):
+        return value
+    return f"{moment.astimezone(UTC).isoformat(timespec='milliseconds')[:-6]}Z"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="0123456789-:T.Z+ W٣", min_size=20, max_size=26)
+    | st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())
+    | st.datetimes().map(lambda d: d.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z")
+)
+def test_the_wire_form_shortcut_changes_no_time_stamp(value: str) -> None:
+    from histimport.check import normalise_timestamp
+
+    assert normalise_timestamp(value) == _normalise_by_the_general_path(value)

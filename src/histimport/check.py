@@ -7,6 +7,7 @@ exactly as it was read, apart from the documented normalisation — time stamps 
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,9 @@ from .read import RawRow
 
 _ID = re.compile(r"[A-Za-z0-9._~-]+")
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+# The separators of the wire form YYYY-MM-DDTHH:MM:SS.sssZ, by position.
+_LAYOUT = operator.itemgetter(4, 7, 10, 13, 16, 19, 23)
+_WIRE_LAYOUT = ("-", "-", "T", ":", ":", ".", "Z")
 _ADAPTER = message_adapter()
 # Timestamp fields as (parent object or None, field).
 _TIMESTAMPS = ((None, "sentOn"), (None, "receivedOn"), ("voiceCallAttributes", "callDateTime"))
@@ -167,6 +171,13 @@ def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
 
 def normalise_timestamp(value: str) -> str | None:
     """ISO 8601 with a zone -> UTC `YYYY-MM-DDTHH:MM:SS.sssZ`; None if it is not one."""
+    if len(value) == 24 and _LAYOUT(value) == _WIRE_LAYOUT and value.isascii():
+        # Already the wire form, if it parses: a third of the general path's cost.
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return value
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:

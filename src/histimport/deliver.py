@@ -291,7 +291,7 @@ class Deliverer:
                 return False
             await self._limit.acquire()
             if attempt == throttled == 0:
-                self.ledger.mark_in_flight(m.id for m in chunk.messages)
+                self.ledger.mark_in_flight(chunk.messages)
             decision = Decision(Action.RETRY)
             try:
                 decision = await self._request(chunk, client)

@@ -7,9 +7,10 @@ validated message, in input order, grouped by (department, customer), so that a 
 order is sent in full chunks per customer without being held in memory, and every row is
 accounted for exactly.
 
-While sending, every answer is committed as it arrives, as rows appended to `journal`:
-appending touches a page or two per request, where updating the staged messages in place
-would rewrite a page per message (a customer's messages are scattered through the file).
+While sending, every answer is committed as it arrives, as rows appended to `journal`, one
+per request and kind of outcome with its messages as a JSON list: appending touches a page or
+two per request, where updating the staged messages in place would rewrite a page per
+message (a customer's messages are scattered through the file).
 `settle` applies the journal at the end of a run; after a crash, the next run applies the
 dead run's journal before it starts, so nothing the platform answered is ever forgotten.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,8 +57,8 @@ DROP TABLE IF EXISTS journal;
 DROP TABLE IF EXISTS stage_meta;
 CREATE TABLE stage_meta(run_id INTEGER, target TEXT);
 CREATE TABLE journal(
-    seq INTEGER PRIMARY KEY, msg_id INTEGER, source_uuid TEXT, state INTEGER,
-    http_status INTEGER, retryable INTEGER, errors BLOB, message_uuid TEXT, ids BLOB);
+    seq INTEGER PRIMARY KEY, state INTEGER, http_status INTEGER, retryable INTEGER,
+    errors BLOB, items BLOB);
 DROP TABLE IF EXISTS outcome;
 CREATE TABLE outcome(
     msg_id INTEGER PRIMARY KEY, source_uuid TEXT, state INTEGER, http_status INTEGER,
@@ -71,6 +71,15 @@ CREATE TABLE rejected(
     id INTEGER PRIMARY KEY, src INTEGER, line INTEGER, department TEXT, customer TEXT,
     source_uuid TEXT, errors BLOB);
 """
+
+
+LATEST_WORDS = """
+    SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
+           j.state, j.http_status, j.retryable, j.errors,
+           json_extract(e.value, '$[2]') AS message_uuid, MAX(j.seq) AS seq
+      FROM journal j, json_each(j.items) e WHERE j.state != 4 GROUP BY msg_id"""
+"""Each message's last word in the journal (SQLite takes the other columns from the row of
+MAX(seq)); in-flight marks are left out."""
 
 
 class State(IntEnum):
@@ -362,32 +371,41 @@ class Ledger:
             )
         )
 
-    def mark_in_flight(self, ids: Iterable[int]) -> None:
-        """A request is about to leave: one journal row holds the ids of its messages, for
-        `status` to tell; settling passes over it (with no later word, a message is pending)."""
+    def mark_in_flight(self, messages: Iterable[Pending]) -> None:
+        """A request is about to leave: one journal row lists its messages, for `status` to
+        tell; settling passes over it (with no later word, a message is pending)."""
         self._db.execute(
-            "INSERT INTO journal(state, ids) VALUES (?, ?)",
-            (State.IN_FLIGHT, array("q", ids).tobytes()),
+            "INSERT INTO journal(state, items) VALUES (?, ?)",
+            (State.IN_FLIGHT, orjson.dumps([[m.id, m.source_uuid, None] for m in messages])),
         )
 
     def record(self, outcomes: list[Outcome]) -> None:
-        """Commit the outcome of one request before anything relies on it."""
+        """Commit the outcomes of one request before anything relies on it: a row per run of
+        outcomes alike, its messages as [[id, sourceUuid, messageUuid], ...]."""
+        rows = []
+        items: list[list[Any]] = []
+        previous = None
+        for o in outcomes:
+            kind = (o.state, o.http_status, o.retryable, o.errors)
+            if kind != previous:
+                items = []
+                rows.append((*kind, items))
+                previous = kind
+            items.append([o.id, o.source_uuid, o.message_uuid])
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO journal(msg_id, source_uuid, state, http_status, retryable, errors, "
-                "message_uuid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO journal(state, http_status, retryable, errors, items) "
+                "VALUES (?, ?, ?, ?, ?)",
                 [
                     (
-                        o.id,
-                        o.source_uuid,
-                        o.state,
-                        o.http_status,
-                        int(o.retryable),
-                        orjson.dumps(o.errors) if o.errors else None,
-                        o.message_uuid,
+                        state,
+                        status,
+                        int(retryable),
+                        orjson.dumps(errors) if errors else None,
+                        orjson.dumps(items),
                     )
-                    for o in outcomes
+                    for state, status, retryable, errors, items in rows
                 ],
             )
 
@@ -400,11 +418,9 @@ class Ledger:
         with db:
             db.execute("BEGIN")
             db.execute(
-                """INSERT OR REPLACE INTO outcome
+                f"""INSERT OR REPLACE INTO outcome
                    SELECT msg_id, source_uuid, state, http_status, retryable, errors, message_uuid
-                     FROM (SELECT msg_id, source_uuid, state, http_status, retryable, errors,
-                                  message_uuid, MAX(seq)
-                             FROM journal WHERE state != 4 GROUP BY msg_id)"""
+                     FROM ({LATEST_WORDS})"""
             )
             db.execute("DELETE FROM journal")
             # Sorted, so that the B-tree grows page by page instead of at random. The staged

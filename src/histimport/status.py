@@ -8,7 +8,6 @@ from __future__ import annotations
 import fcntl
 import shutil
 import sqlite3
-from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import LedgerError, UsageError
-from .ledger import LEDGER_FILE, State
+from .ledger import LATEST_WORDS, LEDGER_FILE, State
 
 _COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
 _STATE_NAMES = {
@@ -92,9 +91,8 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
     if _has_table(db, "msg"):
         # During a run, the latest word on a message is in the journal.
         for state, n in db.execute(
-            """SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
-               LEFT JOIN (SELECT msg_id, state, MAX(seq) FROM journal
-                           WHERE state != 4 GROUP BY msg_id) j ON j.msg_id = m.id
+            f"""SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
+               LEFT JOIN ({LATEST_WORDS}) j ON j.msg_id = m.id
                LEFT JOIN outcome o ON o.msg_id = m.id
                GROUP BY 1"""
         ):
@@ -122,14 +120,14 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
 
 
 def _in_flight(db: sqlite3.Connection) -> int:
-    """Pending messages sent in a request that has no answer yet: each request leaves one
-    journal row with the ids of its messages, the answer one row per message."""
-    latest = dict(
-        db.execute("SELECT msg_id, MAX(seq) FROM journal WHERE state != 4 GROUP BY msg_id")
-    )
+    """Pending messages sent in a request that has no answer yet: each request leaves a
+    journal row listing its messages, and so does its answer."""
+    latest = {
+        msg_id: seq for msg_id, seq in db.execute(f"SELECT msg_id, seq FROM ({LATEST_WORDS})")
+    }
     flying: set[int] = set()
-    for seq, ids in db.execute("SELECT seq, ids FROM journal WHERE state = 4"):
-        flying.update(i for i in array("q", ids or b"") if latest.get(i, -1) < seq)
+    for seq, items in db.execute("SELECT seq, items FROM journal WHERE state = 4"):
+        flying.update(i for i, _, _ in orjson.loads(items) if latest.get(i, -1) < seq)
     return len(flying)
 
 

@@ -388,3 +388,22 @@ def test_cookies_set_by_the_server_are_not_sent_back(staged: Any) -> None:
 
     deliver(ledger, handler, concurrency=1, chunk_size=2)
     assert cookies == [None] * 4
+
+
+def test_settling_keeps_each_message_s_last_word(staged: Any) -> None:
+    from histimport.ledger import Outcome, State
+
+    ledger = staged(interleaved(customers=1, per_customer=3))
+    first, second, third = ledger.pending(1, 0, 10)
+    error = ({"errorCode": "HTTP_503", "errorDescription": "busy"},)
+    ledger.record(
+        [Outcome(m.id, m.source_uuid, State.FAILED, 503, True, error) for m in (first, second)]
+    )
+    ledger.record([Outcome(first.id, first.source_uuid, State.ACCEPTED, 200, message_uuid="m-1")])
+    ledger.record([Outcome(third.id, third.source_uuid, State.ACCEPTED, 200)])
+    ledger.record([Outcome(third.id, third.source_uuid, State.FAILED, 409, False, error)])
+    ledger.settle()
+    counts = ledger.counts()
+    assert (counts["accepted"], counts["failed"]) == (1, 2)
+    failures = {f.source_uuid: (f.retryable, f.http_status) for f in ledger.failures()}
+    assert failures == {second.source_uuid: (True, 503), third.source_uuid: (False, 409)}

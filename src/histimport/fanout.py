@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import struct
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -95,7 +96,11 @@ class Fanout:
     def _fork(self) -> tuple[int, int, int]:
         down_r, down_w = os.pipe()
         up_r, up_w = os.pipe()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12 warns of forking with threads; the worker runs no code that takes a
+            # lock another thread could hold (it parses, validates and writes to its pipe).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the worker, which never returns
             _serve(self._work, down_r, up_w)
         os.close(down_r)

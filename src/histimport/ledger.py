@@ -78,8 +78,8 @@ LATEST_WORDS = """
            j.state, j.http_status, j.retryable, j.errors,
            json_extract(e.value, '$[2]') AS message_uuid, MAX(j.seq) AS seq
       FROM journal j, json_each(j.items) e WHERE j.state != 4 GROUP BY msg_id"""
-"""Each message's last word in the journal (SQLite takes the other columns from the row of
-MAX(seq)); in-flight marks are left out."""
+"""Each message's last word in the journal, for `status` (SQLite takes the other columns from
+the row of MAX(seq)); in-flight marks are left out."""
 
 
 class State(IntEnum):
@@ -417,10 +417,12 @@ class Ledger:
         params = {"target": self.target, "run": self.run_id, "at": _now()}
         with db:
             db.execute("BEGIN")
+            # In journal order, each word replacing the one before: the last word stays.
             db.execute(
-                f"""INSERT OR REPLACE INTO outcome
-                   SELECT msg_id, source_uuid, state, http_status, retryable, errors, message_uuid
-                     FROM ({LATEST_WORDS})"""
+                """INSERT OR REPLACE INTO outcome
+                   SELECT json_extract(e.value, '$[0]'), json_extract(e.value, '$[1]'), j.state,
+                          j.http_status, j.retryable, j.errors, json_extract(e.value, '$[2]')
+                     FROM journal j, json_each(j.items) e WHERE j.state != 4 ORDER BY j.seq"""
             )
             db.execute("DELETE FROM journal")
             # Sorted, so that the B-tree grows page by page instead of at random. The staged

@@ -8,6 +8,7 @@ import gc
 import itertools
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -386,11 +387,15 @@ class Run:
 
     def _check_workers(self, source: Source) -> int:
         """Worker processes checking this source's rows: JSONL only, not for `retry`'s
-        selection, and by default one per CPU (at most four) when there are several."""
+        selection, and by default one per CPU (at most four) when there are several and the
+        process runs no other thread (`--sandbox` does): a forked child could find a lock
+        held by a thread that does not exist in it."""
         if source.format != "jsonl" or self.selection is not None:
             return 0
         if self.config.check_workers is not None:
             return self.config.check_workers
+        if threading.active_count() > 1:
+            return 0
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         return min(cpus, MAX_CHECK_WORKERS) if cpus > 1 else 0
 

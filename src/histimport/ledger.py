@@ -5,7 +5,9 @@ platform accepted or refused, per target (base URL) — the basis of de-duplicat
 resume. The staging tables (`msg`, `rejected`, `keys`) hold the current run: every
 validated message, in input order, grouped by (department, customer), so that a file in any
 order is sent in full chunks per customer without being held in memory, and every row is
-accounted for exactly.
+accounted for exactly. The staged bodies themselves go to a flat file beside the database,
+written once, in order: SQLite would write each twice (its WAL, then the database) and keep
+the rows it searches large.
 
 While sending, every answer is committed as it arrives, as rows appended to `journal`, one
 per request and kind of outcome with its messages as a JSON list: appending touches a page or
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -33,6 +35,8 @@ from .check import Rejected, Valid
 from .errors import LedgerError
 
 LEDGER_FILE = "ledger.sqlite3"
+BODIES_FILE = "staged-bodies"
+"""The current run's staged message bodies, one after another; `msg` holds where each is."""
 _STAGE_BATCH = 5000
 
 _SCHEMA = """
@@ -66,7 +70,8 @@ CREATE TABLE outcome(
 CREATE TABLE keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
 CREATE TABLE msg(
     id INTEGER PRIMARY KEY, key_id INTEGER, source_uuid TEXT, src INTEGER, line INTEGER,
-    body BLOB, state INTEGER DEFAULT 0, http_status INTEGER, retryable INTEGER, errors BLOB);
+    body_at INTEGER, body_size INTEGER, state INTEGER DEFAULT 0, http_status INTEGER,
+    retryable INTEGER, errors BLOB);
 CREATE TABLE rejected(
     id INTEGER PRIMARY KEY, src INTEGER, line INTEGER, department TEXT, customer TEXT,
     source_uuid TEXT, errors BLOB);
@@ -178,8 +183,13 @@ class Ledger:
         self.run_id = 0
         self.target = ""
         self._keys: dict[tuple[str, str], int] = {}
+        self._dir = state_dir
+        self._bodies: IO[bytes] | None = None
+        self._bodies_size = 0
 
     def close(self) -> None:
+        if self._bodies is not None:
+            self._bodies.close()
         self._db.close()
         self._lock.close()
 
@@ -196,6 +206,7 @@ class Ledger:
         self._recover()
         self.target = target
         self._db.executescript(_STAGING)
+        self._open_bodies()
         cur = self._db.execute(
             "INSERT INTO runs(command, target, started_at, status) VALUES (?, ?, ?, 'running')",
             (command, target, _now()),
@@ -215,6 +226,17 @@ class Ledger:
         if row is not None:
             self.run_id, self.target = row
             self.settle()
+
+    def _open_bodies(self) -> None:
+        if self._bodies is not None:
+            self._bodies.close()
+        path = self._dir / BODIES_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise LedgerError(f"{path}: {exc.strerror or exc}") from exc
+        self._bodies = open(fd, "w+b", buffering=1 << 20)  # noqa: SIM115
+        self._bodies_size = 0
 
     def finish_run(self, status: str, counts: dict[str, Any]) -> None:
         self._db.execute(
@@ -254,7 +276,9 @@ class Ledger:
         """Store every checked row of the run, in input order, in batched transactions.
         Interrupted, it stores what it can; `staged_rows` says how much that was."""
         keys: list[tuple[int, str, str]] = []
-        valid: list[tuple[int, str, int, int, bytes]] = []
+        valid: list[tuple[int, str, int, int, int, int]] = []
+        assert self._bodies is not None, "begin_run first"
+        write = self._bodies.write
         rejected: list[tuple[int, int, str | None, str | None, str | None, bytes]] = []
         try:
             for row in rows:
@@ -264,7 +288,11 @@ class Ledger:
                     if key_id is None:
                         key_id = self._keys[key] = len(self._keys) + 1
                         keys.append((key_id, *key))
-                    valid.append((key_id, row.source_uuid, row.source, row.line, row.body))
+                    size = write(row.body)
+                    valid.append(
+                        (key_id, row.source_uuid, row.source, row.line, self._bodies_size, size)
+                    )
+                    self._bodies_size += size
                 else:
                     errors = orjson.dumps([p.as_error() for p in row.problems])
                     rejected.append(
@@ -290,7 +318,8 @@ class Ledger:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
             self._db.executemany(
-                "INSERT INTO msg(key_id, source_uuid, src, line, body) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO msg(key_id, source_uuid, src, line, body_at, body_size) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 valid,
             )
             self._db.executemany(
@@ -310,6 +339,8 @@ class Ledger:
         """Reject repeated sourceUuids (the first one wins), skip what was accepted before
         and, unless told otherwise, carry over what the platform refused before: a resumed
         run sends neither again."""
+        assert self._bodies is not None, "begin_run first"
+        self._bodies.flush()
         db = self._db
         with db:
             db.execute("BEGIN")
@@ -360,16 +391,16 @@ class Ledger:
 
     def pending(self, key_id: int, after: int, limit: int) -> list[Pending]:
         """The next pending messages of a key, in input order."""
-        return list(
-            map(
-                Pending._make,
-                self._db.execute(
-                    "SELECT id, source_uuid, body FROM msg "
-                    "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
-                    (key_id, after, limit),
-                ),
+        assert self._bodies is not None, "begin_run first"
+        fd = self._bodies.fileno()
+        return [
+            Pending(i, source_uuid, os.pread(fd, size, at))
+            for i, source_uuid, at, size in self._db.execute(
+                "SELECT id, source_uuid, body_at, body_size FROM msg "
+                "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
+                (key_id, after, limit),
             )
-        )
+        ]
 
     def mark_in_flight(self, messages: Iterable[Pending]) -> None:
         """A request is about to leave: one journal row lists its messages, for `status` to

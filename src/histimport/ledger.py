@@ -78,13 +78,14 @@ CREATE TABLE rejected(
 """
 
 
-LATEST_WORDS = """
+_WORDS = """
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
-           json_extract(e.value, '$[2]') AS message_uuid, MAX(j.seq) AS seq
-      FROM journal j, json_each(j.items) e WHERE j.state != 4 GROUP BY msg_id"""
-"""Each message's last word in the journal, for `status` (SQLite takes the other columns from
-the row of MAX(seq)); in-flight marks are left out."""
+           json_extract(e.value, '$[2]') AS message_uuid, j.seq
+      FROM journal j, json_each(j.items) e WHERE j.state != 4"""
+"""Every word on a message in the journal, one row each; in-flight marks are left out."""
+LATEST_WORDS = f"SELECT *, MAX(seq) FROM ({_WORDS}) GROUP BY msg_id"
+"""Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
 
 
 class State(IntEnum):
@@ -450,10 +451,10 @@ class Ledger:
             db.execute("BEGIN")
             # In journal order, each word replacing the one before: the last word stays.
             db.execute(
-                """INSERT OR REPLACE INTO outcome
-                   SELECT json_extract(e.value, '$[0]'), json_extract(e.value, '$[1]'), j.state,
-                          j.http_status, j.retryable, j.errors, json_extract(e.value, '$[2]')
-                     FROM journal j, json_each(j.items) e WHERE j.state != 4 ORDER BY j.seq"""
+                f"""INSERT OR REPLACE INTO outcome
+                    SELECT msg_id, source_uuid, state, http_status, retryable, errors,
+                           message_uuid
+                      FROM ({_WORDS}) ORDER BY seq"""
             )
             db.execute("DELETE FROM journal")
             # Sorted, so that the B-tree grows page by page instead of at random. The staged

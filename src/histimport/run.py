@@ -137,9 +137,11 @@ def _checked_in_workers(
     mapper: Mapper,
     check: Callable[[RawRow], Valid | Rejected],
     workers: int,
-    config: Config,
+    *,
+    warm_up: bool,
 ) -> Iterator[Valid | Rejected]:
-    """Parse, map and check JSONL lines in forked workers, in batches, in input order."""
+    """Parse, map and check JSONL lines in forked workers, in batches, in input order; with
+    `warm_up`, the first IN_PROCESS_ROWS here, and no workers for a source that short."""
 
     def work(batch: list[tuple[int, bytes] | RawRow]) -> list[Valid | Rejected]:
         out = []
@@ -159,7 +161,7 @@ def _checked_in_workers(
             for r in work(batch)
         ]
 
-    if config.check_workers is None:
+    if warm_up:
         first = list(itertools.islice(lines, IN_PROCESS_ROWS))
         yield from work(first)
         if len(first) < IN_PROCESS_ROWS:
@@ -375,7 +377,9 @@ class Run:
         workers = self._check_workers(source)
         if workers:
             lines = jsonl_lines(stream, index, max_line_bytes=self.config.max_line_bytes)
-            yield from _checked_in_workers(lines, index, mapper, check, workers, self.config)
+            yield from _checked_in_workers(
+                lines, index, mapper, check, workers, warm_up=self.config.check_workers is None
+            )
             return
         for raw in self._rows(source, stream, index):
             row = mapper(raw)

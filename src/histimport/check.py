@@ -7,6 +7,7 @@ exactly as it was read, apart from the documented normalisation — time stamps 
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass
@@ -148,6 +149,12 @@ def _warnings(data: dict[str, Any], now: str | None) -> list[Problem]:
     return found
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _is_path_segment(value: str) -> bool:
+    """Cached: an export names the same departments and customers over and over."""
+    return _ID.fullmatch(value) is not None and value not in (".", "..")
+
+
 def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
     """A department or customer id: exactly one safe URL path segment."""
     if value is None:
@@ -156,7 +163,7 @@ def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
     if not isinstance(value, str):
         problems.append(Problem("INVALID_ID", f"{name}: must be a string"))
         return None
-    if not _ID.fullmatch(value) or value in (".", ".."):
+    if not _is_path_segment(value):
         shown = _excerpt(value)
         problems.append(
             Problem(

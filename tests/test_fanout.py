@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,31 @@ def test_checking_in_workers_gives_what_checking_here_gives(workdir: Path) -> No
     assert counts["read"] == 3002 and counts["rejected"] == 5
     assert [f["line"] for f in failures] == [6, 701, 1401, 3001, 3003]
     assert [w["line"] for w in warnings] == [3000]
+
+
+def test_a_gzipped_source_checked_in_workers_reads_the_same(workdir: Path) -> None:
+    import gzip
+
+    rows: list[Any] = [message("d", f"c{n % 7}", n) for n in range(2000)]
+    rows[1234]["sentOn"] = "not a time"
+    plain = write_jsonl(workdir / "e.jsonl", rows)
+    (workdir / "e.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    results = []
+    for name, workers in (("e.jsonl", 0), ("e.jsonl.gz", 2)):
+        config = Config(state_dir=workdir / name, failed_out=workdir / f"{name}.failed.json")
+        result = validate([name], replace(config, check_workers=workers))
+        failures = orjson.loads((workdir / f"{name}.failed.json").read_bytes())["failures"]
+        results.append((result.counts, [(f["line"], f["errors"]) for f in failures]))
+    assert results[0] == results[1]
+    assert results[0][1][0][0] == 1235
+
+
+@pytest.mark.parametrize("value", ["-1", "65", "many"])
+def test_check_workers_out_of_range_is_a_usage_error(workdir: Path, value: str) -> None:
+    from typer.testing import CliRunner
+
+    from histimport.cli import app
+
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    result = CliRunner().invoke(app, ["validate", "e.jsonl", "--check-workers", value])
+    assert result.exit_code == 2

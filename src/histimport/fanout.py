@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 _HEADER = struct.Struct("<Q")
+_END = object()
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,22 +54,32 @@ class Fanout:
 
     def map(self, batches: Iterable[Any]) -> Iterator[Any]:
         """`work(batch)` for every batch, in order. A worker that dies (killed, out of
-        memory) is dropped and its batch done here; with none left, the rest is done here."""
+        memory) is dropped and its batch done here; with none left, the rest is done here.
+        A worker gets its next batch before its last result is handed on, so that it works
+        while the caller uses that result."""
+        pending = iter(batches)
         idle = deque(self._workers)
         busy: deque[tuple[tuple[int, int, int] | None, Any]] = deque()  # None: do it here
-        for batch in batches:
-            while not idle and busy:
-                yield self._result(*busy.popleft(), idle)
-            worker = idle.popleft() if idle else None
-            if worker is not None:
-                try:
-                    _send(worker[1], pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
-                except OSError:
-                    self._drop(worker)
-                    worker = None
-            busy.append((worker, batch))
+
+        def feed() -> None:
+            while idle or (not self._workers and not busy):
+                batch = next(pending, _END)
+                if batch is _END:
+                    return
+                worker = idle.popleft() if idle else None
+                if worker is not None:
+                    try:
+                        _send(worker[1], pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+                    except OSError:
+                        self._drop(worker)
+                        worker = None
+                busy.append((worker, batch))
+
+        feed()
         while busy:
-            yield self._result(*busy.popleft(), idle)
+            result = self._result(*busy.popleft(), idle)
+            feed()
+            yield result
 
     def _result(self, worker: tuple[int, int, int] | None, batch: Any, idle: deque[Any]) -> Any:
         if worker is None:

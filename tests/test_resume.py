@@ -226,3 +226,28 @@ def test_sigterm_while_staging_exits_130_with_every_staged_row_listed(tmp_path: 
     assert 0 < report["read"] < 100_000
     assert report["read"] == report["notSent"] == failed["counts"]["notSent"]
     assert len(failed["failures"]) == report["read"]
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+
+def test_a_full_disk_stops_the_run_with_a_clear_error(
+    server: RunningSandbox, tmp_path: Path
+) -> None:
+    source = write_jsonl(tmp_path / "export.jsonl", interleaved(customers=50, per_customer=300))
+    process = subprocess.run(
+        command(source, tmp_path),
+        env={**environment(server), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        timeout=120,
+    )
+    assert process.returncode == 3, process.stderr
+    assert "cannot write" in process.stderr and "run the same command again" in process.stderr
+    assert "Traceback" not in process.stderr
+    assert server.app.stats()["requests"] == 0

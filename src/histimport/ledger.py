@@ -20,14 +20,15 @@ dead run's journal before it starts, so nothing the platform answered is ever fo
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, TypeVar, cast
 
 import orjson
 
@@ -132,6 +133,27 @@ class Failure:
     retryable: bool
     http_status: int | None
     errors: list[dict[str, Any]]
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _writes(method: _Method) -> _Method:
+    """A write the ledger cannot make (a full disk, a file removed under it) stops the run
+    with a clear error, not a traceback; the next run resumes from what was committed."""
+
+    @functools.wraps(method)
+    def guarded(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(
+                f"state dir {self._dir}: cannot write: {exc}",
+                hint="free some disk space (or fix the state dir) and run the same command "
+                "again: it resumes from what was committed",
+            ) from exc
+
+    return cast(_Method, guarded)
 
 
 def _take(items: list[Any]) -> list[Any]:
@@ -277,9 +299,7 @@ class Ledger:
         """Store every checked row of the run, in input order, in batched transactions.
         Interrupted, it stores what it can; `staged_rows` says how much that was."""
         keys: list[tuple[int, str, str]] = []
-        valid: list[tuple[int, str, int, int, int, int]] = []
-        assert self._bodies is not None, "begin_run first"
-        write = self._bodies.write
+        valid: list[tuple[int, str, int, int, bytes]] = []
         rejected: list[tuple[int, int, str | None, str | None, str | None, bytes]] = []
         try:
             for row in rows:
@@ -289,11 +309,7 @@ class Ledger:
                     if key_id is None:
                         key_id = self._keys[key] = len(self._keys) + 1
                         keys.append((key_id, *key))
-                    size = write(row.body)
-                    valid.append(
-                        (key_id, row.source_uuid, row.source, row.line, self._bodies_size, size)
-                    )
-                    self._bodies_size += size
+                    valid.append((key_id, row.source_uuid, row.source, row.line, row.body))
                 else:
                     errors = orjson.dumps([p.as_error() for p in row.problems])
                     rejected.append(
@@ -311,17 +327,26 @@ class Ledger:
         finally:
             self._flush(keys, valid, rejected)
 
+    @_writes
     def _flush(self, keys: list[Any], valid: list[Any], rejected: list[Any]) -> None:
         # Taken out of the lists first: interrupted anywhere, a batch is stored once or not
         # at all (the transaction), never twice.
         keys, valid, rejected = _take(keys), _take(valid), _take(rejected)
+        assert self._bodies is not None, "begin_run first"
+        at = self._bodies_size
+        located = []
+        for key_id, source_uuid, src, line, body in valid:
+            located.append((key_id, source_uuid, src, line, at, len(body)))
+            at += len(body)
+        self._bodies.write(b"".join(v[4] for v in valid))
+        self._bodies_size = at
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
             self._db.executemany(
                 "INSERT INTO msg(key_id, source_uuid, src, line, body_at, body_size) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                valid,
+                located,
             )
             self._db.executemany(
                 "INSERT INTO rejected(src, line, department, customer, source_uuid, errors) "
@@ -336,6 +361,7 @@ class Ledger:
         ).fetchone()
         return int(n)
 
+    @_writes
     def finish_staging(self, *, carry_refused: bool = True) -> None:
         """Reject repeated sourceUuids (the first one wins), skip what was accepted before
         and, unless told otherwise, carry over what the platform refused before: a resumed
@@ -403,6 +429,7 @@ class Ledger:
             )
         ]
 
+    @_writes
     def mark_in_flight(self, messages: Iterable[Pending]) -> None:
         """A request is about to leave: one journal row lists its messages, for `status` to
         tell; settling passes over it (with no later word, a message is pending)."""
@@ -411,6 +438,7 @@ class Ledger:
             (State.IN_FLIGHT, orjson.dumps([[m.id, m.source_uuid, None] for m in messages])),
         )
 
+    @_writes
     def record(self, outcomes: list[Outcome]) -> None:
         """Commit the outcomes of one request before anything relies on it: a row per run of
         outcomes alike, its messages as [[id, sourceUuid, messageUuid], ...]."""
@@ -441,6 +469,7 @@ class Ledger:
                 ],
             )
 
+    @_writes
     def settle(self) -> None:
         """Apply the journal: each message's last word goes into `outcome`, and what the
         platform accepted or refused is kept for later runs. Idempotent. In-flight marks are

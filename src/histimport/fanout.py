@@ -1,7 +1,7 @@
 """Run a function over batches in forked worker processes, results in input order.
 
-Parsing and validating a JSONL row costs about twice what staging it does, so while the main
-process reads and stages, workers check (bench/README.md has the figures).
+Parsing and validating a JSONL row costs about three times what staging it does, so while
+the main process reads and stages, workers check (bench/README.md has the figures).
 
 Workers are forked, so the function needs no pickling and nothing is imported again. Each
 keeps only its two pipe ends open (an orphan never holds the ledger's lock or files) and
@@ -53,10 +53,10 @@ class Fanout:
         self.close()
 
     def map(self, batches: Iterable[Any]) -> Iterator[Any]:
-        """`work(batch)` for every batch, in order. A worker that dies (killed, out of
-        memory) is dropped and its batch done here; with none left, the rest is done here.
-        A worker gets its next batch before its last result is handed on, so that it works
-        while the caller uses that result."""
+        """`work(batch)` for every batch, in order (once per Fanout). A worker that dies
+        (killed, out of memory) is dropped and its batch done here; with none left, the rest
+        is done here. A worker gets its next batch before its last result is handed on, so
+        that it works while the caller uses that result."""
         pending = iter(batches)
         idle = deque(self._workers)
         busy: deque[tuple[tuple[int, int, int] | None, Any]] = deque()  # None: do it here

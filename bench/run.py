@@ -447,7 +447,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profiles", default="0ms,20ms,ratelimited", help="comma-separated: 0ms,20ms,ratelimited"
     )
-    parser.add_argument("--clients", default=",".join(CLIENTS), help="histimport,naive,bare")
+    parser.add_argument(
+        "--clients", default=",".join(CLIENTS), help="histimport,naive,session,bare"
+    )
     parser.add_argument("--latency", type=float, default=20.0, help="ms of the 20ms profile")
     parser.add_argument(
         "--rate-limit",

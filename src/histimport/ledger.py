@@ -431,11 +431,11 @@ class Ledger:
 
     @_writes
     def mark_in_flight(self, messages: Iterable[Pending]) -> None:
-        """A request is about to leave: one journal row lists its messages, for `status` to
-        tell; settling passes over it (with no later word, a message is pending)."""
+        """A request is about to leave: one journal row lists its messages' ids, for `status`
+        to tell; settling passes over it (with no later word, a message is pending)."""
         self._db.execute(
             "INSERT INTO journal(state, items) VALUES (?, ?)",
-            (State.IN_FLIGHT, orjson.dumps([[m.id, m.source_uuid, None] for m in messages])),
+            (State.IN_FLIGHT, orjson.dumps([m.id for m in messages])),
         )
 
     @_writes

@@ -139,7 +139,12 @@ def check_readable(source: Source) -> None:
 def read_jsonl(stream: IO[bytes], index: int, *, max_line_bytes: int) -> Iterator[RawRow]:
     """Yield one row per non-blank physical line; blank lines are skipped and not counted."""
     for item in jsonl_lines(stream, index, max_line_bytes=max_line_bytes):
-        yield item if isinstance(item, RawRow) else parse_json_line(item[1], index, item[0])
+        yield as_row(item, index)
+
+
+def as_row(item: tuple[int, bytes] | RawRow, index: int) -> RawRow:
+    """An item of `jsonl_lines` as a row: a line parsed, or the error already found."""
+    return item if isinstance(item, RawRow) else parse_json_line(item[1], index, item[0])
 
 
 def jsonl_lines(

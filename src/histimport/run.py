@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import operator
 import os
 import tempfile
 import threading
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -33,11 +34,11 @@ from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import (
     RawRow,
     Source,
+    as_row,
     check_readable,
     detect_format,
     jsonl_lines,
     open_source,
-    parse_json_line,
     read_jsonl,
 )
 from .read_csv import read_csv
@@ -129,6 +130,8 @@ IN_PROCESS_ROWS = 5_000
 """With the default --check-workers, a source's first rows are checked in the main process:
 a small source is done before forking would pay off."""
 _BATCH_BYTES = 256 * 1024
+_valid_fields = operator.attrgetter(*(f.name for f in fields(Valid)))
+"""A Valid row's fields as a tuple, in the order Valid(*fields) takes them."""
 
 
 def _checked_in_workers(
@@ -146,20 +149,14 @@ def _checked_in_workers(
     def work(batch: list[tuple[int, bytes] | RawRow]) -> list[Valid | Rejected]:
         out = []
         for item in batch:
-            raw = item if isinstance(item, RawRow) else parse_json_line(item[1], index, item[0])
-            row = mapper(raw)
+            row = mapper(as_row(item, index))
             if row is not None:
                 out.append(check(row))
         return out
 
     def packed(batch: list[tuple[int, bytes] | RawRow]) -> list[tuple[Any, ...] | Rejected]:
         # A valid row travels back as a plain tuple: a tenth of a dataclass's pickling cost.
-        return [
-            (r.source, r.line, r.department, r.customer, r.source_uuid, r.body, r.warnings)
-            if isinstance(r, Valid)
-            else r
-            for r in work(batch)
-        ]
+        return [_valid_fields(r) if isinstance(r, Valid) else r for r in work(batch)]
 
     if warm_up:
         first = list(itertools.islice(lines, IN_PROCESS_ROWS))

@@ -121,11 +121,11 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
 
 def _in_flight(db: sqlite3.Connection) -> int:
     """Pending messages sent in a request that has no answer yet: each request leaves a
-    journal row listing its messages, and so does its answer."""
+    journal row with its messages' ids, and its answer a row listing the same messages."""
     latest = dict(db.execute(f"SELECT msg_id, seq FROM ({LATEST_WORDS})"))
     flying: set[int] = set()
     for seq, items in db.execute("SELECT seq, items FROM journal WHERE state = 4"):
-        flying.update(i for i, _, _ in orjson.loads(items) if latest.get(i, -1) < seq)
+        flying.update(i for i in orjson.loads(items) if latest.get(i, -1) < seq)
     return len(flying)
 
 

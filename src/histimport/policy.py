@@ -231,17 +231,17 @@ def settle(messages: Sequence[Pending], status: int, body: Answer) -> list[Outco
     }
     request_errors = _dump(body.get("errors"))
     outcomes = []
+    accepted, refused = State.ACCEPTED, State.FAILED
     for m in messages:
-        entry = entries.get(m.source_uuid)
-        own_errors = _dump(entry.get("errors")) if entry else ()
-        message_uuid = entry.get("messageUuid") if entry else None
-        if own_errors or m.source_uuid in failed:
+        source_uuid = m.source_uuid
+        entry = entries.get(source_uuid)
+        own_errors = _dump(entry.get("errors")) if entry and entry.get("errors") else ()
+        if own_errors or source_uuid in failed:
             errors = own_errors or request_errors or (_error("FAILED", "listed as failed"),)
-            outcomes.append(Outcome(m.id, m.source_uuid, State.FAILED, status, False, errors))
-        elif m.source_uuid in ok or (succeeded is None and entry is not None):
-            outcomes.append(
-                Outcome(m.id, m.source_uuid, State.ACCEPTED, status, message_uuid=message_uuid)
-            )
+            outcomes.append(Outcome(m.id, source_uuid, refused, status, False, errors))
+        elif source_uuid in ok or (succeeded is None and entry is not None):
+            message_uuid = entry.get("messageUuid") if entry else None
+            outcomes.append(Outcome(m.id, source_uuid, accepted, status, False, (), message_uuid))
         else:
             errors = request_errors or (
                 _error("UNCONFIRMED", "the answer neither accepted nor refused this message"),

@@ -86,7 +86,7 @@ def check_row(
             row.source, row.line, None, None, None, [Problem(error.code, error.description)]
         )
     data = row.data
-    problems = [Problem(p.code, p.description) for p in row.problems or ()]
+    problems = [Problem(p.code, p.description) for p in row.problems] if row.problems else []
     department = _path_id(data.pop("departmentUUID", None), "departmentUUID", problems)
     customer = _path_id(data.pop("customerUUID", None), "customerUUID", problems)
     source_uuid = data.get("sourceUuid")
@@ -135,7 +135,7 @@ def _warnings(data: dict[str, Any], now: str | None) -> list[Problem]:
         found.append(
             Problem("RECEIVED_BEFORE_SENT", f"receivedOn {received} is before sentOn {sent}")
         )
-    if now is not None:
+    if now is not None and ((sent and sent > now) or (received and received > now)):
         for name, value in (("sentOn", sent), ("receivedOn", received)):
             if value and value > now:
                 found.append(Problem("IN_THE_FUTURE", f"{name} {value} is in the future"))
@@ -157,6 +157,8 @@ def _is_path_segment(value: str) -> bool:
 
 def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
     """A department or customer id: exactly one safe URL path segment."""
+    if type(value) is str and _is_path_segment(value):
+        return value
     if value is None:
         problems.append(Problem("MISSING_FIELD", f"{name}: is required"))
         return None
@@ -205,14 +207,14 @@ def wire_time(moment: datetime) -> str:
 def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None:
     for parent, name in _TIMESTAMPS:
         holder = data if parent is None else data.get(parent)
-        if not isinstance(holder, dict):
+        if holder is None:
             continue
         value = holder.get(name)
         if value is None:
             continue
         normal = normalise_timestamp(value)
-        path = name if parent is None else f"{parent}.{name}"
         if normal is None:
+            path = name if parent is None else f"{parent}.{name}"
             problems.append(
                 Problem(
                     "INVALID_TIMESTAMP",
@@ -220,17 +222,20 @@ def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None
                     "(ISO 8601, e.g. 2025-03-28T11:34:43.227Z)",
                 )
             )
-        else:
+        elif normal is not value:
             holder[name] = normal
+
+
+_SILENT = dict.fromkeys(NOTIFIER_FLAGS, False)
 
 
 def _silence(data: dict[str, Any]) -> None:
     """Historical messages notify nobody: the four notifier flags go out false."""
     attributes = data.get("notificationAttributes")
-    if not isinstance(attributes, dict):
-        attributes = data["notificationAttributes"] = {}
-    for flag in NOTIFIER_FLAGS:
-        attributes[flag] = False
+    if isinstance(attributes, dict):
+        attributes.update(_SILENT)
+    else:
+        data["notificationAttributes"] = _SILENT.copy()
 
 
 _KINDS = {

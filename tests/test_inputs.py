@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from histimport.mapping import parse_time
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
 from .conftest import REPO, config_for
-from .factory import message, write_jsonl
+from .factory import interleaved, message, write_jsonl
 
 runner = CliRunner()
 SAMPLES = REPO / "samples"
@@ -440,3 +441,63 @@ def test_numbers_beyond_64_bits_are_rejected_not_altered(tmp_path: Path) -> None
     (failure,) = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
     assert (failure["line"], failure["errors"][0]["errorCode"]) == (1, "NUMBER_TOO_LARGE")
     assert result.counts["read"] == 2
+
+
+class _Reading:
+    """An observer that keeps what it is told about reading."""
+
+    def __init__(self) -> None:
+        self.sources: list[str] = []
+        self.calls: list[tuple[str, int, int | None]] = []
+
+    def staging(self, source: str) -> None:
+        self.sources.append(source)
+
+    def reading(self, done: int, total: int | None) -> None:
+        self.calls.append((self.sources[-1], done, total))
+
+    def sending(self, messages: int) -> None:
+        pass
+
+    def progress(self, accepted: int, failed: int) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+def test_reading_progress_counts_the_bytes_of_each_source(tmp_path: Path) -> None:
+    """What a progress bar shows while staging: bytes read of the file's size, never going
+    back, ending at the whole file; for gzip, compressed bytes of the compressed size."""
+    plain = write_jsonl(tmp_path / "a.jsonl", interleaved(50, 200))
+    packed = tmp_path / "b.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    observer = _Reading()
+    result = histimport.validate([plain, packed], Config(check_workers=0), observer=observer)
+    assert result.counts["read"] == 20_000
+    for path in (plain, packed):
+        calls = [(done, total) for source, done, total in observer.calls if source == str(path)]
+        size = path.stat().st_size
+        assert len(calls) >= 3, calls  # one per 4,096 rows, and the last
+        assert all(total == size for _, total in calls)
+        assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+        assert calls[-1] == (size, size)
+    assert observer.calls[0][1] < plain.stat().st_size  # reported while reading, not after
+
+
+def test_a_terminal_sees_the_reading_bar(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from histimport.display import Display
+
+    source = write_jsonl(tmp_path / "export.jsonl", interleaved(20, 300))
+    display = Display(quiet=False, log_format="text")
+    screen = io.StringIO()
+    display.console = Console(file=screen, force_terminal=True, width=160)
+    display.animate = True
+    result = histimport.validate([source], Config(check_workers=0), observer=display)
+    display.summary(result, title="validate")
+    shown = screen.getvalue()
+    assert f"reading {source}" in shown
+    size = source.stat().st_size / 1e6
+    assert f"{size:.1f}/{size:.1f} MB" in shown

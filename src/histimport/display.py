@@ -14,6 +14,7 @@ import orjson
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
@@ -57,14 +58,36 @@ class Display:
         self.animate = self.console.is_terminal and not quiet and not self.json
         self._progress: Progress | None = None
         self._task: Any = None
+        self._source = ""
 
     # -- Observer ------------------------------------------------------------------------
 
     def staging(self, source: str) -> None:
         self.event("reading", source=source)
+        self.done()
+        self._source = source
+
+    def reading(self, done: int, total: int | None) -> None:
+        """Bytes of the current source read so far (compressed bytes for gzip)."""
+        if not self.animate:
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("reading {task.description}", markup=False),
+                BarColumn(),
+                DownloadColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._task = self._progress.add_task(self._source, total=total)
+            self._progress.start()
+        self._progress.update(self._task, completed=done)
 
     def sending(self, messages: int) -> None:
         self.event("sending", messages=messages)
+        self.done()
         if not self.animate:
             return
         self._progress = Progress(

@@ -8,6 +8,7 @@ import gc
 import itertools
 import operator
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -57,6 +58,7 @@ class Observer(Protocol):
     """Hooks for a progress display; every method is optional to act on."""
 
     def staging(self, source: str) -> None: ...
+    def reading(self, done: int, total: int | None) -> None: ...
     def sending(self, messages: int) -> None: ...
     def progress(self, accepted: int, failed: int) -> None: ...
     def done(self) -> None: ...
@@ -64,6 +66,9 @@ class Observer(Protocol):
 
 class _Silent:
     def staging(self, source: str) -> None:
+        pass
+
+    def reading(self, done: int, total: int | None) -> None:
         pass
 
     def sending(self, messages: int) -> None:
@@ -181,6 +186,19 @@ def _batches(lines: Iterator[tuple[int, bytes] | RawRow]) -> Iterator[list[Any]]
             size = 0
     if batch:
         yield batch
+
+
+_READING_EVERY = 4096
+"""Rows between two reports of how much of a source was read."""
+
+
+def _file_size(path: str) -> int | None:
+    """The size of a regular file (for gzip, compressed: what `Source.size` counts)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def _realpath(source: Source) -> str | None:
@@ -351,8 +369,13 @@ class Run:
                 source.path,
                 generate_source_uuid=config.generate_source_uuid,
             )
+            total = None if source.is_stdin else _file_size(source.path)
             with open_source(source) as stream:
-                for checked in self._checked_rows(source, stream, index, mapper, check):
+                for n, checked in enumerate(
+                    self._checked_rows(source, stream, index, mapper, check), 1
+                ):
+                    if not n % _READING_EVERY:
+                        self.observer.reading(source.size, total)
                     if not self._owns(checked):
                         continue
                     self.read += 1
@@ -362,6 +385,7 @@ class Run:
                 # Drain, so that size and sha256 cover the whole source.
                 while stream.read(1 << 20):
                     pass
+            self.observer.reading(source.size, total)
 
     def _checked_rows(
         self,

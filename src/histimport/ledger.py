@@ -12,9 +12,14 @@ the rows it searches large.
 While sending, every answer is committed as it arrives, as rows appended to `journal`, one
 per request and kind of outcome with its messages as a JSON list: appending touches a page or
 two per request, where updating the staged messages in place would rewrite a page per
-message (a customer's messages are scattered through the file).
-`settle` applies the journal at the end of a run; after a crash, the next run applies the
-dead run's journal before it starts, so nothing the platform answered is ever forgotten.
+message (a customer's messages are scattered through the file). The journal is a database
+of its own (`journal.sqlite3`, attached as `jl`), so that a thread can settle it into the
+ledger while answers keep arriving, neither waiting for the other's write lock.
+
+Settling applies the journal in steps, in journal order, up to a watermark kept with what
+it wrote (`stage_meta.settled`): during sending, in that thread (SQLite runs without the
+GIL), and for what is left at the end of a run; after a crash, the next run applies the dead
+run's journal before it starts, so nothing the platform answered is ever forgotten.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import fcntl
 import functools
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -36,6 +43,7 @@ from .check import Rejected, Valid
 from .errors import LedgerError
 
 LEDGER_FILE = "ledger.sqlite3"
+JOURNAL_FILE = "journal.sqlite3"
 BODIES_FILE = "staged-bodies"
 """The current run's staged message bodies, one after another; `msg` holds where each is."""
 _STAGE_BATCH = 5000
@@ -58,12 +66,13 @@ _STAGING = """
 DROP TABLE IF EXISTS msg;
 DROP TABLE IF EXISTS rejected;
 DROP TABLE IF EXISTS keys;
-DROP TABLE IF EXISTS journal;
+DROP TABLE IF EXISTS jl.journal;
+DROP TABLE IF EXISTS main.journal;
 DROP TABLE IF EXISTS stage_meta;
-CREATE TABLE stage_meta(run_id INTEGER, target TEXT);
-CREATE TABLE journal(
-    seq INTEGER PRIMARY KEY, state INTEGER, http_status INTEGER, retryable INTEGER,
-    errors BLOB, items BLOB);
+CREATE TABLE jl.journal(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, state INTEGER, http_status INTEGER,
+    retryable INTEGER, errors BLOB, items BLOB);
+CREATE TABLE stage_meta(run_id INTEGER, target TEXT, settled INTEGER NOT NULL DEFAULT 0);
 DROP TABLE IF EXISTS outcome;
 CREATE TABLE outcome(
     msg_id INTEGER PRIMARY KEY, source_uuid TEXT, state INTEGER, http_status INTEGER,
@@ -83,7 +92,7 @@ _WORDS = """
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
            json_extract(e.value, '$[2]') AS message_uuid, j.seq
-      FROM journal j, json_each(j.items) e WHERE j.state != 4"""
+      FROM jl.journal j, json_each(j.items) e WHERE j.state != 4"""
 """Every word on a message in the journal, one row each; in-flight marks are left out."""
 LATEST_WORDS = f"SELECT *, MAX(seq) FROM ({_WORDS}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
@@ -156,6 +165,63 @@ def _writes(method: _Method) -> _Method:
     return cast(_Method, guarded)
 
 
+def _connect(state_dir: Path) -> sqlite3.Connection:
+    """A connection to the ledger with the journal attached as `jl`."""
+    db = sqlite3.connect(state_dir / LEDGER_FILE, isolation_level=None)
+    db.execute("ATTACH DATABASE ? AS jl", (str(state_dir / JOURNAL_FILE),))
+    for schema in ("main", "jl"):
+        db.execute(f"PRAGMA {schema}.journal_mode=WAL")
+        db.execute(f"PRAGMA {schema}.synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=30000")
+    return db
+
+
+_STEP = (
+    # In journal order (the step's rows were written in it), each word replacing the one
+    # before: the last word stays.
+    """INSERT OR REPLACE INTO outcome
+       SELECT msg_id, source_uuid, state, http_status, retryable, errors, message_uuid
+         FROM temp.step ORDER BY rowid""",
+    # Sorted, so that the B-tree grows page by page instead of at random. The staged
+    # messages are not read: the words carry their sourceUuids.
+    """INSERT OR IGNORE INTO accepted
+       SELECT :target, source_uuid, message_uuid, :run, :at
+         FROM temp.step WHERE state = 1 ORDER BY source_uuid""",
+    # A refusal never undoes an acceptance (a message is in one of the two, at most).
+    """INSERT OR REPLACE INTO refused
+       SELECT :target, source_uuid, http_status, errors, :run
+         FROM temp.step s WHERE state = 2 AND retryable = 0 AND NOT EXISTS
+              (SELECT 1 FROM accepted a WHERE a.target = :target AND a.source_uuid = s.source_uuid)
+        ORDER BY source_uuid""",
+    # What the platform accepted is no longer refused, whenever it was refused.
+    """DELETE FROM refused WHERE target = :target AND source_uuid IN
+       (SELECT source_uuid FROM temp.step WHERE state = 1)""",
+    "UPDATE stage_meta SET settled = :upto",
+    "DROP TABLE temp.step",
+)
+
+
+def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
+    """Apply the journal past the watermark in one transaction, the watermark with it;
+    return the new watermark. Only the ledger is written (the journal is read), so this
+    runs beside a connection appending to the journal."""
+    with db:
+        db.execute("BEGIN")
+        (settled,) = db.execute("SELECT settled FROM stage_meta").fetchone()
+        (upto,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jl.journal").fetchone()
+        if upto <= settled:
+            return int(settled)
+        params = {"target": target, "run": run_id, "at": _now(), "upto": upto}
+        db.execute(
+            f"CREATE TEMP TABLE step AS {_WORDS} AND j.seq > :after AND j.seq <= :upto "
+            "ORDER BY j.seq",
+            {"after": settled, "upto": upto},
+        )
+        for statement in _STEP:
+            db.execute(statement, params)
+    return int(upto)
+
+
 def _take(items: list[Any]) -> list[Any]:
     taken = items[:]
     items.clear()
@@ -190,9 +256,7 @@ class Ledger:
         path = state_dir / LEDGER_FILE
         old_umask = os.umask(0o077)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = _connect(state_dir)
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             self._lock.close()
@@ -235,7 +299,9 @@ class Ledger:
             (command, target, _now()),
         )
         self.run_id = int(cur.lastrowid or 0)
-        self._db.execute("INSERT INTO stage_meta VALUES (?, ?)", (self.run_id, target))
+        self._db.execute(
+            "INSERT INTO stage_meta(run_id, target) VALUES (?, ?)", (self.run_id, target)
+        )
         self._keys.clear()
 
     def _recover(self) -> None:
@@ -434,7 +500,7 @@ class Ledger:
         """A request is about to leave: one journal row lists its messages' ids, for `status`
         to tell; settling passes over it (with no later word, a message is pending)."""
         self._db.execute(
-            "INSERT INTO journal(state, items) VALUES (?, ?)",
+            "INSERT INTO jl.journal(state, items) VALUES (?, ?)",
             (State.IN_FLIGHT, orjson.dumps([m.id for m in messages])),
         )
 
@@ -455,7 +521,7 @@ class Ledger:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO journal(state, http_status, retryable, errors, items) "
+                "INSERT INTO jl.journal(state, http_status, retryable, errors, items) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [
                     (
@@ -471,44 +537,42 @@ class Ledger:
 
     @_writes
     def settle(self) -> None:
-        """Apply the journal: each message's last word goes into `outcome`, and what the
-        platform accepted or refused is kept for later runs. Idempotent. In-flight marks are
-        left out: a message with no later word is still pending, that is, not sent."""
-        db = self._db
-        params = {"target": self.target, "run": self.run_id, "at": _now()}
-        with db:
-            db.execute("BEGIN")
-            # In journal order, each word replacing the one before: the last word stays.
-            db.execute(
-                f"""INSERT OR REPLACE INTO outcome
-                    SELECT msg_id, source_uuid, state, http_status, retryable, errors,
-                           message_uuid
-                      FROM ({_WORDS}) ORDER BY seq"""
-            )
-            db.execute("DELETE FROM journal")
-            # Sorted, so that the B-tree grows page by page instead of at random. The staged
-            # messages are not read: the outcomes carry their sourceUuids.
-            db.execute(
-                """INSERT OR IGNORE INTO accepted
-                   SELECT :target, source_uuid, message_uuid, :run, :at
-                     FROM outcome WHERE state = 1 ORDER BY source_uuid""",
-                params,
-            )
-            refused_before = db.execute(
-                "SELECT 1 FROM refused WHERE target = ? LIMIT 1", (self.target,)
-            ).fetchone()
-            if refused_before:
-                db.execute(
-                    """DELETE FROM refused WHERE target = :target AND source_uuid IN
-                       (SELECT source_uuid FROM outcome WHERE state = 1)""",
-                    params,
-                )
-            db.execute(
-                """INSERT OR REPLACE INTO refused
-                   SELECT :target, source_uuid, http_status, errors, :run
-                     FROM outcome WHERE state = 2 AND retryable = 0 ORDER BY source_uuid""",
-                params,
-            )
+        """Apply what is left of the journal: each message's last word goes into `outcome`,
+        and what the platform accepted or refused is kept for later runs. Idempotent.
+        In-flight marks are left out: a message with no later word is still pending, that
+        is, not sent. The journal, all applied, is then emptied (its sequence goes on).
+        Nothing may append to the journal meanwhile: the settling thread is stopped."""
+        _settle_step(self._db, self.target, self.run_id)
+        self._db.execute("DELETE FROM jl.journal")  # whole: SQLite drops its pages at once
+
+    @contextmanager
+    def settling(self, every: float = 0.5) -> Iterator[None]:
+        """Settle the journal in steps, in a thread, while the body runs (sending): the end
+        of the run has only the last step left. The body may append to the journal; it must
+        not write anything else to the ledger meanwhile."""
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._settle_until, args=(stop, every), name="histimport-settle", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _settle_until(self, stop: threading.Event, every: float) -> None:
+        try:
+            db = _connect(self._dir)
+            try:
+                while not stop.wait(every):
+                    _settle_step(db, self.target, self.run_id)
+            finally:
+                db.close()
+        except (OSError, sqlite3.Error):
+            # Left to the final `settle`, in the run's own thread: it applies the rest of
+            # the journal, or stops the run with the error.
+            return
 
     # -- accounting --------------------------------------------------------------------
 

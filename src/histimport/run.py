@@ -483,7 +483,8 @@ class Run:
             finally:
                 restore()
 
-        stats = asyncio.run(main())
+        with ledger.settling():
+            stats = asyncio.run(main())
         self.observer.done()
         return stats
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import LedgerError, UsageError
-from .ledger import LATEST_WORDS, LEDGER_FILE, State
+from .ledger import JOURNAL_FILE, LATEST_WORDS, LEDGER_FILE, State
 
 _COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
 _STATE_NAMES = {
@@ -37,6 +37,9 @@ def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
     try:
+        journal = state_dir / JOURNAL_FILE
+        if journal.is_file():
+            db.execute("ATTACH DATABASE ? AS jl", (f"file:{journal}?mode=ro",))
         return _summary(db, state_dir, runs)
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
@@ -89,15 +92,17 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
     current: dict[str, int] = {}
     errors: Counter[str] = Counter()
     if _has_table(db, "msg"):
-        # During a run, the latest word on a message is in the journal.
+        journal = _has_journal(db)
+        # During a run, the latest word on a message may still be in the journal.
+        words = f"({LATEST_WORDS})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
         for state, n in db.execute(
             f"""SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
-               LEFT JOIN ({LATEST_WORDS}) j ON j.msg_id = m.id
+               LEFT JOIN {words} j ON j.msg_id = m.id
                LEFT JOIN outcome o ON o.msg_id = m.id
                GROUP BY 1"""
         ):
             current[_STATE_NAMES[State(state)]] = n
-        flying = _in_flight(db)
+        flying = _in_flight(db) if journal else 0
         if flying:
             current["pending"] = current.get("pending", 0) - flying
             current["inFlight"] = flying
@@ -124,13 +129,22 @@ def _in_flight(db: sqlite3.Connection) -> int:
     journal row with its messages' ids, and its answer a row listing the same messages."""
     latest = dict(db.execute(f"SELECT msg_id, seq FROM ({LATEST_WORDS})"))
     flying: set[int] = set()
-    for seq, items in db.execute("SELECT seq, items FROM journal WHERE state = 4"):
+    for seq, items in db.execute("SELECT seq, items FROM jl.journal WHERE state = 4"):
         flying.update(i for i in orjson.loads(items) if latest.get(i, -1) < seq)
     return len(flying)
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+
+
+def _has_journal(db: sqlite3.Connection) -> bool:
+    attached = any(name == "jl" for _, name, _ in db.execute("PRAGMA database_list"))
+    return (
+        attached
+        and db.execute("SELECT 1 FROM jl.sqlite_master WHERE name = 'journal'").fetchone()
+        is not None
+    )
 
 
 def purge(state_dir: Path, *, force: bool = False) -> None:

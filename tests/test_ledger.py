@@ -1,0 +1,173 @@
+"""The journal and its settling: in steps while sending, or at once, to the same ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import histimport.ledger as ledger_module
+from histimport.check import check_row
+from histimport.ledger import Ledger, Outcome, Pending, State
+from histimport.read import RawRow
+
+from .factory import interleaved
+
+TARGET = "http://platform.test/communications"
+
+
+def staged(state_dir: Path, rows: int, *, refused: tuple[str, ...] = ()) -> Ledger:
+    """A ledger with `rows` messages staged and ready to send; `refused` were refused by an
+    earlier run (and are carried, so: sent again only when not carried)."""
+    ledger = Ledger(state_dir)
+    if refused:
+        ledger._db.executemany(
+            "INSERT INTO refused VALUES (?, ?, 400, NULL, 0)", [(TARGET, u) for u in refused]
+        )
+    ledger.begin_run("load", TARGET)
+    source = list(interleaved(5, -(-rows // 5)))[:rows]
+    ledger.stage(check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(source))
+    ledger.finish_staging(carry_refused=False)
+    return ledger
+
+
+def pending(ledger: Ledger) -> list[Pending]:
+    keys = [key_id for key_id, _, _ in ledger.keys()]  # noqa: SIM118 (a method of the ledger)
+    return [m for key_id in keys for m in ledger.pending(key_id, 0, 10_000)]
+
+
+# One answer: which messages (by position) and what became of them.
+KINDS = {
+    "accepted": (State.ACCEPTED, 200, False),
+    "retryable": (State.FAILED, 503, True),
+    "refused": (State.FAILED, 400, False),
+    "held": (State.PENDING, None, True),
+}
+answers = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(KINDS)),
+        st.lists(st.integers(0, 29), min_size=1, max_size=6, unique=True),
+        st.booleans(),  # settle after this answer?
+    ),
+    max_size=25,
+)
+
+
+def replay(ledger: Ledger, plan: list[tuple[str, list[int], bool]], *, in_steps: bool) -> None:
+    messages = pending(ledger)
+    for kind, picks, cut in plan:
+        chosen = [messages[i] for i in picks]
+        ledger.mark_in_flight(chosen)
+        state, status, retryable = KINDS[kind]
+        errors = () if state is State.ACCEPTED else ({"errorCode": kind.upper()},)
+        ledger.record(
+            [
+                Outcome(m.id, m.source_uuid, state, status, retryable, errors, f"m-{m.id}")
+                for m in chosen
+            ]
+        )
+        if in_steps and cut:
+            ledger.settle()
+    ledger.settle()
+
+
+def tables(ledger: Ledger) -> dict[str, Any]:
+    db = ledger._db
+    return {
+        "outcome": db.execute("SELECT * FROM outcome ORDER BY msg_id").fetchall(),
+        "accepted": db.execute(
+            "SELECT target, source_uuid, message_uuid FROM accepted ORDER BY 2"
+        ).fetchall(),
+        "refused": db.execute("SELECT * FROM refused ORDER BY 2").fetchall(),
+        "counts": ledger.counts(),
+        "failures": list(ledger.failures()),
+        "journal": db.execute("SELECT COUNT(*) FROM jl.journal").fetchone(),
+    }
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(plan=answers)
+def test_settling_in_steps_ends_where_settling_at_once_does(
+    tmp_path_factory: pytest.TempPathFactory, plan: list[tuple[str, list[int], bool]]
+) -> None:
+    """Whatever the answers and wherever the steps fall: the same last word per message,
+    the same accepted and refused, and no message both accepted and refused."""
+    results = []
+    for in_steps in (False, True):
+        state = tmp_path_factory.mktemp("state")
+        with staged(state, 30, refused=("dep-1.cust-00001.000000",)) as ledger:
+            replay(ledger, plan, in_steps=in_steps)
+            results.append(tables(ledger))
+    once, in_steps = results
+    assert in_steps == once
+    accepted = {row[1] for row in once["accepted"]}
+    assert not accepted & {row[1] for row in once["refused"]}
+    assert once["journal"] == (0,)
+
+
+def test_the_thread_settles_while_answers_keep_coming(tmp_path: Path) -> None:
+    with staged(tmp_path / "state", 300) as ledger:
+        messages = pending(ledger)
+        with ledger.settling(every=0.005):
+            for i in range(0, 300, 10):
+                chunk = messages[i : i + 10]
+                ledger.mark_in_flight(chunk)
+                ledger.record([Outcome(m.id, m.source_uuid, State.ACCEPTED, 200) for m in chunk])
+            # Before the run's own settle: the thread has applied the journal.
+            assert _eventually(lambda: _accepted(tmp_path / "state") == 300)
+        ledger.settle()
+        assert ledger.counts()["accepted"] == 300
+        assert ledger._db.execute("SELECT COUNT(*) FROM jl.journal").fetchone() == (0,)
+
+
+def test_a_failing_thread_leaves_its_work_to_the_final_settle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = ledger_module._settle_step
+    calls: list[str] = []
+
+    def failing_in_the_thread(db: sqlite3.Connection, target: str, run_id: int) -> int:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "histimport-settle":
+            raise sqlite3.OperationalError("disk I/O error")
+        return step(db, target, run_id)
+
+    monkeypatch.setattr(ledger_module, "_settle_step", failing_in_the_thread)
+    with staged(tmp_path / "state", 50) as ledger:
+        messages = pending(ledger)
+        with ledger.settling(every=0.001):
+            ledger.record([Outcome(m.id, m.source_uuid, State.ACCEPTED, 200) for m in messages])
+            assert _eventually(lambda: "histimport-settle" in calls)
+        assert _accepted(tmp_path / "state") == 0
+        ledger.settle()
+        assert ledger.counts()["accepted"] == 50
+        assert _accepted(tmp_path / "state") == 50
+
+
+def _accepted(state_dir: Path) -> int:
+    with sqlite3.connect(state_dir / "ledger.sqlite3") as db:
+        return int(db.execute("SELECT COUNT(*) FROM accepted").fetchone()[0])
+
+
+def _eventually(condition: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _no_threads_left() -> Iterator[None]:
+    yield
+    assert not any(t.name == "histimport-settle" for t in threading.enumerate())

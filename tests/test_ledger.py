@@ -63,14 +63,14 @@ answers = st.lists(
 
 def replay(ledger: Ledger, plan: list[tuple[str, list[int], bool]], *, in_steps: bool) -> None:
     messages = pending(ledger)
-    for kind, picks, cut in plan:
+    for n, (kind, picks, cut) in enumerate(plan):
         chosen = [messages[i] for i in picks]
         ledger.mark_in_flight(chosen)
         state, status, retryable = KINDS[kind]
         errors = () if state is State.ACCEPTED else ({"errorCode": kind.upper()},)
         ledger.record(
             [
-                Outcome(m.id, m.source_uuid, state, status, retryable, errors, f"m-{m.id}")
+                Outcome(m.id, m.source_uuid, state, status, retryable, errors, f"m-{m.id}-{n}")
                 for m in chosen
             ]
         )
@@ -174,23 +174,77 @@ def _no_threads_left() -> Iterator[None]:
     assert not any(t.name == "histimport-settle" for t in threading.enumerate())
 
 
-def test_the_journal_log_stays_bounded_while_sending(tmp_path: Path) -> None:
-    """However long the run, the journal's write-ahead log is reused from its start instead
-    of growing with the answers (an import of 100 million messages writes gigabytes)."""
+def test_the_journal_log_stays_bounded_while_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long the run, the journal's write-ahead log starts over past a bound instead
+    of growing with the answers (an import of 100 million messages writes gigabytes). The
+    bound is lowered to 1 MB here, so that a short test crosses it many times."""
+    monkeypatch.setattr(ledger_module, "_JOURNAL_LOG_PAGES", 250)
     state = tmp_path / "state"
     with staged(state, 100) as ledger:
         messages = pending(ledger)
         written = 0
-        with ledger.settling(every=0.005):
-            for n in range(3000):
+        with ledger.settling(every=0.01):
+            for n in range(2000):
                 words = [
                     Outcome(m.id, m.source_uuid, State.FAILED, 503, True, (), f"{n:036d}")
                     for m in messages
                 ]
                 ledger.record(words)
                 written += len(orjson.dumps([[m.id, m.source_uuid, f"{n:036d}"] for m in words]))
+                time.sleep(0.0002)
         log = (state / "journal.sqlite3-wal").stat().st_size
-        # About 60 MB of log pages were appended (a record spans several pages); the log is
-        # reused once past 10 MB, a little later when the thread is checkpointing just then.
-        assert written > 20_000_000
-        assert log < 40_000_000, (log, written)
+        # About 30 MB of log pages were appended (a record spans several pages); the log
+        # starts over past 1 MB, once the thread, every 10 ms and a step, sees it there.
+        assert written > 12_000_000
+        assert log < 12_000_000, (log, written)
+
+
+def test_a_state_dir_with_the_journal_in_the_ledger_is_taken_over(tmp_path: Path) -> None:
+    """A state dir left by a version that kept the journal inside ledger.sqlite3, by a run
+    that was killed: its answers are applied, not lost, before the next run starts."""
+    state = tmp_path / "state"
+    with staged(state, 20) as ledger:
+        messages = pending(ledger)
+        db = ledger._db
+        db.execute("ALTER TABLE stage_meta DROP COLUMN settled")
+        db.execute(
+            "CREATE TABLE main.journal(seq INTEGER PRIMARY KEY, state INTEGER, "
+            "http_status INTEGER, retryable INTEGER, errors BLOB, items BLOB)"
+        )
+        db.execute(
+            "INSERT INTO main.journal(state, http_status, retryable, items) VALUES (1, 200, 0, ?)",
+            (orjson.dumps([[m.id, m.source_uuid, f"m-{m.id}"] for m in messages[:12]]),),
+        )
+        db.execute("DROP TABLE jl.journal")
+    for leftover in state.glob("journal.sqlite3*"):
+        leftover.unlink()
+    with Ledger(state) as ledger:
+        ledger.begin_run("load", TARGET)
+        accepted = ledger._db.execute("SELECT source_uuid FROM accepted ORDER BY 1").fetchall()
+        assert [u for (u,) in accepted] == sorted(m.source_uuid for m in messages[:12])
+        assert ledger._db.execute("SELECT settled FROM stage_meta").fetchone() == (0,)
+
+
+def test_a_lost_journal_does_not_lock_the_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with staged(state, 5):
+        pass
+    for journal in state.glob("journal.sqlite3*"):
+        journal.unlink()
+    with Ledger(state) as ledger:
+        ledger.begin_run("load", TARGET)
+        assert ledger.staged_rows() == 0
+
+
+def test_status_reads_a_state_dir_whose_name_needs_quoting(tmp_path: Path) -> None:
+    from histimport.status import status
+
+    state = tmp_path / "odd #1 ?x %41"
+    with staged(state, 10) as ledger:
+        ledger.settle()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    summary = status(state)
+    assert summary["lastRun"] == {"pending": 10, "rejected": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no stray file

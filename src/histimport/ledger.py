@@ -62,16 +62,19 @@ CREATE TABLE IF NOT EXISTS accepted(
     target TEXT, source_uuid TEXT, message_uuid TEXT, run_id INTEGER, at TEXT,
     PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;
 """
-_STAGING = """
+_JOURNAL_TABLE = """CREATE TABLE jl.journal(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, state INTEGER, http_status INTEGER,
+    retryable INTEGER, errors BLOB, items BLOB)"""
+"""One row per request in flight and per kind of outcome of an answer (AUTOINCREMENT: a
+sequence number is never given twice, even after the journal is emptied)."""
+_STAGING = f"""
+DROP TABLE IF EXISTS stage_meta;
 DROP TABLE IF EXISTS msg;
 DROP TABLE IF EXISTS rejected;
 DROP TABLE IF EXISTS keys;
 DROP TABLE IF EXISTS jl.journal;
 DROP TABLE IF EXISTS main.journal;
-DROP TABLE IF EXISTS stage_meta;
-CREATE TABLE jl.journal(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, state INTEGER, http_status INTEGER,
-    retryable INTEGER, errors BLOB, items BLOB);
+{_JOURNAL_TABLE};
 CREATE TABLE stage_meta(run_id INTEGER, target TEXT, settled INTEGER NOT NULL DEFAULT 0);
 DROP TABLE IF EXISTS outcome;
 CREATE TABLE outcome(
@@ -166,9 +169,10 @@ def _writes(method: _Method) -> _Method:
 
 
 def _connect(state_dir: Path) -> sqlite3.Connection:
-    """A connection to the ledger with the journal attached as `jl`."""
-    db = sqlite3.connect(state_dir / LEDGER_FILE, isolation_level=None)
-    db.execute("ATTACH DATABASE ? AS jl", (str(state_dir / JOURNAL_FILE),))
+    """A connection to the ledger with the journal attached as `jl`. (Absolute paths: a
+    SQLite built to take URIs everywhere would read a name starting `file:` as one.)"""
+    db = sqlite3.connect(str((state_dir / LEDGER_FILE).absolute()), isolation_level=None)
+    db.execute("ATTACH DATABASE ? AS jl", (str((state_dir / JOURNAL_FILE).absolute()),))
     for schema in ("main", "jl"):
         db.execute(f"PRAGMA {schema}.journal_mode=WAL")
         db.execute(f"PRAGMA {schema}.synchronous=NORMAL")
@@ -176,10 +180,12 @@ def _connect(state_dir: Path) -> sqlite3.Connection:
     return db
 
 
-_JOURNAL_WAL_BOUND = 2_500
-"""Pages (10 MB) the journal's write-ahead log reaches while sending before appending an
-answer checkpoints it, so that the log is reused from its start. The settling thread has
-copied nearly all of it to the journal by then: that checkpoint has little left to do."""
+_JOURNAL_LOG_PAGES = 2_500
+"""Pages (10 MB) of the journal's write-ahead log past which the settling thread has the log
+start over."""
+_JOURNAL_LOG_BOUND = 25_000
+"""Pages (100 MB) past which appending an answer checkpoints the log itself: only when the
+settling thread no longer does."""
 
 _STEP = (
     # In journal order (the step's rows were written in it), each word replacing the one
@@ -225,6 +231,11 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
         for statement in _STEP:
             db.execute(statement, params)
     return int(upto)
+
+
+def _has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
+    found = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE name = ?", (name,))
+    return found.fetchone() is not None
 
 
 def _take(items: list[Any]) -> list[Any]:
@@ -311,13 +322,25 @@ class Ledger:
 
     def _recover(self) -> None:
         """Apply the journal a killed run left behind, before its staging is dropped."""
-        exists = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'stage_meta'"
-        ).fetchone()
-        if exists is None:
+        db = self._db
+        if not _has_table(db, "main", "stage_meta"):
             return
-        row = self._db.execute("SELECT run_id, target FROM stage_meta").fetchone()
-        if row is not None:
+        if _has_table(db, "main", "journal"):
+            # A state dir of a version that kept the journal in the ledger: move it over.
+            with db:
+                db.execute("BEGIN")
+                db.execute(_JOURNAL_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+                db.execute(
+                    "INSERT INTO jl.journal(state, http_status, retryable, errors, items) "
+                    "SELECT state, http_status, retryable, errors, items FROM main.journal "
+                    "ORDER BY seq"
+                )
+                db.execute("DROP TABLE main.journal")
+        columns = {row[1] for row in db.execute("PRAGMA main.table_info(stage_meta)")}
+        if "settled" not in columns:
+            db.execute("ALTER TABLE stage_meta ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
+        row = db.execute("SELECT run_id, target FROM stage_meta").fetchone()
+        if row is not None and _has_table(db, "jl", "journal"):
             self.run_id, self.target = row
             self.settle()
 
@@ -560,8 +583,8 @@ class Ledger:
             target=self._settle_until, args=(stop, every), name="histimport-settle", daemon=True
         )
         # The thread checkpoints the journal's write-ahead log after each step, off the
-        # event loop; appending answers checkpoints it less often than SQLite would.
-        self._db.execute(f"PRAGMA wal_autocheckpoint={_JOURNAL_WAL_BOUND}")
+        # event loop; appending answers checkpoints it only if the thread does not.
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_JOURNAL_LOG_BOUND}")
         thread.start()
         try:
             yield
@@ -576,7 +599,12 @@ class Ledger:
             try:
                 while not stop.wait(every):
                     _settle_step(db, self.target, self.run_id)
-                    db.execute("PRAGMA jl.wal_checkpoint(PASSIVE)")
+                    _, pages, _ = db.execute("PRAGMA jl.wal_checkpoint(PASSIVE)").fetchone()
+                    if pages > _JOURNAL_LOG_PAGES:
+                        # The next append starts the log over: this waits for the append
+                        # under way, and holds the next one back while the little left
+                        # after the passive checkpoint is copied.
+                        db.execute("PRAGMA jl.wal_checkpoint(RESTART)")
             finally:
                 db.close()
         except (OSError, sqlite3.Error):

@@ -33,13 +33,13 @@ def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(_read_only(path), uri=True)
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
     try:
         journal = state_dir / JOURNAL_FILE
         if journal.is_file():
-            db.execute("ATTACH DATABASE ? AS jl", (f"file:{journal}?mode=ro",))
+            db.execute("ATTACH DATABASE ? AS jl", (_read_only(journal),))
         return _summary(db, state_dir, runs)
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
@@ -132,6 +132,11 @@ def _in_flight(db: sqlite3.Connection) -> int:
     for seq, items in db.execute("SELECT seq, items FROM jl.journal WHERE state = 4"):
         flying.update(i for i in orjson.loads(items) if latest.get(i, -1) < seq)
     return len(flying)
+
+
+def _read_only(path: Path) -> str:
+    """A SQLite URI opening `path` read-only (quoted: a name may hold `#`, `?` or `%`)."""
+    return f"{path.absolute().as_uri()}?mode=ro"
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

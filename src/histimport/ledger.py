@@ -465,25 +465,12 @@ class Ledger:
         db = self._db
         with db:
             db.execute("BEGIN")
-            db.execute("CREATE INDEX msg_uuid ON msg(source_uuid, id)")
-            db.execute(
-                """CREATE TEMP TABLE dup AS
-                   SELECT m.id, m.src, m.line, m.key_id, m.source_uuid, f.line AS first_line
-                   FROM msg m JOIN (SELECT source_uuid, MIN(id) AS id FROM msg
-                                    GROUP BY source_uuid HAVING COUNT(*) > 1) g
-                     ON g.source_uuid = m.source_uuid AND m.id > g.id
-                   JOIN msg f ON f.id = g.id"""
-            )
-            db.execute(
-                """INSERT INTO rejected(src, line, department, customer, source_uuid, errors)
-                   SELECT d.src, d.line, k.department, k.customer, d.source_uuid,
-                          json_array(json_object('errorCode', 'DUPLICATE_SOURCE_UUID',
-                            'errorDescription', 'sourceUuid: "' || d.source_uuid ||
-                            '" was already read at line ' || d.first_line))
-                   FROM dup d JOIN keys k ON k.id = d.key_id"""
-            )
-            db.execute("DELETE FROM msg WHERE id IN (SELECT id FROM dup)")
-            db.execute("DROP TABLE dup")
+            try:
+                # Usually no sourceUuid repeats: the index proves it as it is built.
+                db.execute("CREATE UNIQUE INDEX msg_uuid ON msg(source_uuid)")
+            except sqlite3.IntegrityError:
+                db.execute("CREATE INDEX msg_uuid ON msg(source_uuid, id)")
+                self._reject_repeats()
             db.execute(
                 "UPDATE msg SET state=? WHERE source_uuid IN "
                 "(SELECT source_uuid FROM accepted WHERE target=?)",
@@ -497,6 +484,28 @@ class Ledger:
                     (State.FAILED, self.target),
                 )
             db.execute("CREATE INDEX msg_key ON msg(key_id, id)")
+
+    def _reject_repeats(self) -> None:
+        """Every staged row whose sourceUuid an earlier row has: rejected, not sent."""
+        db = self._db
+        db.execute(
+            """CREATE TEMP TABLE dup AS
+               SELECT m.id, m.src, m.line, m.key_id, m.source_uuid, f.line AS first_line
+               FROM msg m JOIN (SELECT source_uuid, MIN(id) AS id FROM msg
+                                GROUP BY source_uuid HAVING COUNT(*) > 1) g
+                 ON g.source_uuid = m.source_uuid AND m.id > g.id
+               JOIN msg f ON f.id = g.id"""
+        )
+        db.execute(
+            """INSERT INTO rejected(src, line, department, customer, source_uuid, errors)
+               SELECT d.src, d.line, k.department, k.customer, d.source_uuid,
+                      json_array(json_object('errorCode', 'DUPLICATE_SOURCE_UUID',
+                        'errorDescription', 'sourceUuid: "' || d.source_uuid ||
+                        '" was already read at line ' || d.first_line))
+               FROM dup d JOIN keys k ON k.id = d.key_id"""
+        )
+        db.execute("DELETE FROM msg WHERE id IN (SELECT id FROM dup)")
+        db.execute("DROP TABLE dup")
 
     # -- sending -----------------------------------------------------------------------
 

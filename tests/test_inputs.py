@@ -19,6 +19,7 @@ import histimport
 from histimport import Config, ExitStatus
 from histimport.cli import app
 from histimport.mapping import parse_time
+from histimport.run import Silent
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
 from .conftest import REPO, config_for
@@ -443,7 +444,7 @@ def test_numbers_beyond_64_bits_are_rejected_not_altered(tmp_path: Path) -> None
     assert result.counts["read"] == 2
 
 
-class _Reading:
+class _Reading(Silent):
     """An observer that keeps what it is told about reading."""
 
     def __init__(self) -> None:
@@ -455,15 +456,6 @@ class _Reading:
 
     def reading(self, done: int, total: int | None) -> None:
         self.calls.append((self.sources[-1], done, total))
-
-    def sending(self, messages: int) -> None:
-        pass
-
-    def progress(self, accepted: int, failed: int) -> None:
-        pass
-
-    def done(self) -> None:
-        pass
 
 
 def test_reading_progress_counts_the_bytes_of_each_source(tmp_path: Path) -> None:

@@ -64,7 +64,9 @@ class Observer(Protocol):
     def done(self) -> None: ...
 
 
-class _Silent:
+class Silent:
+    """An observer that acts on nothing: subclass it to act on some events only."""
+
     def staging(self, source: str) -> None:
         pass
 
@@ -263,7 +265,7 @@ class Run:
         include_permanent: bool = False,
     ) -> None:
         self.config = config
-        self.observer = observer or _Silent()
+        self.observer = observer or Silent()
         self.selection = selection
         self.include_permanent = include_permanent
         self.read = 0

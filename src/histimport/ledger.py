@@ -304,6 +304,7 @@ class Ledger:
 
     # -- run ---------------------------------------------------------------------------
 
+    @_writes
     def begin_run(self, command: str, target: str) -> None:
         """Start a run: a fresh staging area; what was accepted or refused before stays."""
         self._recover()

@@ -233,7 +233,8 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
     return int(upto)
 
 
-def _has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
+def has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
+    """Whether the database `schema` of `db` (main, or an attached one) has table `name`."""
     found = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE name = ?", (name,))
     return found.fetchone() is not None
 
@@ -324,9 +325,9 @@ class Ledger:
     def _recover(self) -> None:
         """Apply the journal a killed run left behind, before its staging is dropped."""
         db = self._db
-        if not _has_table(db, "main", "stage_meta"):
+        if not has_table(db, "main", "stage_meta"):
             return
-        if _has_table(db, "main", "journal"):
+        if has_table(db, "main", "journal"):
             # A state dir of a version that kept the journal in the ledger: move it over.
             with db:
                 db.execute("BEGIN")
@@ -341,7 +342,7 @@ class Ledger:
         if "settled" not in columns:
             db.execute("ALTER TABLE stage_meta ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
         row = db.execute("SELECT run_id, target FROM stage_meta").fetchone()
-        if row is not None and _has_table(db, "jl", "journal"):
+        if row is not None and has_table(db, "jl", "journal"):
             self.run_id, self.target = row
             self.settle()
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import LedgerError, UsageError
-from .ledger import JOURNAL_FILE, LATEST_WORDS, LEDGER_FILE, State
+from .ledger import JOURNAL_FILE, LATEST_WORDS, LEDGER_FILE, State, has_table
 
 _COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
 _STATE_NAMES = {
@@ -91,8 +91,9 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
         )
     current: dict[str, int] = {}
     errors: Counter[str] = Counter()
-    if _has_table(db, "msg"):
-        journal = _has_journal(db)
+    if has_table(db, "main", "msg"):
+        attached = any(name == "jl" for _, name, _ in db.execute("PRAGMA database_list"))
+        journal = attached and has_table(db, "jl", "journal")
         # During a run, the latest word on a message may still be in the journal.
         words = f"({LATEST_WORDS})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
         for state, n in db.execute(
@@ -137,19 +138,6 @@ def _in_flight(db: sqlite3.Connection) -> int:
 def _read_only(path: Path) -> str:
     """A SQLite URI opening `path` read-only (quoted: a name may hold `#`, `?` or `%`)."""
     return f"{path.absolute().as_uri()}?mode=ro"
-
-
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
-
-
-def _has_journal(db: sqlite3.Connection) -> bool:
-    attached = any(name == "jl" for _, name, _ in db.execute("PRAGMA database_list"))
-    return (
-        attached
-        and db.execute("SELECT 1 FROM jl.sqlite_master WHERE name = 'journal'").fetchone()
-        is not None
-    )
 
 
 def purge(state_dir: Path, *, force: bool = False) -> None:

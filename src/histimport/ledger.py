@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS accepted(
     target TEXT, source_uuid TEXT, message_uuid TEXT, run_id INTEGER, at TEXT,
     PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;
 """
-_JOURNAL_TABLE = """CREATE TABLE jl.journal(
+_JOURNAL_TABLE = """CREATE TABLE IF NOT EXISTS jl.journal(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, state INTEGER, http_status INTEGER,
     retryable INTEGER, errors BLOB, items BLOB)"""
 """One row per request in flight and per kind of outcome of an answer (AUTOINCREMENT: a
@@ -331,7 +331,7 @@ class Ledger:
             # A state dir of a version that kept the journal in the ledger: move it over.
             with db:
                 db.execute("BEGIN")
-                db.execute(_JOURNAL_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+                db.execute(_JOURNAL_TABLE)
                 db.execute(
                     "INSERT INTO jl.journal(state, http_status, retryable, errors, items) "
                     "SELECT state, http_status, retryable, errors, items FROM main.journal "

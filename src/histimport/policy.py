@@ -235,7 +235,8 @@ def settle(messages: Sequence[Pending], status: int, body: Answer) -> list[Outco
     for m in messages:
         source_uuid = m.source_uuid
         entry = entries.get(source_uuid)
-        own_errors = _dump(entry.get("errors")) if entry and entry.get("errors") else ()
+        listed = entry.get("errors") if entry else None
+        own_errors = _dump(listed) if listed else ()
         if own_errors or source_uuid in failed:
             errors = own_errors or request_errors or (_error("FAILED", "listed as failed"),)
             outcomes.append(Outcome(m.id, source_uuid, refused, status, False, errors))

@@ -211,12 +211,11 @@ _STEP = (
          FROM temp.step s WHERE state = 2 AND retryable = 0 AND NOT EXISTS
               (SELECT 1 FROM accepted a WHERE a.target = :target AND a.source_uuid = s.source_uuid)
         ORDER BY source_uuid""",
-    # What the platform accepted is no longer refused, whenever it was refused.
-    """DELETE FROM refused WHERE target = :target AND source_uuid IN
-       (SELECT source_uuid FROM temp.step WHERE state = 1)""",
     "UPDATE stage_meta SET settled = :upto",
-    "DROP TABLE temp.step",
 )
+_UNREFUSE = """DELETE FROM refused WHERE target = :target AND source_uuid IN
+                 (SELECT source_uuid FROM temp.step WHERE state = 1)"""
+"""What the platform accepted is no longer refused, whenever it was refused."""
 
 
 def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
@@ -237,6 +236,11 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
         )
         for statement in _STEP:
             db.execute(statement, params)
+        refused = db.execute("SELECT 1 FROM refused WHERE target = ? LIMIT 1", (target,))
+        if refused.fetchone() is not None:
+            # Only then: gathering the step's sourceUuids takes a tenth of the step.
+            db.execute(_UNREFUSE, params)
+        db.execute("DROP TABLE temp.step")
     return int(upto)
 
 

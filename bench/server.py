@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from histimport.sandbox import (
     SandboxStore,
     SaveResult,
 )
+from histimport.sandbox.store import new_uuid
 
 API_PREFIX = "/communications/"
 
@@ -84,7 +84,7 @@ class MemoryStore:
                 elif reject is not None and reject(source_uuid):
                     results.append(SaveResult(Outcome.REJECTED, source_uuid))
                 else:
-                    message_uuid = str(uuid.uuid4())
+                    message_uuid = new_uuid()
                     self._accepted[source_uuid] = message_uuid
                     results.append(
                         SaveResult(Outcome.STORED, source_uuid, message_uuid=message_uuid)

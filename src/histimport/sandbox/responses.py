@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .store import Outcome, SaveResult
+import orjson
+
+from .store import Outcome, SaveResult, new_uuid
 
 JSON = "application/json"
 
@@ -26,13 +26,13 @@ class Response:
 def json_response(
     status: int, payload: object, headers: tuple[tuple[str, str], ...] = ()
 ) -> Response:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    body = orjson.dumps(payload)
     return Response(status, body, headers)
 
 
 def api_error(code: str, description: str) -> dict[str, str]:
     """An error in the vendor's shape, with a fresh id as a real service would log it."""
-    return {"errorCode": code, "errorDescription": description, "errorUID": str(uuid.uuid4())}
+    return {"errorCode": code, "errorDescription": description, "errorUID": new_uuid()}
 
 
 def error_response(

@@ -11,15 +11,12 @@ import asyncio
 import base64
 import binascii
 import json
-import re
 import secrets
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
-
-import orjson
 
 from .config import SandboxConfig
 from .faults import FaultPlan, RequestFault, TokenBucket
@@ -260,26 +257,10 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_LONG_NUMBER = re.compile(rb"\d{19}")
-
-
-def _load_json(body: bytes) -> Any:
-    """The body as `json.loads` reads it (integers of any size; lone surrogates), through
-    orjson when that reads it alike: five times faster. orjson turns integers beyond 64
-    bits into floats, so a run of 19 digits anywhere takes the slow path, as does any text
-    orjson refuses (json then refuses it with its own words, or reads it)."""
-    if not _LONG_NUMBER.search(body):
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-
-
 def _parse_request(body: bytes) -> list[object] | str:
     """The request's message list, or what is wrong with the body."""
     try:
-        payload = _load_json(body)
+        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         return f"the body is not valid JSON: {exc}"
     if not isinstance(payload, dict):

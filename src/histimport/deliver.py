@@ -27,6 +27,7 @@ from .config import Config
 from .errors import UsageError
 from .ledger import Ledger, Outcome, Pending, State
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
+from .transport import AsyncioTransport
 
 # A 429 is the server (or a proxy) pacing us, not failing: it draws on its own, larger
 # budget, so that a rate limit never makes the tool give up on a healthy message.
@@ -222,11 +223,16 @@ class Deliverer:
         """A worker's own client, with one connection: a shared pool scans all of its
         connections on every request and every answer (encode/httpx#3215), a cost that
         grows with the concurrency for no gain, as a worker has one request in flight."""
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        transport = self._transport
+        if transport is None and not urllib.request.getproxies():
+            # httpx honours proxy settings only with its own transport.
+            transport = AsyncioTransport(ssl_context=self._tls, limits=limits)
         return httpx.AsyncClient(
             auth=self.auth,
             verify=self._tls or True,
             timeout=httpx.Timeout(self.config.timeout),
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            limits=limits,
             follow_redirects=False,
             cookies=_NoCookies(),
             headers={
@@ -234,7 +240,7 @@ class Deliverer:
                 "Accept": "application/json",
                 "User-Agent": f"histimport/{__version__}",
             },
-            transport=self._transport,
+            transport=transport,
         )
 
     def _verify(self) -> ssl.SSLContext:

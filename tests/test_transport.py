@@ -1,0 +1,166 @@
+"""The asyncio transport under httpx: keep-alive, reconnection, httpx's errors, proxies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from histimport.config import Config
+from histimport.deliver import Deliverer
+from histimport.ledger import Ledger
+from histimport.transport import AsyncioTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+    """A raw server on loopback; yields its URL and a list that counts its connections."""
+    connections: list[int] = []
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(counted, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}", connections
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    return head + await reader.readexactly(length)
+
+
+def client(**options: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(
+        transport=AsyncioTransport(limits=limits),
+        timeout=httpx.Timeout(**options or {"timeout": 5}),
+    )
+
+
+def test_a_connection_is_kept_alive_between_requests() -> None:
+    async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(OK)
+            await writer.drain()
+
+    async def main() -> None:
+        async with serving(answer_each) as (url, connections), client() as http:
+            statuses = [(await http.put(f"{url}/x", content=b"[1]")).status_code for _ in range(5)]
+            assert statuses == [200] * 5
+            assert len(connections) == 1
+
+    asyncio.run(main())
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)  # keep-alive by default, and yet closed right after
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(answer_once) as (url, connections), client() as http:
+            for _ in range(3):
+                response = await http.put(f"{url}/x", content=b"[1]")
+                assert response.json() == {}
+                await asyncio.sleep(0.05)  # the server's close arrives while idle
+            assert len(connections) == 3
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("misbehaviour", ["no answer", "hang up", "half a body", "not http"])
+def test_what_goes_wrong_is_raised_as_httpx_own_transport_raises_it(misbehaviour: str) -> None:
+    async def misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if misbehaviour == "no answer":
+            await asyncio.sleep(2)
+        elif misbehaviour == "half a body":
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"a":')
+        elif misbehaviour == "not http":
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+
+    async def outcome(http: httpx.AsyncClient, url: str) -> BaseException:
+        with pytest.raises(httpx.TransportError) as raised:
+            async with http.stream("PUT", f"{url}/x", content=b"[1]") as response:
+                await response.aread()
+        return raised.value
+
+    async def main() -> None:
+        async with serving(misbehave) as (url, _):
+            async with client(timeout=0.3) as http:
+                ours = await outcome(http, url)
+            theirs_client = httpx.AsyncClient(timeout=0.3, trust_env=False)
+            async with theirs_client as http:
+                theirs = await outcome(http, url)
+        assert type(ours) is type(theirs)
+        if not isinstance(ours, httpx.TimeoutException):  # h11's words, both ways
+            assert str(ours) == str(theirs)
+
+    asyncio.run(main())
+
+
+def test_a_refused_connection_is_a_connect_error() -> None:
+    async def main() -> None:
+        async with serving(read_request) as (url, _):
+            pass  # closed: nothing listens on its port any more
+        async with client() as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.put(f"{url}/x", content=b"[1]")
+
+    asyncio.run(main())
+
+
+def test_a_proxy_from_the_environment_is_still_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx reads proxy settings only for transports it builds: with one set, the run
+    keeps httpx's own transport, and the request goes through the proxy."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await read_request(reader)).split(b"\r\n")[0])
+        writer.write(OK)
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(proxy) as (proxy_url, _):
+            monkeypatch.setenv("HTTP_PROXY", proxy_url)
+            for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            with Ledger(tmp_path / "state") as ledger:
+                deliverer = Deliverer(
+                    config=Config(), ledger=ledger, base_url="http://platform.test", auth=None
+                )
+                async with deliverer._new_client() as http:
+                    response = await http.put("http://platform.test/x", content=b"[1]")
+        assert response.status_code == 200
+        assert seen == [b"PUT http://platform.test/x HTTP/1.1"]
+
+    asyncio.run(main())

@@ -50,24 +50,24 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        try:
+            await read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(OK)
+        await writer.drain()
+
+
 def client(**options: float) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     return httpx.AsyncClient(
-        transport=AsyncioTransport(limits=limits),
+        transport=AsyncioTransport(),
         timeout=httpx.Timeout(**options or {"timeout": 5}),
     )
 
 
 def test_a_connection_is_kept_alive_between_requests() -> None:
-    async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while not reader.at_eof():
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(OK)
-            await writer.drain()
-
     async def main() -> None:
         async with serving(answer_each) as (url, connections), client() as http:
             statuses = [(await http.put(f"{url}/x", content=b"[1]")).status_code for _ in range(5)]
@@ -90,6 +90,44 @@ def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
                 assert response.json() == {}
                 await asyncio.sleep(0.05)  # the server's close arrives while idle
             assert len(connections) == 3
+
+    asyncio.run(main())
+
+
+def test_after_a_failed_request_and_on_another_server_a_new_connection_is_made() -> None:
+    hung_up: list[int] = []
+
+    async def hang_up_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not hung_up:
+            hung_up.append(1)
+            await read_request(reader)
+            return
+        await answer_each(reader, writer)
+
+    async def main() -> None:
+        async with (
+            serving(hang_up_once) as (first, first_connections),
+            serving(answer_each) as (second, second_connections),
+            client() as http,
+        ):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.put(f"{first}/x", content=b"[1]")
+            urls = [first, first, second, second, first]
+            statuses = [(await http.put(f"{url}/x", content=b"[1]")).status_code for url in urls]
+            assert statuses == [200] * 5
+            # The failed one, then one per change of server.
+            assert (len(first_connections), len(second_connections)) == (3, 1)
+
+    asyncio.run(main())
+
+
+def test_one_request_at_a_time() -> None:
+    async def main() -> None:
+        async with serving(answer_each) as (url, _), client() as http:
+            async with http.stream("PUT", f"{url}/x", content=b"[1]"):
+                with pytest.raises(RuntimeError, match="one request at a time"):
+                    await http.put(f"{url}/x", content=b"[1]")
+            assert (await http.put(f"{url}/x", content=b"[1]")).status_code == 200
 
     asyncio.run(main())
 

@@ -223,16 +223,15 @@ class Deliverer:
         """A worker's own client, with one connection: a shared pool scans all of its
         connections on every request and every answer (encode/httpx#3215), a cost that
         grows with the concurrency for no gain, as a worker has one request in flight."""
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         transport = self._transport
         if transport is None and not urllib.request.getproxies():
             # httpx honours proxy settings only with its own transport.
-            transport = AsyncioTransport(ssl_context=self._tls, limits=limits)
+            transport = AsyncioTransport(ssl_context=self._tls)
         return httpx.AsyncClient(
             auth=self.auth,
             verify=self._tls or True,
             timeout=httpx.Timeout(self.config.timeout),
-            limits=limits,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             follow_redirects=False,
             cookies=_NoCookies(),
             headers={

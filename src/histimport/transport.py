@@ -2,9 +2,9 @@
 
 httpx's own transport reaches its sockets through anyio: every read and write of a request
 enters and leaves a cancel scope, which with the rest of that layer cost a third of the
-client's CPU per request (bench/README.md). This transport runs the same httpcore pool
-(HTTP/1.1, keep-alive, TLS) over a network backend built on asyncio's streams, with the same
-exceptions and timeouts. A run through a proxy keeps httpx's own transport: httpx reads the
+client's CPU per request (bench/README.md). This transport runs httpcore's own HTTP/1.1
+connections (keep-alive, TLS, timeouts) over a network backend built on asyncio's streams,
+and raises the same exceptions. A run through a proxy keeps httpx's own transport: httpx reads the
 proxy settings only when it builds its transports itself.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import httpcore
@@ -138,8 +138,9 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, closed: Callable[[], None]) -> None:
         self._stream = stream
+        self._closed = closed
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _as_httpx_errors():
@@ -147,30 +148,31 @@ class _Body(httpx.AsyncByteStream):
                 yield part
 
     async def aclose(self) -> None:
-        with _as_httpx_errors():
-            await self._stream.aclose()
+        try:
+            with _as_httpx_errors():
+                await self._stream.aclose()
+        finally:
+            self._closed()
 
 
 class AsyncioTransport(httpx.AsyncBaseTransport):
-    """httpx's HTTP/1.1 transport, without a proxy, over `AsyncioBackend`."""
+    """httpx's HTTP/1.1 transport, without a proxy, over `AsyncioBackend`, for a caller that
+    sends one request at a time (a worker of the run): one connection, kept alive and
+    replaced when it closes or expires, with no pool to share it (the pool's locks and
+    events cost a tenth of the CPU of a request)."""
 
     def __init__(
-        self,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        limits: httpx.Limits,
+        self, *, ssl_context: ssl.SSLContext | None = None, keepalive_expiry: float = 5.0
     ) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=True,
-            http2=False,
-            network_backend=AsyncioBackend(),
-        )
+        self._ssl_context = ssl_context
+        self._keepalive_expiry = keepalive_expiry
+        self._backend = AsyncioBackend()
+        self._connection: httpcore.AsyncHTTPConnection | None = None
+        self._busy = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._busy:
+            raise RuntimeError("AsyncioTransport sends one request at a time")
         url = request.url
         core_request = httpcore.Request(
             method=request.method,
@@ -181,14 +183,54 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
-        with _as_httpx_errors():
-            response = await self._pool.handle_async_request(core_request)
+        self._busy = True
+        try:
+            with _as_httpx_errors():
+                response = await self._send(core_request)
+        except BaseException:
+            self._busy = False
+            raise
         return httpx.Response(
             status_code=response.status,
             headers=response.headers,
-            stream=_Body(response.stream),
+            stream=_Body(response.stream, self._done),
             extensions=response.extensions,
         )
 
+    async def _send(self, request: httpcore.Request) -> httpcore.Response:
+        for _ in range(3):
+            connection = await self._ready(request.url.origin)
+            try:
+                return await connection.handle_async_request(request)
+            except httpcore.ConnectionNotAvailable:
+                # Closed before this request went out (as the pool does: another one).
+                self._connection = None
+        raise httpcore.ConnectError("no connection could be made available")
+
+    async def _ready(self, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection:
+        """The kept connection if it can take a request now, else a new one."""
+        connection = self._connection
+        if connection is not None and (
+            not connection.can_handle_request(origin)
+            or not connection.is_available()
+            or connection.has_expired()
+        ):
+            self._connection = None
+            await connection.aclose()
+            connection = None
+        if connection is None:
+            connection = self._connection = httpcore.AsyncHTTPConnection(
+                origin=origin,
+                ssl_context=self._ssl_context,
+                keepalive_expiry=self._keepalive_expiry,
+                network_backend=self._backend,
+            )
+        return connection
+
+    def _done(self) -> None:
+        self._busy = False
+
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.aclose()

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+import histimport.fanout as fanout_module
 from histimport import validate
 from histimport.config import Config
 from histimport.fanout import Fanout
@@ -32,6 +33,26 @@ def test_results_come_back_in_order() -> None:
     batches = [list(range(n, n + 7)) for n in range(0, 700, 7)]
     with Fanout(square_all, 3) as fanout:
         assert list(fanout.map(batches)) == [square_all(b) for b in batches]
+
+
+def sizes(batch: bytes) -> bytes:
+    return batch[:1] * (len(batch) * 3)  # a result three times its batch
+
+
+@pytest.mark.parametrize("roomy", [True, False])
+def test_batches_and_results_of_any_size_come_back_in_order(
+    roomy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small batches queue behind a worker's current one; large ones (and results larger
+    than a pipe holds) wait for an idle worker; with pipes that cannot be enlarged, every
+    batch waits for one. Nothing blocks, whatever the mix."""
+    if not roomy:
+        monkeypatch.setattr(fanout_module, "_enlarge", lambda fd: False)
+    lengths = [10, 300_000, 10, 2_000_000, 600_000, 10, 10, 1_500_000, 1_500_000, 10] * 2
+    batches = [bytes([65 + n % 26]) * length for n, length in enumerate(lengths)]
+    for workers in (1, 2):
+        with Fanout(sizes, workers) as fanout:
+            assert list(fanout.map(batches)) == [sizes(b) for b in batches]
 
 
 def test_a_dead_worker_s_batch_is_done_here() -> None:

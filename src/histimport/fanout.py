@@ -5,15 +5,20 @@ the main process reads and stages, workers check (bench/README.md has the figure
 
 Workers are forked, so the function needs no pickling and nothing is imported again. Each
 keeps only its two pipe ends open (an orphan never holds the ledger's lock or files) and
-dies with the main process; if one dies first, its batch is done in the main process. Each
-has at most one batch in hand: the main process writes a batch only to an idle worker, which
-is reading, so the two never wait on each other's full pipe.
+dies with the main process; if one dies first, its batches are done in the main process.
+
+A worker has two batches in hand at most: while it works on one, the next waits in its
+pipe, and it writes its result into a pipe that holds it, so that it goes on without
+waiting for the main process to read (waiting, a worker spent a third of its time). Where
+pipes cannot be enlarged, or a batch is too large to wait in one, a worker is given a batch
+only when it has none: it is then reading, so the two never wait on each other's full pipe.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import pickle
 import signal
@@ -26,6 +31,11 @@ from typing import Any
 _HEADER = struct.Struct("<Q")
 _END = object()
 _PR_SET_PDEATHSIG = 1
+_F_SETPIPE_SZ = 1031  # Linux
+_PIPE_BYTES = 1 << 20
+"""A worker's pipes are enlarged to this (Linux lets any process go up to 1 MiB)."""
+_AHEAD_BYTES = _PIPE_BYTES // 2
+"""A batch waits in a busy worker's pipe only if it is no larger: its write never blocks."""
 
 
 class Fanout:
@@ -34,6 +44,7 @@ class Fanout:
     def __init__(self, work: Callable[[Any], Any], workers: int) -> None:
         self._work = work
         self._workers: list[tuple[int, int, int]] = []  # (pid, to worker, from worker)
+        self._roomy: dict[tuple[int, int, int], bool] = {}  # its pipes were enlarged
         try:
             for _ in range(workers):
                 self._workers.append(self._fork())
@@ -54,49 +65,81 @@ class Fanout:
 
     def map(self, batches: Iterable[Any]) -> Iterator[Any]:
         """`work(batch)` for every batch, in order (once per Fanout). A worker that dies
-        (killed, out of memory) is dropped and its batch done here; with none left, the rest
-        is done here. A worker gets its next batch before its last result is handed on, so
-        that it works while the caller uses that result."""
+        (killed, out of memory) is dropped and its batches done here; with none left, the
+        rest is done here. A worker is given its next batch before its result is handed on,
+        so that it works while the caller uses that result."""
         pending = iter(batches)
-        idle = deque(self._workers)
+        in_hand = dict.fromkeys(self._workers, 0)
         busy: deque[tuple[tuple[int, int, int] | None, Any]] = deque()  # None: do it here
+        waiting: tuple[Any, bytes] | None = None  # a batch pickled, not yet given
+
+        def taker(size: int) -> tuple[int, int, int] | None:
+            """A worker with no batch, else one that may take this one as its second."""
+            workers = [w for w in self._workers if in_hand[w] == 0]
+            if not workers and size <= _AHEAD_BYTES:
+                workers = [w for w in self._workers if in_hand[w] == 1 and self._roomy[w]]
+            return workers[0] if workers else None
 
         def feed() -> None:
-            while idle or (not self._workers and not busy):
-                batch = next(pending, _END)
-                if batch is _END:
+            nonlocal waiting
+            while True:
+                if not self._workers:
+                    if waiting is not None:
+                        busy.append((None, waiting[0]))
+                        waiting = None
+                    if busy:
+                        return  # one batch at a time, here, as the caller takes results
+                    batch = next(pending, _END)
+                    if batch is _END:
+                        return
+                    busy.append((None, batch))
+                    continue
+                if waiting is None:
+                    if all(in_hand[w] >= 1 + self._roomy[w] for w in self._workers):
+                        return
+                    batch = next(pending, _END)
+                    if batch is _END:
+                        return
+                    waiting = (batch, pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+                worker = taker(len(waiting[1]))
+                if worker is None:
                     return
-                worker = idle.popleft() if idle else None
-                if worker is not None:
-                    try:
-                        _send(worker[1], pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
-                    except OSError:
-                        self._drop(worker)
-                        worker = None
+                batch, data = waiting
+                waiting = None
+                try:
+                    _send(worker[1], data)
+                except OSError:
+                    self._drop(worker)
+                    busy.append((None, batch))
+                    continue
+                in_hand[worker] += 1
                 busy.append((worker, batch))
 
         feed()
         while busy:
-            result = self._result(*busy.popleft(), idle)
+            worker, batch = busy.popleft()
+            result = self._result(worker, batch)
+            if worker is not None and worker in in_hand:
+                in_hand[worker] -= 1
             feed()
             yield result
 
-    def _result(self, worker: tuple[int, int, int] | None, batch: Any, idle: deque[Any]) -> Any:
-        if worker is None:
-            return self._work(batch)
+    def _result(self, worker: tuple[int, int, int] | None, batch: Any) -> Any:
+        if worker is None or worker not in self._workers:
+            return self._work(batch)  # here: no worker, or it died with this batch in hand
         try:
             ok, value = pickle.loads(_read_message(worker[2]))
         except (EOFError, OSError, pickle.UnpicklingError, ValueError):
             self._drop(worker)
             return self._work(batch)
-        idle.append(worker)
         if not ok:
             raise value
         return value
 
     def _drop(self, worker: tuple[int, int, int]) -> None:
-        self._workers.remove(worker)
-        _stop(worker)
+        if worker in self._workers:
+            self._workers.remove(worker)
+            _stop(worker)
 
     def close(self) -> None:
         """Stop the workers and reap them."""
@@ -107,6 +150,7 @@ class Fanout:
     def _fork(self) -> tuple[int, int, int]:
         down_r, down_w = os.pipe()
         up_r, up_w = os.pipe()
+        roomy = _enlarge(down_w) and _enlarge(up_w)
         with warnings.catch_warnings():
             # Python 3.12 warns of forking with threads; the worker runs no code that takes a
             # lock another thread could hold (it parses, validates and writes to its pipe).
@@ -116,7 +160,17 @@ class Fanout:
             _serve(self._work, down_r, up_w)
         os.close(down_r)
         os.close(up_w)
-        return pid, down_w, up_r
+        worker = (pid, down_w, up_r)
+        self._roomy[worker] = roomy
+        return worker
+
+
+def _enlarge(fd: int) -> bool:
+    """Whether the pipe of `fd` could be made to hold _PIPE_BYTES."""
+    try:
+        return fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES) >= _PIPE_BYTES
+    except OSError:
+        return False
 
 
 def _stop(worker: tuple[int, int, int]) -> None:

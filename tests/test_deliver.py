@@ -55,7 +55,7 @@ def deliver(ledger: Ledger, handler: Handler, **options: Any) -> DeliveryStats:
         config=config,
         ledger=ledger,
         base_url=config.base_url or "",
-        auth=httpx.BasicAuth("u", "p"),
+        credentials=("u", "p"),
         transport=httpx.MockTransport(handler),
     )
     stats = asyncio.run(deliverer.run())

@@ -194,11 +194,17 @@ def test_a_proxy_from_the_environment_is_still_used(
                 monkeypatch.delenv(name, raising=False)
             with Ledger(tmp_path / "state") as ledger:
                 deliverer = Deliverer(
-                    config=Config(), ledger=ledger, base_url="http://platform.test", auth=None
+                    config=Config(),
+                    ledger=ledger,
+                    base_url="http://platform.test",
+                    credentials=None,
                 )
-                async with deliverer._new_client() as http:
-                    response = await http.put("http://platform.test/x", content=b"[1]")
-        assert response.status_code == 200
+                sender = deliverer._new_sender()
+                try:
+                    status, _, content = await sender.put("http://platform.test/x", b"[1]")
+                finally:
+                    await sender.aclose()
+        assert (status, content) == (200, b"{}")
         assert seen == [b"PUT http://platform.test/x HTTP/1.1"]
 
     asyncio.run(main())

@@ -9,6 +9,7 @@ stores each customer's history in file order.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http.cookiejar
 import itertools
@@ -18,6 +19,7 @@ import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 
@@ -157,6 +159,92 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
+def basic_auth(username: str, password: str) -> str:
+    """An Authorization header's value, as httpx.BasicAuth makes it."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+Answer = tuple[int, httpx.Headers, bytes | None]
+"""An answer's status, headers and body; None for a body beyond the bound."""
+
+
+class Sender(Protocol):
+    """One worker's way to the endpoint."""
+
+    async def put(self, url: str, body: bytes) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class DirectSender:
+    """Requests handed straight to the transport. What httpx.AsyncClient adds to each
+    (merging URLs and headers, an auth flow, redirects and cookies to look at) serves
+    nothing here: redirects are not followed, cookies not kept, the Authorization header
+    is the same every time."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        headers: dict[str, str],
+        timeout: httpx.Timeout,
+        bound: int,
+    ) -> None:
+        self._transport = transport
+        self._headers = headers
+        self._extensions = {"timeout": timeout.as_dict()}
+        self._bound = bound
+
+    async def put(self, url: str, body: bytes) -> Answer:
+        request = httpx.Request(
+            "PUT", url, headers=self._headers, content=body, extensions=self._extensions
+        )
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        try:
+            return (
+                response.status_code,
+                response.headers,
+                await _read_bounded(response, self._bound),
+            )
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+class ClientSender:
+    """Requests through httpx.AsyncClient, which sets up the proxies of the environment."""
+
+    def __init__(self, client: httpx.AsyncClient, bound: int) -> None:
+        self._client = client
+        self._bound = bound
+
+    async def put(self, url: str, body: bytes) -> Answer:
+        async with self._client.stream("PUT", url, content=body) as response:
+            return (
+                response.status_code,
+                response.headers,
+                await _read_bounded(response, self._bound),
+            )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+async def _read_bounded(response: httpx.Response, bound: int) -> bytes | None:
+    """The body, or None once it exceeds the bound: never read a huge answer whole."""
+    parts = []
+    size = 0
+    async for part in response.aiter_bytes():
+        size += len(part)
+        if size > bound:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
 
@@ -170,14 +258,14 @@ class Deliverer:
         config: Config,
         ledger: Ledger,
         base_url: str,
-        auth: httpx.Auth | None,
+        credentials: tuple[str, str] | None,
         progress: Progress | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.base_url = base_url.rstrip("/")
-        self.auth = auth
+        self.credentials = credentials
         self.stats = DeliveryStats()
         self.max_bytes = config.max_request_bytes
         # The smallest body size a 413 has refused: a lone message this large cannot go.
@@ -214,33 +302,43 @@ class Deliverer:
         if not self.config.unordered:
             workers = min(workers, max(len(keys), 1))
         async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(self._new_client()) for _ in range(workers)]
-            await asyncio.gather(*(self._worker(units, client) for client in clients))
+            senders = [self._new_sender() for _ in range(workers)]
+            for sender in senders:
+                stack.push_async_callback(sender.aclose)
+            await asyncio.gather(*(self._worker(units, sender) for sender in senders))
         self.stats.final_concurrency = self._limit.current
         return self.stats
 
-    def _new_client(self) -> httpx.AsyncClient:
-        """A worker's own client, with one connection: a shared pool scans all of its
-        connections on every request and every answer (encode/httpx#3215), a cost that
-        grows with the concurrency for no gain, as a worker has one request in flight."""
+    def _new_sender(self) -> Sender:
+        """A worker's own way to the endpoint, with one connection: a shared pool scans all
+        of its connections on every request and every answer (encode/httpx#3215), a cost
+        that grows with the concurrency for no gain, as a worker has one request in flight.
+        Requests go straight to the transport, unless a proxy is set: httpx honours proxy
+        settings only for the transports its client builds."""
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"histimport/{__version__}",
+        }
+        timeout = httpx.Timeout(self.config.timeout)
+        bound = self.config.max_response_bytes
         transport = self._transport
         if transport is None and not urllib.request.getproxies():
-            # httpx honours proxy settings only with its own transport.
             transport = AsyncioTransport(ssl_context=self._tls)
-        return httpx.AsyncClient(
-            auth=self.auth,
+        if transport is not None:
+            if self.credentials is not None:
+                headers["Authorization"] = basic_auth(*self.credentials)
+            return DirectSender(transport, headers, timeout, bound)
+        client = httpx.AsyncClient(
+            auth=httpx.BasicAuth(*self.credentials) if self.credentials is not None else None,
             verify=self._tls or True,
-            timeout=httpx.Timeout(self.config.timeout),
+            timeout=timeout,
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             follow_redirects=False,
             cookies=_NoCookies(),
-            headers={
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "User-Agent": f"histimport/{__version__}",
-            },
-            transport=transport,
+            headers=headers,
         )
+        return ClientSender(client, bound)
 
     def _verify(self) -> ssl.SSLContext:
         """TLS verification is always on; --ca-bundle adds a corporate CA to the usual ones."""
@@ -277,17 +375,17 @@ class Deliverer:
                 return  # a short page is the last: no query to learn that nothing is left
             after = batch[-1].id
 
-    async def _worker(self, units: Iterator[Iterator[Chunk]], client: httpx.AsyncClient) -> None:
+    async def _worker(self, units: Iterator[Iterator[Chunk]], sender: Sender) -> None:
         for unit in units:
             for chunk in unit:
                 if self.stopping:
                     return
-                if not await self._send(chunk, client) and not self.config.unordered:
+                if not await self._send(chunk, sender) and not self.config.unordered:
                     if not self.stopping:
                         self._hold_back(unit)
                     break
 
-    async def _send(self, chunk: Chunk, client: httpx.AsyncClient) -> bool:
+    async def _send(self, chunk: Chunk, sender: Sender) -> bool:
         """Send one chunk until it has a final outcome, or the run stops. True when the
         customer's next chunk may follow: nothing of this one is left to send again."""
         attempt = throttled = 0
@@ -305,7 +403,7 @@ class Deliverer:
                 self.ledger.mark_in_flight(chunk.messages)
             decision = Decision(Action.RETRY)
             try:
-                decision = await self._request(chunk, client)
+                decision = await self._request(chunk, sender)
             finally:
                 await self._limit.release(pressure=decision.backpressure)
             if decision.action is Action.ACCEPT:
@@ -320,7 +418,7 @@ class Deliverer:
                 self.stop()
                 return False
             if decision.action is Action.SPLIT:
-                return await self._split(chunk, decision, client)
+                return await self._split(chunk, decision, sender)
             if decision.action is Action.FAIL:
                 self._fail(chunk, decision)
                 return True
@@ -344,7 +442,7 @@ class Deliverer:
             await self._sleep(self._backoff.delay(max(attempt, throttled), decision.retry_after))
         return False
 
-    async def _split(self, chunk: Chunk, decision: Decision, client: httpx.AsyncClient) -> bool:
+    async def _split(self, chunk: Chunk, decision: Decision, sender: Sender) -> bool:
         """413: the body was too large for someone on the way. Send both halves in order,
         and remember the lower limit for the rest of the run."""
         if len(chunk.messages) == 1:
@@ -355,10 +453,10 @@ class Deliverer:
         self._refused_size = min(self._refused_size, size)
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
         first, second = chunk.halves()
-        if not await self._send(first, client):
+        if not await self._send(first, sender):
             self._hold_back([second])
             return False
-        return await self._send(second, client)
+        return await self._send(second, sender)
 
     def _hold_back(self, chunks: Iterable[Chunk]) -> None:
         """A customer whose chunk may still be sent again keeps the rest of its messages
@@ -375,41 +473,27 @@ class Deliverer:
             ]
             self._record(held)
 
-    async def _request(self, chunk: Chunk, client: httpx.AsyncClient) -> Decision:
+    async def _request(self, chunk: Chunk, sender: Sender) -> Decision:
         url = (
             f"{self.base_url}/department/{chunk.department}"
             f"/customer/{chunk.customer}/communication/historical"
         )
         self.stats.requests += 1
         try:
-            async with client.stream(
-                "PUT", url, content=self.envelope.body(chunk.messages)
-            ) as response:
-                content = await self._read_bounded(response)
+            status, headers, content = await sender.put(url, self.envelope.body(chunk.messages))
         except httpx.RequestError as exc:
             self.stats.statuses["error"] += 1
             return classify_error(exc)
-        self.stats.statuses[str(response.status_code)] += 1
+        self.stats.statuses[str(status)] += 1
         if content is None:
             return Decision(
                 Action.RETRY,
-                response.status_code,
+                status,
                 "RESPONSE_TOO_LARGE",
                 f"the answer exceeded {self.config.max_response_bytes} bytes and was cut off",
                 unknown_outcome=True,
             )
-        return classify(response.status_code, response.headers, content, time.time())
-
-    async def _read_bounded(self, response: httpx.Response) -> bytes | None:
-        """The body, or None once it exceeds the bound: never read a huge answer whole."""
-        parts = []
-        size = 0
-        async for part in response.aiter_bytes():
-            size += len(part)
-            if size > self.config.max_response_bytes:
-                return None
-            parts.append(part)
-        return b"".join(parts)
+        return classify(status, headers, content, time.time())
 
     async def _pace(self) -> None:
         """Wait out a global pause (a 429 or 503 anywhere pauses everyone), then the rate."""

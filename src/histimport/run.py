@@ -21,8 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-import httpx
-
 from .batch import Envelope
 from .check import Rejected, Valid, check_row, normalise_timestamp
 from .config import Config
@@ -467,14 +465,14 @@ class Run:
     def _deliver(self, ledger: Ledger, base_url: str) -> DeliveryStats:
 
         config = self.config
-        auth = None
+        credentials = None
         if config.username is not None or config.password is not None:
-            auth = httpx.BasicAuth(config.username or "", config.password or "")
+            credentials = (config.username or "", config.password or "")
         deliverer = Deliverer(
             config=config,
             ledger=ledger,
             base_url=base_url,
-            auth=auth,
+            credentials=credentials,
             progress=self.observer.progress,
         )
         self.observer.sending(ledger.to_send())

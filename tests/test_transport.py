@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from histimport.config import Config
-from histimport.deliver import Deliverer
+from histimport.deliver import ClientSender, Deliverer, DirectSender
 from histimport.ledger import Ledger
 from histimport.transport import AsyncioTransport
 
@@ -90,6 +90,31 @@ def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
                 assert response.json() == {}
                 await asyncio.sleep(0.05)  # the server's close arrives while idle
             assert len(connections) == 3
+
+    asyncio.run(main())
+
+
+def test_a_connection_the_server_wrote_to_while_idle_is_replaced() -> None:
+    """A late answer on an idle connection (a 408 some proxies send at their idle timeout)
+    is not taken as the next request's answer, nor does it fail it."""
+
+    async def answer_then_time_out(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)  # and the connection stays open
+
+    async def main() -> None:
+        async with serving(answer_then_time_out) as (url, connections), client() as http:
+            for _ in range(2):
+                assert (await http.put(f"{url}/x", content=b"[1]")).status_code == 200
+                await asyncio.sleep(0.2)
+            assert len(connections) == 2
 
     asyncio.run(main())
 
@@ -173,6 +198,21 @@ def test_a_refused_connection_is_a_connect_error() -> None:
                 await http.put(f"{url}/x", content=b"[1]")
 
     asyncio.run(main())
+
+
+def test_no_proxy_alone_sends_straight_to_the_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    with Ledger(tmp_path / "state") as ledger:
+        deliverer = Deliverer(
+            config=Config(), ledger=ledger, base_url="http://platform.test", credentials=None
+        )
+        assert isinstance(deliverer._new_sender(), DirectSender)
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+        assert isinstance(deliverer._new_sender(), ClientSender)
 
 
 def test_a_proxy_from_the_environment_is_still_used(

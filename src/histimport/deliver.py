@@ -159,6 +159,12 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
+def _proxy_set() -> bool:
+    """Whether the environment names a proxy for http or https (NO_PROXY alone does not)."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
 def basic_auth(username: str, password: str) -> str:
     """An Authorization header's value, as httpx.BasicAuth makes it."""
     token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
@@ -323,7 +329,7 @@ class Deliverer:
         timeout = httpx.Timeout(self.config.timeout)
         bound = self.config.max_response_bytes
         transport = self._transport
-        if transport is None and not urllib.request.getproxies():
+        if transport is None and not _proxy_set():
             transport = AsyncioTransport(ssl_context=self._tls)
         if transport is not None:
             if self.credentials is not None:
@@ -343,7 +349,7 @@ class Deliverer:
     def _verify(self) -> ssl.SSLContext:
         """TLS verification is always on; --ca-bundle adds a corporate CA to the usual ones."""
         plain = self.base_url.startswith("http://") and self.config.ca_bundle is None
-        if plain and not urllib.request.getproxies():
+        if plain and not _proxy_set():
             # No TLS can happen (redirects are not followed, no proxy is set): spare loading
             # the CAs (about 30 ms). Should one happen after all, it fails verification.
             return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

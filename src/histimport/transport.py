@@ -99,9 +99,19 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # Asked of an idle connection before it is used again: the server closed it
-            # (its end of stream was read), or the connection is gone.
-            return self._reader.at_eof() or self._writer.is_closing()
+            # Asked of an idle connection before it is used again: anything the server sent
+            # since its last answer (a late 408 before it hangs up, as some proxies send at
+            # their idle timeout), its end of stream, or an error means it is done with.
+            # asyncio reads the socket as data comes, so the reader's buffer tells: a
+            # private attribute of StreamReader, stable since asyncio's first release.
+            reader = self._reader
+            unread = getattr(reader, "_buffer", b"")
+            return (
+                bool(unread)
+                or reader.at_eof()
+                or reader.exception() is not None
+                or (self._writer.is_closing())
+            )
         names = {"client_addr": "sockname", "server_addr": "peername"}
         if info in ("ssl_object", "socket", "client_addr", "server_addr"):
             return self._writer.get_extra_info(names.get(info, info))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import histimport.ledger as ledger_module
-from histimport.check import Rejected, check_row
+from histimport.check import Rejected, Valid, check_row
 from histimport.ledger import Ledger, Outcome, Pending, State
 from histimport.read import RawRow
 
-from .factory import interleaved
+from .factory import interleaved, message
 
 TARGET = "http://platform.test/communications"
 
@@ -143,6 +145,76 @@ def test_messages_staged_in_several_batches_come_back_whole_and_in_order(
             "WHERE b.key_id = a.key_id AND b.body_at + b.body_size = a.body_at)"
         ).fetchone()[0]
         assert 7 < spans < len(rows)
+
+
+def _flush_lines() -> list[int]:
+    code = Ledger._flush.__wrapped__.__code__  # type: ignore[attr-defined]
+    return sorted({n for _, _, n in code.co_lines() if n and n > code.co_firstlineno})
+
+
+@pytest.mark.parametrize("line", _flush_lines())
+def test_an_interruption_anywhere_in_a_flush_leaves_every_staged_row_accounted_for(
+    line: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at any line of a flush (sent by a trace function): each batch is stored
+    whole or not at all, with its customers' keys."""
+    code = Ledger._flush.__wrapped__.__code__  # type: ignore[attr-defined]
+    # Two batches of four messages: the second brings new customers and a rejected row.
+    lines = [message("d", f"c{n // 4}{n % 2}", n) for n in range(8)]
+    lines.insert(6, {"departmentUUID": "d"})
+    rows = [check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(lines)]
+    first_four = sum(len(r.body) for r in rows[:4] if isinstance(r, Valid))
+    monkeypatch.setattr(
+        ledger_module, "_STAGE_BYTES", first_four + 4 * ledger_module._HELD_ROW_BYTES
+    )
+    raised = []
+    flushes = []
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        flushes.append(1)
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            # In the second flush: the first one's batch is stored by then.
+            if event == "line" and frame.f_lineno == line and len(flushes) == 2 and not raised:
+                raised.append(line)
+                signal.raise_signal(signal.SIGINT)  # Python raises it at the next step
+            return local
+
+        return local
+
+    with Ledger(tmp_path / "state") as ledger:
+        ledger.begin_run("load", TARGET)
+        sys.settrace(trace)
+        try:
+            ledger.stage(iter(rows))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert raised == [line]
+        ledger.finish_staging()
+        staged = ledger.staged_rows()
+        # The first batch, and the second whole (interrupted before it was taken, the last
+        # flush stores it) or not at all.
+        assert staged in (4, len(rows))
+        counts = ledger.counts()
+        assert counts["notSent"] + counts["rejected"] == staged
+        assert len(list(ledger.failures())) == staged  # every message with its customer
+
+
+def test_short_reads_of_the_staged_bodies_are_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read may return fewer bytes than asked (Linux: at most about 2 GiB at once)."""
+    import os
+
+    with staged(tmp_path / "state", 40) as ledger:
+        expected = pending(ledger)
+        real = os.pread
+        monkeypatch.setattr(ledger_module.os, "pread", lambda fd, n, at: real(fd, min(n, 7), at))
+        assert pending(ledger) == expected
 
 
 def test_a_repeated_source_uuid_is_rejected_where_it_comes_second_in_the_input(

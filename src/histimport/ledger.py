@@ -42,6 +42,7 @@ import orjson
 
 from .check import Rejected, Valid
 from .errors import LedgerError
+from .signals import deferred
 
 LEDGER_FILE = "ledger.sqlite3"
 JOURNAL_FILE = "journal.sqlite3"
@@ -54,6 +55,8 @@ _HELD_ROW_BYTES): held, they are written customer by customer, so that a custome
 lie in a few runs of the files instead of one place each (half the time to read them back,
 for 16 MiB of memory at most)."""
 _HELD_ROW_BYTES = 200
+_READ_BYTES = 8 << 20
+"""A run of staged bodies is read in parts of about this size at most."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -248,6 +251,17 @@ def has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
     """Whether the database `schema` of `db` (main, or an attached one) has table `name`."""
     found = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE name = ?", (name,))
     return found.fetchone() is not None
+
+
+def _pread(fd: int, size: int, at: int) -> bytes:
+    """`size` bytes of the staged bodies from `at`: a read may return fewer."""
+    data = os.pread(fd, size, at)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), at + len(data))
+        if not more:
+            raise LedgerError(f"{BODIES_FILE} ends early: the state dir was changed meanwhile")
+        data += more
+    return data
 
 
 def _take(items: list[Any]) -> list[Any]:
@@ -451,11 +465,12 @@ class Ledger:
 
     @_writes
     def _flush(self, keys: list[Any], held: dict[int, list[Any]], rejected: list[Any]) -> None:
-        # Taken out first: interrupted anywhere, a batch is stored once or not at all (the
-        # transaction), never twice.
-        keys, rejected = _take(keys), _take(rejected)
-        groups = list(held.values())
-        held.clear()
+        # Taken out first, all at once (an interruption waits for that): interrupted
+        # anywhere, a batch is stored once, whole, or not at all (the transaction).
+        with deferred():
+            keys, rejected = _take(keys), _take(rejected)
+            groups = list(held.values())
+            held.clear()
         assert self._bodies is not None, "begin_run first"
         at = self._bodies_size
         located = []
@@ -568,10 +583,10 @@ class Ledger:
             # One read for each run of bodies that lie one after another in the file.
             start = end = rows[first][2]
             last = first
-            while last < count and rows[last][2] == end:
+            while last < count and rows[last][2] == end and end - start < _READ_BYTES:
                 end += rows[last][3]
                 last += 1
-            data = os.pread(fd, end - start, start)
+            data = _pread(fd, end - start, start)
             if last == first + 1:
                 out.append(Pending(rows[first][0], rows[first][1], data))
             else:

@@ -4,8 +4,8 @@ httpx's own transport reaches its sockets through anyio: every read and write of
 enters and leaves a cancel scope, which with the rest of that layer cost a third of the
 client's CPU per request (bench/README.md). This transport runs httpcore's own HTTP/1.1
 connections (keep-alive, TLS, timeouts) over a network backend built on asyncio's streams,
-and raises the same exceptions. A run through a proxy keeps httpx's own transport: httpx reads the
-proxy settings only when it builds its transports itself.
+and raises the same exceptions. A run through a proxy keeps httpx's client and transport:
+httpx reads the proxy settings only when it builds its transports itself.
 """
 
 from __future__ import annotations

@@ -282,3 +282,29 @@ def test_retry_does_not_choke_on_odd_ids_in_the_source(workdir: Path) -> None:
     assert invoke("load", "e.jsonl", "--sandbox")[0] == 1
     code, output = invoke("retry", "failed.json", "--sandbox")
     assert code == 1 and "Traceback" not in output
+
+
+def test_the_command_leaves_with_its_status_and_all_of_its_output(tmp_path: Path) -> None:
+    """The command skips the interpreter's teardown at exit: what it printed still arrives
+    whole through a pipe, and its exit status is the command's."""
+    rows: list[Any] = [message("d", f"c{n % 9}", n) for n in range(3000)]
+    for n in range(0, 3000, 7):
+        rows[n]["sentOn"] = "not a time"
+    write_jsonl(tmp_path / "e.jsonl", rows)
+    run = subprocess.run(
+        [sys.executable, "-m", "histimport", "validate", "e.jsonl", "--output", "json"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    document = orjson.loads(run.stdout)  # whole: it parses
+    assert document["counts"]["rejected"] == len(range(0, 3000, 7))
+    usage = subprocess.run(
+        [sys.executable, "-m", "histimport", "load", "missing.jsonl"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert usage.returncode == 2 and "missing.jsonl" in usage.stderr

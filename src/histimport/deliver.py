@@ -171,14 +171,14 @@ def basic_auth(username: str, password: str) -> str:
     return f"Basic {token}"
 
 
-Answer = tuple[int, httpx.Headers, bytes | None]
+Reply = tuple[int, httpx.Headers, bytes | None]
 """An answer's status, headers and body; None for a body beyond the bound."""
 
 
 class Sender(Protocol):
     """One worker's way to the endpoint."""
 
-    async def put(self, url: str, body: bytes) -> Answer: ...
+    async def put(self, url: str, body: bytes) -> Reply: ...
 
     async def aclose(self) -> None: ...
 
@@ -201,7 +201,7 @@ class DirectSender:
         self._extensions = {"timeout": timeout.as_dict()}
         self._bound = bound
 
-    async def put(self, url: str, body: bytes) -> Answer:
+    async def put(self, url: str, body: bytes) -> Reply:
         request = httpx.Request(
             "PUT", url, headers=self._headers, content=body, extensions=self._extensions
         )
@@ -227,7 +227,7 @@ class ClientSender:
         self._client = client
         self._bound = bound
 
-    async def put(self, url: str, body: bytes) -> Answer:
+    async def put(self, url: str, body: bytes) -> Reply:
         async with self._client.stream("PUT", url, content=body) as response:
             return (
                 response.status_code,

@@ -147,18 +147,17 @@ def test_messages_staged_in_several_batches_come_back_whole_and_in_order(
         assert 7 < spans < len(rows)
 
 
-def _flush_lines() -> list[int]:
-    code = Ledger._flush.__wrapped__.__code__  # type: ignore[attr-defined]
-    return sorted({n for _, _, n in code.co_lines() if n and n > code.co_firstlineno})
+_FLUSH = Ledger._flush.__wrapped__.__code__  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("line", _flush_lines())
+@pytest.mark.parametrize(
+    "line", sorted({n for _, _, n in _FLUSH.co_lines() if n and n > _FLUSH.co_firstlineno})
+)
 def test_an_interruption_anywhere_in_a_flush_leaves_every_staged_row_accounted_for(
     line: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C at any line of a flush (sent by a trace function): each batch is stored
     whole or not at all, with its customers' keys."""
-    code = Ledger._flush.__wrapped__.__code__  # type: ignore[attr-defined]
     # Two batches of four messages: the second brings new customers and a rejected row.
     lines = [message("d", f"c{n // 4}{n % 2}", n) for n in range(8)]
     lines.insert(6, {"departmentUUID": "d"})
@@ -171,7 +170,7 @@ def test_an_interruption_anywhere_in_a_flush_leaves_every_staged_row_accounted_f
     flushes = []
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is not code:
+        if frame.f_code is not _FLUSH:
             return None
         flushes.append(1)
 

@@ -119,7 +119,7 @@ class Fanout:
         while busy:
             worker, batch = busy.popleft()
             result = self._result(worker, batch)
-            if worker is not None and worker in in_hand:
+            if worker is not None:
                 in_hand[worker] -= 1
             feed()
             yield result

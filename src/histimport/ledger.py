@@ -11,8 +11,8 @@ the rows it searches large.
 
 While sending, every answer is committed as it arrives, as rows appended to `journal`, one
 per request and kind of outcome with its messages as a JSON list: appending touches a page or
-two per request, where updating the staged messages in place would rewrite a page per
-message (a customer's messages are scattered through the file). The journal is a database
+two per request, where updating the staged messages in place would rewrite their pages
+as answers come. The journal is a database
 of its own (`journal.sqlite3`, attached as `jl`), so that a thread can settle it into the
 ledger while answers keep arriving, neither waiting for the other's write lock.
 
@@ -426,7 +426,7 @@ class Ledger:
         read back from a few places instead of one per message. Interrupted, it stores what
         it can; `staged_rows` says how much that was."""
         keys: list[tuple[int, str, str]] = []
-        held: dict[int, list[tuple[int, str, int, int, bytes]]] = {}  # by key, input order
+        held: dict[int, list[tuple[str, int, int, bytes]]] = {}  # by key id, input order
         rejected: list[tuple[int, int, str | None, str | None, str | None, bytes]] = []
         held_bytes = 0
         try:
@@ -440,7 +440,7 @@ class Ledger:
                     group = held.get(key_id)
                     if group is None:
                         group = held[key_id] = []
-                    group.append((key_id, row.source_uuid, row.source, row.line, row.body))
+                    group.append((row.source_uuid, row.source, row.line, row.body))
                     held_bytes += len(row.body) + _HELD_ROW_BYTES
                     if held_bytes >= _STAGE_BYTES:
                         self._flush(keys, held, rejected)
@@ -469,16 +469,17 @@ class Ledger:
         # anywhere, a batch is stored once, whole, or not at all (the transaction).
         with deferred():
             keys, rejected = _take(keys), _take(rejected)
-            groups = list(held.values())
+            groups = list(held.items())
             held.clear()
         assert self._bodies is not None, "begin_run first"
+        write = self._bodies.write
         at = self._bodies_size
         located = []
-        for group in groups:
-            for key_id, source_uuid, src, line, body in group:
+        for key_id, group in groups:
+            for source_uuid, src, line, body in group:
+                write(body)
                 located.append((key_id, source_uuid, src, line, at, len(body)))
                 at += len(body)
-        self._bodies.writelines(v[4] for group in groups for v in group)
         self._bodies_size = at
         with self._db:
             self._db.execute("BEGIN")

@@ -38,16 +38,20 @@ def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
     try:
         journal = state_dir / JOURNAL_FILE
-        if journal.is_file():
+        attached = journal.is_file()
+        if attached:
             db.execute("ATTACH DATABASE ? AS jl", (_read_only(journal),))
-        return _summary(db, state_dir, runs)
+        return _summary(db, state_dir, runs, journal=attached and has_table(db, "jl", "journal"))
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
     finally:
         db.close()
 
 
-def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, Any]:
+def _summary(
+    db: sqlite3.Connection, state_dir: Path, runs: int, *, journal: bool
+) -> dict[str, Any]:
+    """`journal`: the journal is attached as `jl` and has its table."""
     accepted = dict(db.execute("SELECT target, COUNT(*) FROM accepted GROUP BY target"))
     refused = dict(db.execute("SELECT target, COUNT(*) FROM refused GROUP BY target"))
     run_rows = db.execute(
@@ -92,8 +96,6 @@ def _summary(db: sqlite3.Connection, state_dir: Path, runs: int) -> dict[str, An
     current: dict[str, int] = {}
     errors: Counter[str] = Counter()
     if has_table(db, "main", "msg"):
-        attached = any(name == "jl" for _, name, _ in db.execute("PRAGMA database_list"))
-        journal = attached and has_table(db, "jl", "journal")
         # During a run, the latest word on a message may still be in the journal.
         words = f"({LATEST_WORDS})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
         for state, n in db.execute(

@@ -1,4 +1,5 @@
-"""The asyncio transport under httpx: keep-alive, reconnection, httpx's errors, proxies."""
+"""The run's HTTP/1.1 sender: keep-alive, reconnection, what real servers answer, httpx's
+errors, proxies."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import httpx
 import pytest
 
 from histimport.config import Config
-from histimport.deliver import ClientSender, Deliverer, DirectSender
+from histimport.deliver import ClientSender, Deliverer
 from histimport.ledger import Ledger
-from histimport.transport import AsyncioTransport
+from histimport.transport import Http11Sender
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -60,19 +61,57 @@ async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         await writer.drain()
 
 
-def client(**options: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=AsyncioTransport(),
-        timeout=httpx.Timeout(**options or {"timeout": 5}),
-    )
+def sender(timeout: float = 5, bound: int = 1 << 20) -> Http11Sender:
+    return Http11Sender({"Content-Type": "application/json"}, httpx.Timeout(timeout), bound)
+
+
+@asynccontextmanager
+async def sending(timeout: float = 5, bound: int = 1 << 20) -> AsyncIterator[Http11Sender]:
+    http = sender(timeout, bound)
+    try:
+        yield http
+    finally:
+        await http.aclose()
 
 
 def test_a_connection_is_kept_alive_between_requests() -> None:
     async def main() -> None:
-        async with serving(answer_each) as (url, connections), client() as http:
-            statuses = [(await http.put(f"{url}/x", content=b"[1]")).status_code for _ in range(5)]
-            assert statuses == [200] * 5
+        async with serving(answer_each) as (url, connections), sending() as http:
+            replies = [await http.put(f"{url}/x", b"[1]") for _ in range(5)]
+            assert [(status, content) for status, _, content in replies] == [(200, b"{}")] * 5
+            assert replies[0][1]["content-type"] == "application/json"
             assert len(connections) == 1
+
+    asyncio.run(main())
+
+
+def test_the_request_is_what_httpx_would_send() -> None:
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                seen.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(OK)
+            await writer.drain()
+
+    async def main() -> None:
+        async with serving(record) as (url, _), sending() as http:
+            path = "/api/department/d-1/customer/c~2/communication/historical"
+            await http.put(f"{url}{path}", b"[1]")
+            await http.put(f"{url}/a b/\u00e9?q=1#fragment", b"")
+        port = url.rsplit(":", 1)[1]
+        first, second = (request.split(b"\r\n") for request in seen)
+        assert first[0] == b"PUT /api/department/d-1/customer/c~2/communication/historical HTTP/1.1"
+        assert first[1] == f"host: 127.0.0.1:{port}".encode()
+        assert set(first[2:-2]) == {b"content-type: application/json", b"content-length: 3"}
+        assert first[-1] == b"[1]"
+        assert second[0] == httpx.URL(f"{url}/a b/\u00e9?q=1").raw_path.join(
+            [b"PUT ", b" HTTP/1.1"]
+        )
+        assert b"content-length: 0" in second
 
     asyncio.run(main())
 
@@ -84,10 +123,9 @@ def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
         await writer.drain()
 
     async def main() -> None:
-        async with serving(answer_once) as (url, connections), client() as http:
+        async with serving(answer_once) as (url, connections), sending() as http:
             for _ in range(3):
-                response = await http.put(f"{url}/x", content=b"[1]")
-                assert response.json() == {}
+                assert (await http.put(f"{url}/x", b"[1]"))[2] == b"{}"
                 await asyncio.sleep(0.05)  # the server's close arrives while idle
             assert len(connections) == 3
 
@@ -110,11 +148,119 @@ def test_a_connection_the_server_wrote_to_while_idle_is_replaced() -> None:
         await asyncio.sleep(1)  # and the connection stays open
 
     async def main() -> None:
-        async with serving(answer_then_time_out) as (url, connections), client() as http:
+        async with serving(answer_then_time_out) as (url, connections), sending() as http:
             for _ in range(2):
-                assert (await http.put(f"{url}/x", content=b"[1]")).status_code == 200
+                assert (await http.put(f"{url}/x", b"[1]"))[0] == 200
                 await asyncio.sleep(0.2)
             assert len(connections) == 2
+
+    asyncio.run(main())
+
+
+def test_an_expired_connection_is_replaced() -> None:
+    async def main() -> None:
+        async with serving(answer_each) as (url, connections):
+            http = Http11Sender({}, httpx.Timeout(5), 1 << 20, keepalive_expiry=0.05)
+            try:
+                for _ in range(2):
+                    assert (await http.put(f"{url}/x", b"[1]"))[0] == 200
+                    await asyncio.sleep(0.1)
+            finally:
+                await http.aclose()
+            assert len(connections) == 2
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}",  # the body ends with the stream
+    ],
+    ids=["connection close", "http/1.0", "read to the end"],
+)
+def test_an_answer_that_closes_the_connection_is_read_and_the_next_goes_on_a_new_one(
+    answer: bytes,
+) -> None:
+    async def answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        if b"Content-Length" in answer:
+            await asyncio.sleep(0.5)  # slow to close: the answer said enough already
+        writer.close()  # without a length, the body ends here
+
+    async def main() -> None:
+        async with serving(answer_and_close) as (url, connections), sending() as http:
+            for _ in range(2):
+                assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
+            assert len(connections) == 2
+
+    asyncio.run(main())
+
+
+def test_a_chunked_answer_after_a_100_continue_is_read_whole() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for part in (b'{"a"', b":", b"1}"):
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        async with serving(chunked) as (url, connections), sending() as http:
+            for _ in range(2):
+                assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b'{"a":1}')
+            assert len(connections) == 1
+
+    asyncio.run(main())
+
+
+def test_an_answer_beyond_the_bound_is_not_read_and_its_connection_not_kept() -> None:
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000)
+            await writer.drain()
+
+    async def main() -> None:
+        async with serving(large) as (url, connections), sending(bound=999) as http:
+            assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, None)
+            assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, None)
+            assert len(connections) == 2
+
+    asyncio.run(main())
+
+
+def test_an_answer_before_the_whole_request_was_read_is_taken() -> None:
+    """A server or proxy may refuse a large body (413) at once and close, draining the rest
+    of the request unread (as nginx's lingering close does)."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n")
+        writer.write(b"Content-Length: 0\r\n\r\n")
+        writer.write_eof()
+        while await reader.read(1 << 16):
+            pass
+
+    async def main() -> None:
+        async with serving(refuse) as (url, _), sending() as http:
+            for _ in range(2):
+                status, _, content = await http.put(f"{url}/x", b"x" * (8 << 20))
+                assert (status, content) == (413, b"")
 
     asyncio.run(main())
 
@@ -133,12 +279,12 @@ def test_after_a_failed_request_and_on_another_server_a_new_connection_is_made()
         async with (
             serving(hang_up_once) as (first, first_connections),
             serving(answer_each) as (second, second_connections),
-            client() as http,
+            sending() as http,
         ):
             with pytest.raises(httpx.RemoteProtocolError):
-                await http.put(f"{first}/x", content=b"[1]")
+                await http.put(f"{first}/x", b"[1]")
             urls = [first, first, second, second, first]
-            statuses = [(await http.put(f"{url}/x", content=b"[1]")).status_code for url in urls]
+            statuses = [(await http.put(f"{url}/x", b"[1]"))[0] for url in urls]
             assert statuses == [200] * 5
             # The failed one, then one per change of server.
             assert (len(first_connections), len(second_connections)) == (3, 1)
@@ -146,13 +292,23 @@ def test_after_a_failed_request_and_on_another_server_a_new_connection_is_made()
     asyncio.run(main())
 
 
-def test_one_request_at_a_time() -> None:
+def test_one_request_at_a_time_and_a_cancelled_one_leaves_no_connection_behind() -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        await answer_each(reader, writer)
+
     async def main() -> None:
-        async with serving(answer_each) as (url, _), client() as http:
-            async with http.stream("PUT", f"{url}/x", content=b"[1]"):
-                with pytest.raises(RuntimeError, match="one request at a time"):
-                    await http.put(f"{url}/x", content=b"[1]")
-            assert (await http.put(f"{url}/x", content=b"[1]")).status_code == 200
+        async with serving(slow) as (url, connections), sending() as http:
+            first = asyncio.create_task(http.put(f"{url}/x", b"[1]"))
+            await asyncio.sleep(0.05)
+            with pytest.raises(RuntimeError, match="one request at a time"):
+                await http.put(f"{url}/x", b"[1]")
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            # The cancelled request's answer may still come: never on the next one's connection.
+            assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
+            assert len(connections) == 2
 
     asyncio.run(main())
 
@@ -169,19 +325,16 @@ def test_what_goes_wrong_is_raised_as_httpx_own_transport_raises_it(misbehaviour
             writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
         await writer.drain()
 
-    async def outcome(http: httpx.AsyncClient, url: str) -> BaseException:
-        with pytest.raises(httpx.TransportError) as raised:
-            async with http.stream("PUT", f"{url}/x", content=b"[1]") as response:
-                await response.aread()
-        return raised.value
-
     async def main() -> None:
         async with serving(misbehave) as (url, _):
-            async with client(timeout=0.3) as http:
-                ours = await outcome(http, url)
-            theirs_client = httpx.AsyncClient(timeout=0.3, trust_env=False)
-            async with theirs_client as http:
-                theirs = await outcome(http, url)
+            async with sending(timeout=0.3) as http:
+                with pytest.raises(httpx.TransportError) as raised:
+                    await http.put(f"{url}/x", b"[1]")
+                ours = raised.value
+            async with httpx.AsyncClient(timeout=0.3, trust_env=False) as client:
+                with pytest.raises(httpx.TransportError) as raised:
+                    await client.put(f"{url}/x", content=b"[1]")
+                theirs = raised.value
         assert type(ours) is type(theirs)
         if not isinstance(ours, httpx.TimeoutException):  # h11's words, both ways
             assert str(ours) == str(theirs)
@@ -193,9 +346,28 @@ def test_a_refused_connection_is_a_connect_error() -> None:
     async def main() -> None:
         async with serving(read_request) as (url, _):
             pass  # closed: nothing listens on its port any more
-        async with client() as http:
+        async with sending() as http:
             with pytest.raises(httpx.ConnectError):
-                await http.put(f"{url}/x", content=b"[1]")
+                await http.put(f"{url}/x", b"[1]")
+
+    asyncio.run(main())
+
+
+def test_ipv6_loopback() -> None:
+    async def main() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await answer_each(reader, writer)
+            finally:
+                writer.close()
+
+        try:
+            server = await asyncio.start_server(answer, "::1", 0)
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        async with server, sending() as http:
+            port = server.sockets[0].getsockname()[1]
+            assert (await http.put(f"http://[::1]:{port}/x", b"[1]"))[::2] == (200, b"{}")
 
     asyncio.run(main())
 
@@ -210,7 +382,7 @@ def test_no_proxy_alone_sends_straight_to_the_transport(
         deliverer = Deliverer(
             config=Config(), ledger=ledger, base_url="http://platform.test", credentials=None
         )
-        assert isinstance(deliverer._new_sender(), DirectSender)
+        assert isinstance(deliverer._new_sender(), Http11Sender)
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
         assert isinstance(deliverer._new_sender(), ClientSender)
 

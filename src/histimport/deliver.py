@@ -29,7 +29,7 @@ from .config import Config
 from .errors import UsageError
 from .ledger import Ledger, Outcome, Pending, State
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
-from .transport import AsyncioTransport
+from .transport import Http11Sender, Reply
 
 # A 429 is the server (or a proxy) pacing us, not failing: it draws on its own, larger
 # budget, so that a rate limit never makes the tool give up on a healthy message.
@@ -169,10 +169,6 @@ def basic_auth(username: str, password: str) -> str:
     """An Authorization header's value, as httpx.BasicAuth makes it."""
     token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
     return f"Basic {token}"
-
-
-Reply = tuple[int, httpx.Headers, bytes | None]
-"""An answer's status, headers and body; None for a body beyond the bound."""
 
 
 class Sender(Protocol):
@@ -328,13 +324,13 @@ class Deliverer:
         }
         timeout = httpx.Timeout(self.config.timeout)
         bound = self.config.max_response_bytes
-        transport = self._transport
-        if transport is None and not _proxy_set():
-            transport = AsyncioTransport(ssl_context=self._tls)
-        if transport is not None:
-            if self.credentials is not None:
-                headers["Authorization"] = basic_auth(*self.credentials)
-            return DirectSender(transport, headers, timeout, bound)
+        direct = self._transport is not None or not _proxy_set()
+        if direct and self.credentials is not None:
+            headers["Authorization"] = basic_auth(*self.credentials)
+        if self._transport is not None:
+            return DirectSender(self._transport, headers, timeout, bound)
+        if direct:
+            return Http11Sender(headers, timeout, bound, ssl_context=self._tls)
         client = httpx.AsyncClient(
             auth=httpx.BasicAuth(*self.credentials) if self.credentials is not None else None,
             verify=self._tls or True,

@@ -4,8 +4,12 @@ errors, proxies."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -59,6 +63,45 @@ async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             return
         writer.write(OK)
         await writer.drain()
+
+
+@contextmanager
+def threaded_server(handle: Callable[[socket.socket], None]) -> Iterator[tuple[str, list[int]]]:
+    """A server on a thread of its own, which goes on while the client does not yield; one
+    connection at a time. Yields its URL and a list that counts its connections."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+    connections: list[int] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connections.append(1)
+            with conn:
+                handle(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connections
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def receive_head(conn: socket.socket) -> tuple[bytes, int]:
+    """A request's head, and its content length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    length = int(head.partition(b"content-length:")[2].split(b"\r\n")[0] or 0)
+    return data, length
 
 
 def sender(timeout: float = 5, bound: int = 1 << 20) -> Http11Sender:
@@ -155,6 +198,49 @@ def test_a_connection_the_server_wrote_to_while_idle_is_replaced() -> None:
             assert len(connections) == 2
 
     asyncio.run(main())
+
+
+def test_a_connection_the_server_closed_since_the_event_loop_last_looked_is_replaced() -> None:
+    """A run may go from an answer to its next request without yielding to the event loop
+    (recording an answer does not): the server's close is then in the socket only."""
+
+    def answer_and_hang_up(conn: socket.socket) -> None:
+        head, length = receive_head(conn)
+        received = len(head.partition(b"\r\n\r\n")[2])
+        while received < length:
+            received += len(conn.recv(65536))
+        conn.sendall(OK)
+        time.sleep(0.001)
+
+    async def main(url: str) -> None:
+        async with sending() as http:
+            for _ in range(4):
+                assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
+                time.sleep(0.02)  # work that does not yield, as recording an answer
+
+    with threaded_server(answer_and_hang_up) as (url, connections):
+        asyncio.run(main(url))
+    assert len(connections) == 4
+
+
+def test_an_answer_sent_before_a_reset_is_still_read() -> None:
+    """A server may refuse a large body at once (413) and reset the connection without
+    reading it: the answer came first, and it is the answer."""
+
+    def refuse_and_reset(conn: socket.socket) -> None:
+        receive_head(conn)
+        conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(0.05)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async def main(url: str) -> None:
+        async with sending() as http:
+            for _ in range(3):
+                status, _, content = await http.put(f"{url}/x", b"x" * (8 << 20))
+                assert (status, content) == (413, b"")
+
+    with threaded_server(refuse_and_reset) as (url, _):
+        asyncio.run(main(url))
 
 
 def test_an_expired_connection_is_replaced() -> None:

@@ -13,6 +13,7 @@ keeps httpx's client: httpx reads the proxy settings only for the transports it 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 import urllib.parse
@@ -46,21 +47,30 @@ class _Connection:
         self.idle_since = time.monotonic()
 
     def reusable(self, origin: tuple[str, str, int], expiry: float) -> bool:
-        """Whether the next request may go out on it. While it was idle, anything the server
-        sent (a late 408 some proxies send at their idle timeout), its end of stream or an
-        error means the server is done with it. asyncio reads the socket as data comes, so
-        the reader's buffer tells: a private attribute of StreamReader, stable since
-        asyncio's first release."""
+        """Whether the next request may go out on it. Anything the server sent while it was
+        idle (a late 408 some proxies send at their idle timeout), its end of stream or an
+        error means the server is done with it. What asyncio has read already is in the
+        reader (its buffer: a private attribute of StreamReader, stable since asyncio's
+        first release); what arrived since it last looked, in the socket, which is polled,
+        as httpx does: a run may go from one answer to the next request without yielding
+        to the event loop."""
         reader = self.reader
-        return (
-            origin == self.origin
-            and self.http.our_state is h11.IDLE
-            and time.monotonic() - self.idle_since < expiry
-            and not getattr(reader, "_buffer", b"")
-            and not reader.at_eof()
-            and reader.exception() is None
-            and not self.writer.is_closing()
-        )
+        if (
+            origin != self.origin
+            or self.http.our_state is not h11.IDLE
+            or time.monotonic() - self.idle_since >= expiry
+            or bool(getattr(reader, "_buffer", b""))
+            or reader.at_eof()
+            or reader.exception() is not None
+            or self.writer.is_closing()
+        ):
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLIN)
+        return not poll.poll(0)
 
     def close(self) -> None:
         self.writer.close()
@@ -139,7 +149,13 @@ class Http11Sender:
         try:
             async with asyncio.timeout(self._timeout.connect):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=tls, server_hostname=host if tls else None
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                    # An address that drops packets (IPv6 behind some firewalls) does not
+                    # use up the timeout: the next is tried after 0.25 s, as httpx does.
+                    happy_eyeballs_delay=0.25,
                 )
         except TimeoutError as exc:  # before OSError, of which it is one
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
@@ -207,7 +223,11 @@ class Http11Sender:
             except TimeoutError as exc:
                 raise httpx.ReadTimeout("timed out reading the answer") from exc
             except OSError as exc:
-                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+                # What was read before the error (a 413 or 401 sent before a reset) is
+                # still the answer: the reader raises its error before handing it out.
+                data = _take_buffered(connection.reader)
+                if not data:
+                    raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
             if not data and http.their_state is h11.SEND_RESPONSE:
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
             http.receive_data(data)
@@ -216,6 +236,15 @@ class Http11Sender:
         connection.close()
         if self._connection is connection:
             self._connection = None
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer:
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
 def _origin(url: str) -> tuple[str, str, int]:

@@ -407,3 +407,20 @@ def test_settling_keeps_each_message_s_last_word(staged: Any) -> None:
     assert (counts["accepted"], counts["failed"]) == (1, 2)
     failures = {f.source_uuid: (f.retryable, f.http_status) for f in ledger.failures()}
     assert failures == {second.source_uuid: (True, 503), third.source_uuid: (False, 409)}
+
+
+def test_timeout_bounds_the_whole_request(staged: Any) -> None:
+    """Each read and write is bounded by --timeout, and so is the request as a whole: an
+    answer that trickles in, each part in time, does not hold the customer back forever."""
+    ledger = staged(list(interleaved(customers=1, per_customer=2)))
+
+    async def trickle(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return accept_all(request)
+
+    stats = deliver(ledger, trickle, timeout=0.2, max_attempts=1)
+    assert (stats.requests, stats.unknown_outcomes) == (1, 1)  # it may have been stored
+    failures = list(ledger.failures())
+    assert [f.errors[0]["errorCode"] for f in failures] == ["TIMEOUT", "TIMEOUT"]
+    assert "--timeout 0.2 s" in failures[0].errors[0]["errorDescription"]
+    assert all(f.retryable for f in failures)

@@ -91,6 +91,20 @@ def test_transport_errors() -> None:
     assert (dropped.action, dropped.unknown_outcome) == (Action.RETRY, True)
 
 
+def test_a_proxy_that_will_not_open_a_tunnel() -> None:
+    """Nothing reached the platform: a refusal stops the run as wrong credentials do, and
+    anything else is retried as a known outcome."""
+    refused = classify_error(httpx.ProxyError("407 Proxy Authentication Required"))
+    assert (refused.action, refused.code) == (Action.ABORT, "PROXY_REFUSED")
+    assert "407 Proxy Authentication Required" in refused.description
+    failing = classify_error(httpx.ProxyError("502 Bad Gateway"))
+    assert (failing.action, failing.code, failing.unknown_outcome) == (
+        Action.RETRY,
+        "PROXY_ERROR",
+        False,
+    )
+
+
 def test_retry_after_in_both_forms() -> None:
     now = 1_000_000.0
     assert parse_retry_after("7", now) == 7.0

@@ -4,8 +4,11 @@ errors, proxies."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -15,10 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+import histimport
+from histimport import ExitStatus
 from histimport.config import Config
 from histimport.deliver import ClientSender, Deliverer
 from histimport.ledger import Ledger
 from histimport.transport import Http11Sender
+
+from .factory import message, write_jsonl
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -506,3 +513,58 @@ def test_a_proxy_from_the_environment_is_still_used(
         assert seen == [b"PUT http://platform.test/x HTTP/1.1"]
 
     asyncio.run(main())
+
+
+def test_a_proxy_that_refuses_the_tunnel_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a refused password does: every request would meet the same refusal."""
+    tunnels: list[bytes] = []
+
+    def refuse(conn: socket.socket) -> None:
+        tunnels.append(receive_head(conn)[0].split(b"\r\n")[0])
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    with threaded_server(refuse) as (proxy_url, _):
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        result = histimport.load(
+            [source],
+            Config(
+                base_url="https://platform.test/communications",
+                username="u",
+                password="p",
+                state_dir=tmp_path / "state",
+                failed_out=tmp_path / "failed.json",
+            ),
+        )
+    assert result.exit_status is ExitStatus.ABORTED
+    assert result.message is not None and "proxy refused" in result.message
+    assert tunnels == [b"CONNECT platform.test:443 HTTP/1.1"]
+    assert result.counts["notSent"] == 3
+
+
+def test_a_proxy_httpx_cannot_use_is_a_usage_error(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", 1)])
+    env = {
+        **os.environ,
+        "HISTIMPORT_USERNAME": "u",
+        "HISTIMPORT_PASSWORD": "p",
+        "ALL_PROXY": "socks5://127.0.0.1:1",
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    options = ["--base-url", "https://platform.test", "--state-dir", str(tmp_path / "state")]
+    done = subprocess.run(
+        [sys.executable, "-m", "histimport", "load", str(source), *options],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "the proxy set in the environment cannot be used" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -331,15 +331,23 @@ class Deliverer:
             return DirectSender(self._transport, headers, timeout, bound)
         if direct:
             return Http11Sender(headers, timeout, bound, ssl_context=self._tls)
-        client = httpx.AsyncClient(
-            auth=httpx.BasicAuth(*self.credentials) if self.credentials is not None else None,
-            verify=self._tls or True,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            follow_redirects=False,
-            cookies=_NoCookies(),
-            headers=headers,
-        )
+        try:
+            client = httpx.AsyncClient(
+                auth=httpx.BasicAuth(*self.credentials) if self.credentials is not None else None,
+                verify=self._tls or True,
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                follow_redirects=False,
+                cookies=_NoCookies(),
+                headers=headers,
+            )
+        except (ImportError, ValueError) as exc:
+            # A SOCKS proxy (httpx needs socksio for it) or a proxy URL httpx cannot use.
+            raise UsageError(
+                f"the proxy set in the environment cannot be used: {exc}",
+                hint="set HTTPS_PROXY / HTTP_PROXY / ALL_PROXY to an http:// or https:// "
+                "proxy, or NO_PROXY for the platform's host",
+            ) from exc
         return ClientSender(client, bound)
 
     def _verify(self) -> ssl.SSLContext:
@@ -482,7 +490,15 @@ class Deliverer:
         )
         self.stats.requests += 1
         try:
-            status, headers, content = await sender.put(url, self.envelope.body(chunk.messages))
+            # --timeout bounds the whole request: each read and write is bounded by it too,
+            # but an answer that trickles in would otherwise hold the customer back forever.
+            async with asyncio.timeout(self.config.timeout):
+                status, headers, content = await sender.put(url, self.envelope.body(chunk.messages))
+        except TimeoutError:
+            self.stats.statuses["error"] += 1
+            return classify_error(
+                httpx.ReadTimeout(f"no whole answer within --timeout {self.config.timeout:g} s")
+            )
         except httpx.RequestError as exc:
             self.stats.statuses["error"] += 1
             return classify_error(exc)

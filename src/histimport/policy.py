@@ -118,6 +118,17 @@ def classify_error(exc: httpx.HTTPError) -> Decision:
             description="the server's TLS certificate could not be verified "
             "(a corporate CA? pass --ca-bundle)",
         )
+    if isinstance(exc, httpx.ProxyError):
+        # The proxy would not open a tunnel to the platform: nothing reached it. httpcore
+        # words this "STATUS REASON", the proxy's answer to CONNECT.
+        if str(exc).split(" ", 1)[0] in ("401", "403", "407"):
+            return Decision(
+                Action.ABORT,
+                code="PROXY_REFUSED",
+                description=f"the proxy refused the connection ({exc}): check the proxy "
+                "and its credentials in HTTPS_PROXY, or NO_PROXY",
+            )
+        return Decision(Action.RETRY, code="PROXY_ERROR", description=_words(exc))
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         # Nothing reached the server: the outcome is known, nothing was stored.
         return Decision(Action.RETRY, code="CONNECT_ERROR", description=_words(exc))

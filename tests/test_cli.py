@@ -308,3 +308,29 @@ def test_the_command_leaves_with_its_status_and_all_of_its_output(tmp_path: Path
         timeout=120,
     )
     assert usage.returncode == 2 and "missing.jsonl" in usage.stderr
+
+
+def test_a_quiet_load_imports_only_what_it_uses(tmp_path: Path, server: RunningSandbox) -> None:
+    """Start-up: neither rich (nothing is shown) nor httpx's own command-line client."""
+    write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    script = (
+        "import os, sys\n"
+        "leave = os._exit\n"
+        "def report(code):\n"
+        "    names = ('rich', 'httpx', 'httpx._main', 'click', 'pygments')\n"
+        "    print(sorted(n for n in names if sys.modules.get(n) is not None), code)\n"
+        "    sys.stdout.flush()\n"
+        "    leave(code)\n"
+        "os._exit = report\n"
+        "from histimport.cli import main\n"
+        f"main(['load', 'e.jsonl', '--base-url', {server.base_url!r}, '--quiet'])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, **CREDENTIALS},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.stdout == "['httpx'] 0\n", run.stderr

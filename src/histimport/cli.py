@@ -506,6 +506,11 @@ def _settings(path: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `histimport` command."""
+    if "httpx" not in sys.modules:
+        # httpx imports its own command-line client whenever click, rich and pygments are
+        # installed (about 50 ms of start-up: click and pygments for nothing else); this
+        # command never runs it, and httpx falls back to a stub when it cannot be imported.
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]
     try:
         app(args=argv, prog_name="histimport")
     except SystemExit as done:

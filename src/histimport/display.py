@@ -2,28 +2,23 @@
 
 Everything goes to stderr, so that stdout stays free for machine output (`validate
 --output json`). Nothing is animated off a TTY or with --quiet; `--log-format json` prints
-one JSON object per event instead of text.
+one JSON object per event instead of text. rich is imported only for what is shown with it:
+a quiet run does without it (about 40 ms of start-up).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from .run import RunResult
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
 _WARNINGS_SHOWN = 10
 _VALIDATION = (
@@ -52,13 +47,18 @@ class Display:
     """Progress and summary for one command; also the run's Observer."""
 
     def __init__(self, *, quiet: bool, log_format: str) -> None:
-        self.console = Console(stderr=True, highlight=False)
         self.quiet = quiet
         self.json = log_format == "json"
-        self.animate = self.console.is_terminal and not quiet and not self.json
+        self.animate = not quiet and not self.json and self.console.is_terminal
         self._progress: Progress | None = None
         self._task: Any = None
         self._source = ""
+
+    @functools.cached_property
+    def console(self) -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False)
 
     # -- Observer ------------------------------------------------------------------------
 
@@ -72,6 +72,15 @@ class Display:
         if not self.animate:
             return
         if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("reading {task.description}", markup=False),
                 BarColumn(),
@@ -90,6 +99,15 @@ class Display:
         self.done()
         if not self.animate:
             return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self._progress = Progress(
             TextColumn("sending"),
             BarColumn(),
@@ -167,6 +185,8 @@ class Display:
             self.console.print(f"... {more} more warnings (validate --output json)", markup=False)
         rows = _VALIDATION if title == "validate" else _SUMMARY
         if self.console.is_terminal:
+            from rich.table import Table
+
             table = Table(title=title, show_header=False)
             table.add_column("", style="bold")
             table.add_column("", justify="right")

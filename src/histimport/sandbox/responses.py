@@ -49,33 +49,44 @@ def save_answer(results: Sequence[SaveResult]) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     succeeded: list[str] = []
     failed: list[str] = []
-    for result in results:
+    stored, duplicate, rejected = Outcome.STORED, Outcome.DUPLICATE, Outcome.REJECTED
+    for outcome, source_uuid, message_uuid, error_code, problem in results:
+        if outcome is stored and source_uuid is not None and message_uuid is not None:
+            # Nearly every result: the short way.
+            entries.append(
+                {
+                    "sourceUuid": source_uuid,
+                    "messageUuid": message_uuid,
+                    "errors": [],
+                    "warnings": [],
+                }
+            )
+            succeeded.append(source_uuid)
+            continue
         entry: dict[str, Any] = {}
-        if result.source_uuid is not None:
-            entry["sourceUuid"] = result.source_uuid
-        if result.message_uuid is not None:
-            entry["messageUuid"] = result.message_uuid
+        if source_uuid is not None:
+            entry["sourceUuid"] = source_uuid
+        if message_uuid is not None:
+            entry["messageUuid"] = message_uuid
         errors: list[dict[str, str]] = []
         warnings: list[dict[str, str]] = []
-        if result.outcome is Outcome.DUPLICATE:
+        if outcome is duplicate:
             warnings.append(
                 {
                     "warningCode": "DUPLICATE_SOURCE_UUID",
-                    "warningDescription": f"sourceUuid {result.source_uuid} was already "
-                    f"stored as message {result.message_uuid}; it was not stored again",
+                    "warningDescription": f"sourceUuid {source_uuid} was already "
+                    f"stored as message {message_uuid}; it was not stored again",
                 }
             )
-        elif result.outcome is Outcome.REJECTED:
+        elif outcome is rejected:
             errors.append(api_error("REJECTED", "the message was rejected by the sandbox"))
-        elif result.outcome is Outcome.INVALID:
-            errors.append(
-                api_error(result.error_code or "INVALID_MESSAGE", result.problem or "invalid")
-            )
+        elif outcome is Outcome.INVALID:
+            errors.append(api_error(error_code or "INVALID_MESSAGE", problem or "invalid"))
         entry["errors"] = errors
         entry["warnings"] = warnings
         entries.append(entry)
-        if result.source_uuid is not None:
-            (failed if errors else succeeded).append(result.source_uuid)
+        if source_uuid is not None:
+            (failed if errors else succeeded).append(source_uuid)
     # "succesfully" is the vendor's spelling of the key.
     return {
         "saveMessageResponse": entries,

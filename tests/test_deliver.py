@@ -422,5 +422,5 @@ def test_timeout_bounds_the_whole_request(staged: Any) -> None:
     assert (stats.requests, stats.unknown_outcomes) == (1, 1)  # it may have been stored
     failures = list(ledger.failures())
     assert [f.errors[0]["errorCode"] for f in failures] == ["TIMEOUT", "TIMEOUT"]
-    assert "--timeout 0.2 s" in failures[0].errors[0]["errorDescription"]
+    assert "twice --timeout (0.4 s)" in failures[0].errors[0]["errorDescription"]
     assert all(f.retryable for f in failures)

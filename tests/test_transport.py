@@ -4,16 +4,20 @@ errors, proxies."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
+import select
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -151,14 +155,18 @@ def test_the_request_is_what_httpx_would_send() -> None:
         async with serving(record) as (url, _), sending() as http:
             path = "/api/department/d-1/customer/c~2/communication/historical"
             await http.put(f"{url}{path}", b"[1]")
-            await http.put(f"{url}/a b/\u00e9?q=1#fragment", b"")
+            await http.put(f'{url}/a b/\u00e9{{<">}}?q=1#fragment', b"")
         port = url.rsplit(":", 1)[1]
         first, second = (request.split(b"\r\n") for request in seen)
         assert first[0] == b"PUT /api/department/d-1/customer/c~2/communication/historical HTTP/1.1"
         assert first[1] == f"host: 127.0.0.1:{port}".encode()
-        assert set(first[2:-2]) == {b"content-type: application/json", b"content-length: 3"}
+        assert set(first[2:-2]) == {
+            b"content-type: application/json",
+            b"content-length: 3",
+            b"accept-encoding: gzip, deflate",
+        }
         assert first[-1] == b"[1]"
-        assert second[0] == httpx.URL(f"{url}/a b/\u00e9?q=1").raw_path.join(
+        assert second[0] == httpx.URL(f'{url}/a b/\u00e9{{<">}}?q=1').raw_path.join(
             [b"PUT ", b" HTTP/1.1"]
         )
         assert b"content-length: 0" in second
@@ -313,6 +321,129 @@ def test_a_chunked_answer_after_a_100_continue_is_read_whole() -> None:
         async with serving(chunked) as (url, connections), sending() as http:
             for _ in range(2):
                 assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b'{"a":1}')
+            assert len(connections) == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "coding, encode",
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda data: zlib.compress(data)[2:-4]),  # raw, as some servers send it
+        ("identity", lambda data: data),
+    ],
+    ids=["gzip", "deflate", "raw deflate", "identity"],
+)
+def test_an_encoded_answer_is_decoded(coding: str, encode: Callable[[bytes], bytes]) -> None:
+    answer = b'{"succesfullySubmittedSourceUuids": ["a"]}'
+
+    async def encoded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = encode(answer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\n" % coding.encode())
+        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(encoded) as (url, _), sending() as http:
+            assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, answer)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("case", ["corrupt", "cut short", "unasked", "too large"])
+def test_an_encoded_answer_that_cannot_be_read(case: str) -> None:
+    packed = gzip.compress(b" " * 10_000)
+    coding, body = {
+        "corrupt": ("gzip", b"not gzip at all"),
+        "cut short": ("gzip", packed[: len(packed) // 2]),
+        "unasked": ("br", b"\x0b\x02\x80{}\x03"),
+        "too large": ("gzip", packed),  # 10,000 bytes once decoded; the bound is 9,999
+    }[case]
+
+    async def encoded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\n" % coding.encode())
+        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(encoded) as (url, _), sending(bound=9_999) as http:
+            if case == "too large":
+                assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, None)
+                return
+            with pytest.raises(httpx.DecodingError):
+                await http.put(f"{url}/x", b"[1]")
+
+    asyncio.run(main())
+
+
+def test_a_large_answer_head_in_several_reads() -> None:
+    """Up to 100 KiB, as httpx reads them (h11 alone stops at 16 KiB)."""
+
+    async def large_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Trace: " + b"t" * 20_000 + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"X-More: " + b"m" * 12_000 + b"\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(large_head) as (url, _), sending() as http:
+            assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
+
+    asyncio.run(main())
+
+
+def test_a_host_name_that_cannot_be_looked_up_is_a_connect_error() -> None:
+    async def main() -> None:
+        async with sending() as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.put("https://api..example.invalid/x", b"[1]")
+
+    asyncio.run(main())
+
+
+def test_an_international_host_name_goes_out_in_its_ascii_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(record) as (url, _), sending() as http:
+            port = url.rsplit(":", 1)[1]
+            assert (await http.put(f"http://b\u00fccher.example:{port}/x", b"[1]"))[0] == 200
+            assert f"host: xn--bcher-kva.example:{port}".encode() in seen[0].split(b"\r\n")
+
+    asyncio.run(main())
+    assert looked_up == ["xn--bcher-kva.example"]
+
+
+def test_without_poll_a_kept_connection_is_checked_with_select(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(select, "poll")
+
+    async def main() -> None:
+        async with serving(answer_each) as (url, connections), sending() as http:
+            for _ in range(3):
+                assert (await http.put(f"{url}/x", b"[1]"))[0] == 200
             assert len(connections) == 1
 
     asyncio.run(main())

@@ -490,14 +490,18 @@ class Deliverer:
         )
         self.stats.requests += 1
         try:
-            # --timeout bounds the whole request: each read and write is bounded by it too,
-            # but an answer that trickles in would otherwise hold the customer back forever.
-            async with asyncio.timeout(self.config.timeout):
+            # --timeout bounds connecting, then each read and write, and the whole request
+            # at twice it (a connection made, then the answer): an answer that trickles in
+            # cannot hold the customer back forever, and a connection that cannot be made
+            # is told by its own, shorter bound (nothing was sent).
+            async with asyncio.timeout(2 * self.config.timeout):
                 status, headers, content = await sender.put(url, self.envelope.body(chunk.messages))
         except TimeoutError:
             self.stats.statuses["error"] += 1
             return classify_error(
-                httpx.ReadTimeout(f"no whole answer within --timeout {self.config.timeout:g} s")
+                httpx.ReadTimeout(
+                    f"no whole answer within twice --timeout ({2 * self.config.timeout:g} s)"
+                )
             )
         except httpx.RequestError as exc:
             self.stats.statuses["error"] += 1

@@ -16,6 +16,16 @@ def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
             f"--base-url {url!r} is not an http(s) URL",
             hint="e.g. https://api.example.com/communications",
         )
+    if any(c < " " or c == "\x7f" for c in url):
+        raise UsageError(f"--base-url {url!r} holds a control character")
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of range
+        raise UsageError(f"--base-url {url!r}: {exc}") from exc
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError as exc:  # an empty label ("api..example.com"), a label too long
+        raise UsageError(f"--base-url {url!r}: {parts.hostname!r} is not a host name") from exc
     if parts.username is not None or parts.password is not None:
         # Never echo it: it may hold a password, which would end up in every output.
         raise UsageError(
@@ -32,8 +42,8 @@ def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
     # One spelling per target, so that the ledger knows it again (case, default port, slash).
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     default_port = {"http": 80, "https": 443}[parts.scheme]
-    if parts.port is not None and parts.port != default_port:
-        host += f":{parts.port}"
+    if port is not None and port != default_port:
+        host += f":{port}"
     return f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
 
 

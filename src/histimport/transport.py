@@ -13,10 +13,11 @@ keeps httpx's client: httpx reads the proxy settings only for the transports it 
 from __future__ import annotations
 
 import asyncio
+import re
 import select
 import ssl
 import time
-import urllib.parse
+import zlib
 
 import h11
 import httpx
@@ -25,6 +26,11 @@ Reply = tuple[int, httpx.Headers, bytes | None]
 """An answer's status, headers and body; None for a body beyond the bound."""
 
 _READ_BYTES = 64 * 1024
+_HEAD_BYTES = 100 * 1024
+"""The largest answer head accepted, as httpx's own transport sets it (h11's own is 16 KiB)."""
+_PLAIN_TARGET = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
+"""A request target with nothing in it to percent-encode."""
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -43,7 +49,7 @@ class _Connection:
         self.authority = authority if port == _DEFAULT_PORTS[scheme] else f"{authority}:{port}"
         self.reader = reader
         self.writer = writer
-        self.http = h11.Connection(h11.CLIENT)
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=_HEAD_BYTES)
         self.idle_since = time.monotonic()
 
     def reusable(self, origin: tuple[str, str, int], expiry: float) -> bool:
@@ -66,11 +72,7 @@ class _Connection:
         ):
             return False
         sock = self.writer.get_extra_info("socket")
-        if sock is None:
-            return True
-        poll = select.poll()
-        poll.register(sock.fileno(), select.POLLIN)
-        return not poll.poll(0)
+        return sock is None or not _readable(sock.fileno())
 
     def close(self) -> None:
         self.writer.close()
@@ -89,7 +91,12 @@ class Http11Sender:
         ssl_context: ssl.SSLContext | None = None,
         keepalive_expiry: float = 5.0,
     ) -> None:
-        self._headers = [(name.lower(), value) for name, value in headers.items()]
+        # What it decodes, it asks for: without Accept-Encoding any coding would do.
+        self._headers = [("accept-encoding", "gzip, deflate")] + [
+            (name.lower(), value)
+            for name, value in headers.items()
+            if name.lower() != "accept-encoding"
+        ]
         self._timeout = timeout
         self._bound = bound
         self._ssl_context = ssl_context
@@ -127,8 +134,8 @@ class Http11Sender:
         if origin is None:
             origin = self._origins[prefix] = _origin(prefix)
         target = target.partition("#")[0]
-        if not target.isascii() or " " in target:
-            target = urllib.parse.quote(target, safe="/%:@!$&'()*+,;=?~")
+        if _PLAIN_TARGET.fullmatch(target) is None:
+            target = httpx.URL(url).raw_path.decode("ascii")  # percent-encoded as httpx does
         return origin, target
 
     async def _ready(self, origin: tuple[str, str, int]) -> _Connection:
@@ -159,7 +166,9 @@ class Http11Sender:
                 )
         except TimeoutError as exc:  # before OSError, of which it is one
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
-        except OSError as exc:  # ssl.SSLError among them: CERTIFICATE_VERIFY_FAILED, ...
+        except (OSError, UnicodeError) as exc:
+            # ssl.SSLError among them (CERTIFICATE_VERIFY_FAILED, ...); a UnicodeError for a
+            # name the resolver cannot encode (an empty label: "api..example.com").
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
         return _Connection(origin, reader, writer)
 
@@ -206,7 +215,11 @@ class Http11Sender:
             connection.idle_since = time.monotonic()
         else:
             self._forget(connection)  # "Connection: close", or an HTTP/1.0 answer
-        return status, answer_headers, b"".join(parts)
+        content = b"".join(parts)
+        coding = answer_headers.get("content-encoding")
+        if coding is not None:
+            return status, answer_headers, _decoded(content, coding, self._bound)
+        return status, answer_headers, content
 
     async def _event(self, connection: _Connection) -> h11.Event:
         http = connection.http
@@ -238,6 +251,14 @@ class Http11Sender:
             self._connection = None
 
 
+def _readable(fd: int) -> bool:
+    if not hasattr(select, "poll"):  # Windows
+        return bool(select.select([fd], [], [], 0)[0])
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(0))
+
+
 def _take_buffered(reader: asyncio.StreamReader) -> bytes:
     buffer = getattr(reader, "_buffer", None)
     if not buffer:
@@ -247,13 +268,43 @@ def _take_buffered(reader: asyncio.StreamReader) -> bytes:
     return data
 
 
+def _decoded(content: bytes, coding: str, bound: int) -> bytes | None:
+    """An answer's body without its content codings (gzip, deflate: those httpx reads), or
+    None past the bound."""
+    for name in reversed([c.strip().lower() for c in coding.split(",")]):
+        if name in ("", "identity"):
+            continue
+        if name not in _DECODERS:
+            raise httpx.DecodingError(f"the answer is encoded as {name!r}, which was not asked for")
+        decoded = _decode(content, name, bound)
+        if decoded is None:
+            return None
+        content = decoded
+    return content
+
+
+def _decode(content: bytes, name: str, bound: int) -> bytes | None:
+    # Some servers send deflate raw, without its zlib wrapper: httpx reads both.
+    for wbits in (_DECODERS[name], -zlib.MAX_WBITS) if name == "deflate" else (_DECODERS[name],):
+        decoder = zlib.decompressobj(wbits)
+        try:
+            decoded = decoder.decompress(content, bound + 1)
+        except zlib.error:
+            continue
+        if len(decoded) > bound:
+            return None
+        if decoder.eof:
+            return decoded
+    raise httpx.DecodingError(f"the answer's {name} body is corrupt or cut short")
+
+
 def _origin(url: str) -> tuple[str, str, int]:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
+    """As httpx reads it: a host name in ASCII (IDNA), for connecting, SNI and Host."""
     try:
-        port = parts.port
-    except ValueError as exc:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL as exc:
         raise httpx.UnsupportedProtocol(f"Request URL {url!r}: {exc}") from exc
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+    scheme = parts.scheme
+    if scheme not in _DEFAULT_PORTS or not parts.raw_host:
         raise httpx.UnsupportedProtocol(f"Request URL {url!r} is not an http(s) URL.")
-    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme]
+    return scheme, parts.raw_host.decode("ascii"), parts.port or _DEFAULT_PORTS[scheme]

@@ -54,12 +54,13 @@ def test_notifier_flags_are_forced_off_unless_notify() -> None:
         "externalSubscribersNotifierPop": False,
         "threadOwnerNotifierPop": False,
         "sendPhoneNotification": False,
-        "additionalNotifierNotificationDAUUIDs": ["x"],
+        "additionalNotifierNotificationDAUUIDs": [],
     }
     bare = orjson.loads(check(message("d", "c", 2)).body)  # type: ignore[union-attr]
     assert set(bare["notificationAttributes"].values()) == {False}
     loud = orjson.loads(check(row, notify=True).body)  # type: ignore[union-attr]
     assert loud["notificationAttributes"]["internalSubscribersNotifierPop"] is True
+    assert loud["notificationAttributes"]["additionalNotifierNotificationDAUUIDs"] == ["x"]
 
 
 @pytest.mark.parametrize("bad", ["a/b", "..", ".", "", "a?b", "a#b", "a b", "ä", "a%2Fb"])

@@ -493,3 +493,110 @@ def test_a_terminal_sees_the_reading_bar(tmp_path: Path) -> None:
     assert f"reading {source}" in shown
     size = source.stat().st_size / 1e6
     assert f"{size:.1f}/{size:.1f} MB" in shown
+
+
+def failures_of(tmp_path: Path, *sources: Path, **options: Any) -> list[tuple[int, str]]:
+    histimport.validate(list(sources), Config(failed_out=tmp_path / "f.json", **options))
+    failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    return [(f["line"], f["errors"][0]["errorCode"]) for f in failures]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1", "utf-16"])
+def test_a_csv_line_too_long_inside_a_quoted_cell_loses_nothing_after_it(
+    tmp_path: Path, encoding: str
+) -> None:
+    """Its stand-in opens or closes the quoted cell as the line did, and the limit holds
+    whatever the encoding (in characters for another than UTF-8)."""
+    lines = [
+        "departmentUUID,customerUUID,sourceUuid,messageAttributes.body",
+        'd,c,s1,"a cell',
+        "x" * 2000 + ' with a "" quote inside',
+        "z" * 2000 + ' that ends here"',
+        "d,c,s2," + "y" * 2000,
+        *(f"d,c,s{n},fine" for n in range(3, 53)),
+    ]
+    path = tmp_path / "e.csv"
+    path.write_bytes("\r\n".join(lines).encode(encoding) + b"\r\n")
+    result = histimport.validate(
+        [path],
+        Config(failed_out=tmp_path / "f.json", max_line_bytes=1024, encoding=encoding),
+    )
+    failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    assert [(f["line"], f["errors"][0]["errorCode"]) for f in failures] == [
+        (2, "LINE_TOO_LONG"),
+        (5, "LINE_TOO_LONG"),
+    ]
+    assert result.counts["read"] == 52
+
+
+def test_a_csv_line_with_exactly_the_limit_before_its_line_end_is_not_too_long(
+    tmp_path: Path,
+) -> None:
+    head = "departmentUUID,customerUUID,sourceUuid,messageAttributes.body"
+    row = "d,c,s1,"
+    row += "z" * (1024 - len(row))
+    for encoding in ("utf-8", "latin-1"):
+        path = tmp_path / f"{encoding}.csv"
+        path.write_bytes(f"{head}\r\n{row}\r\nd,c,s2,{'z' * 1030}\r\nd,c,s3,x\r\n".encode())
+        assert failures_of(tmp_path, path, max_line_bytes=1024, encoding=encoding) == [
+            (3, "LINE_TOO_LONG")
+        ], encoding
+
+
+@pytest.mark.parametrize("damage", ["cut short", "corrupt", "trailing garbage"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_damaged_gzip_source_keeps_what_could_be_read(
+    tmp_path: Path, damage: str, fmt: str
+) -> None:
+    if fmt == "jsonl":
+        text = b"".join(orjson.dumps(message("d", "c", n)) + b"\n" for n in range(2000))
+    else:
+        text = b"departmentUUID,customerUUID,sourceUuid,messageAttributes.body\n" + b"".join(
+            b"d,c,s%d,body %d\n" % (n, n) for n in range(2000)
+        )
+    packed = gzip.compress(text)
+    data = {
+        "cut short": packed[: len(packed) // 2],
+        "corrupt": packed[: len(packed) // 2] + b"\x00" * 64 + packed[len(packed) // 2 :],
+        "trailing garbage": packed + b"not gzip",
+    }[damage]
+    path = tmp_path / f"e.{fmt}.gz"
+    path.write_bytes(data)
+    result = histimport.validate([path], Config(failed_out=tmp_path / "f.json"))
+    codes = [
+        f["errors"][0]["errorCode"]
+        for f in orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    ]
+    if damage == "corrupt":
+        # What deflate made of the damage before it noticed is rejected row by row.
+        assert codes[-1] == "UNREADABLE"
+    else:
+        assert codes == ["UNREADABLE"]
+    assert result.counts["read"] - result.counts["rejected"] > 500  # the rows before it
+
+
+def test_a_csv_of_another_encoding_ending_inside_a_quote(tmp_path: Path) -> None:
+    path = tmp_path / "e.csv"
+    text = 'departmentUUID,customerUUID,sourceUuid,messageAttributes.body\nd,c,s1,ok\nd,c,s2,"open'
+    path.write_bytes(text.encode("latin-1"))
+    assert failures_of(tmp_path, path, encoding="latin-1") == [(3, "INVALID_CSV")]
+    (tmp_path / "empty.csv").write_bytes(b"")
+    assert failures_of(tmp_path, tmp_path / "empty.csv", encoding="cp1252") == []
+
+
+def test_odd_rows_are_rejected_not_raised(tmp_path: Path) -> None:
+    deep = b'{"departmentUUID":"d","customerUUID":"c","sourceUuid":"x","metaData":'
+    deep += b'{"a":' * 990 + b"1234567890123456789" + b"}" * 990 + b"}"
+    rows = [
+        deep,
+        orjson.dumps(message("d", "c", 2, sentOn="0001-01-01T00:30:00+01:00")),
+        orjson.dumps(message("d", "c", 3, sentOn="9999-12-31T23:30:00-01:00")),
+        orjson.dumps(message("d", "c", 4)),
+    ]
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    assert failures_of(tmp_path, path, check_workers=0) == [
+        (1, "TOO_DEEP"),
+        (2, "INVALID_TIMESTAMP"),
+        (3, "INVALID_TIMESTAMP"),
+    ]

@@ -199,9 +199,13 @@ def normalise_timestamp(value: str) -> str | None:
     return wire_time(moment)
 
 
-def wire_time(moment: datetime) -> str:
-    """An aware time as the API takes it: UTC `YYYY-MM-DDTHH:MM:SS.sssZ`."""
-    return f"{moment.astimezone(UTC).isoformat(timespec='milliseconds')[:-6]}Z"
+def wire_time(moment: datetime) -> str | None:
+    """An aware time as the API takes it: UTC `YYYY-MM-DDTHH:MM:SS.sssZ`; None when that
+    falls outside years 1 to 9999 (0001-01-01T00:30+01:00 is in year 0 in UTC)."""
+    try:
+        return f"{moment.astimezone(UTC).isoformat(timespec='milliseconds')[:-6]}Z"
+    except OverflowError:
+        return None
 
 
 def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None:
@@ -230,10 +234,14 @@ _SILENT = dict.fromkeys(NOTIFIER_FLAGS, False)
 
 
 def _silence(data: dict[str, Any]) -> None:
-    """Historical messages notify nobody: the four notifier flags go out false."""
+    """Historical messages notify nobody: the four notifier flags go out false, and a list
+    of additional people to notify goes out empty (the API does not say that the flags
+    silence it too)."""
     attributes = data.get("notificationAttributes")
     if isinstance(attributes, dict):
         attributes.update(_SILENT)
+        if attributes.get("additionalNotifierNotificationDAUUIDs"):
+            attributes["additionalNotifierNotificationDAUUIDs"] = []
     else:
         data["notificationAttributes"] = _SILENT.copy()
 

@@ -197,13 +197,14 @@ class Rule:
 
     def _timestamp(self, raw: Any) -> tuple[Any, MapProblem | None]:
         moment = parse_time(raw, self.timestamp or "iso", self.tz)
-        if moment is None:
+        wire = None if moment is None else wire_time(moment)
+        if wire is None:
             shown = f'"{raw}"' if isinstance(raw, str) else orjson.dumps(raw).decode()
             return None, MapProblem(
                 "INVALID_TIMESTAMP",
                 f"{self.path}: {shown[:60]} is not a timestamp of the form {self.timestamp!r}",
             )
-        return wire_time(moment), None
+        return wire, None
 
 
 class _Template(string.Formatter):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "c
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
 _SKIP_CHUNK = 1024 * 1024
+READ_ERRORS = (OSError, EOFError, zlib.error)
+"""What reading a damaged source raises (gzip.BadGzipFile is an OSError)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +121,31 @@ def open_source(source: Source) -> IO[bytes]:
         ) from exc
     buffered = io.BufferedReader(_HashingReader(raw, source), buffer_size=256 * 1024)
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        return io.BufferedReader(gzip.GzipFile(fileobj=buffered, mode="rb"), 256 * 1024)
+        return io.BufferedReader(_Gunzipped(gzip.GzipFile(fileobj=buffered, mode="rb")), 256 * 1024)
     return buffered
+
+
+class _Gunzipped(io.RawIOBase):
+    """A gzip stream read a piece at a time. GzipFile.read(n) goes on until it has n bytes,
+    so that a damage in them loses all of them; read1 hands over what was decompressed,
+    and the damage is raised by the next read: every whole line before it is read."""
+
+    def __init__(self, gz: gzip.GzipFile) -> None:
+        self._gz = gz
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        # In pieces of 16 KiB at most: zlib raises a damage it meets before it has the
+        # bytes asked for, losing those it had.
+        data = self._gz.read1(min(len(buffer), 1 << 14))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._gz.close()
+        super().close()
 
 
 def check_readable(source: Source) -> None:
@@ -173,7 +199,7 @@ def jsonl_lines(
             if not line.strip():
                 continue
             yield line_no, line.rstrip(b"\r\n")
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except READ_ERRORS as exc:
         yield RawRow(
             index,
             line_no + 1,
@@ -182,11 +208,14 @@ def jsonl_lines(
         )
 
 
-def skip_rest_of_line(stream: IO[bytes]) -> None:
+def skip_rest_of_line(stream: IO[bytes], count: bytes = b"\n") -> int:
+    """Read past the end of the current line; how many `count` bytes were passed over."""
+    counted = 0
     while True:
         part = stream.readline(_SKIP_CHUNK)
+        counted += part.count(count)
         if not part or part.endswith(b"\n"):
-            return
+            return counted
 
 
 def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
@@ -195,14 +224,26 @@ def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return RawRow(index, line_no, None, _json_error(line, exc))
-    if _DIGIT_RUN in line.translate(_DIGITS) and _has_huge_int(json.loads(line)):
-        # orjson would have read it as a float: the message would not arrive unchanged.
-        return RawRow(
-            index,
-            line_no,
-            None,
-            RowError("NUMBER_TOO_LARGE", "a number does not fit in 64 bits and would be altered"),
-        )
+    if _DIGIT_RUN in line.translate(_DIGITS):
+        try:
+            huge = _has_huge_int(json.loads(line))
+        except RecursionError:  # Python's parser stops at fewer levels than orjson's
+            return RawRow(
+                index,
+                line_no,
+                None,
+                RowError("TOO_DEEP", "line is nested too deeply for its numbers to be checked"),
+            )
+        if huge:
+            # orjson would have read it as a float: the message would not arrive unchanged.
+            return RawRow(
+                index,
+                line_no,
+                None,
+                RowError(
+                    "NUMBER_TOO_LARGE", "a number does not fit in 64 bits and would be altered"
+                ),
+            )
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "null"
         kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number"}.get(

@@ -12,9 +12,19 @@ from collections.abc import Iterator
 from typing import IO
 
 from .errors import SourceError
-from .read import RawRow, RowError, skip_rest_of_line
+from .read import READ_ERRORS, RawRow, RowError, skip_rest_of_line
 
 _DELIMITERS = (",", ";", "\t", "|")
+_SKIP_CHARS = 1 << 20
+
+
+def _stand_in(quotes: int) -> str:
+    """A line in place of one too long, not blank (so that the record it stands for is
+    reported) and opening or closing a quoted cell as the line did, so that the records
+    after it are read as they are."""
+    return '"\n' if quotes % 2 else " \n"
+
+
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
@@ -30,8 +40,11 @@ def read_csv(
     """Yield the header (a row with `header` set), then one row per record with `data`
     mapping header -> cell text. A header that cannot be read is a SourceError: without
     it no record can be."""
-    lines = _Lines(stream, max_line_bytes, encoding)
-    first = lines.peek_first()
+    try:
+        lines = _Lines(stream, max_line_bytes, encoding)
+        first = lines.peek_first()
+    except READ_ERRORS as exc:
+        raise SourceError(f"{name}: cannot be read: {exc}") from exc
     sep = delimiter or max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
     csv.field_size_limit(max(max_line_bytes, 131072))
     reader = csv.reader(lines, delimiter=sep, strict=True)
@@ -41,6 +54,16 @@ def read_csv(
         try:
             cells = next(reader)
         except StopIteration:
+            return
+        except READ_ERRORS as exc:  # a damaged gzip source: what was read before counts
+            if header is None:
+                raise SourceError(f"{name}: cannot be read: {exc}") from exc
+            yield RawRow(
+                index,
+                lines.count + 1,
+                None,
+                RowError("UNREADABLE", f"source cannot be read further: {exc}"),
+            )
             return
         except csv.Error as exc:
             if header is None:
@@ -98,7 +121,8 @@ class _Lines:
         self._pending: list[str] = []
         head = stream.peek(4)[:4] if hasattr(stream, "peek") else b""
         self._utf16 = encoding is None and head[:2] in _UTF16_BOMS
-        self._text: Iterator[str] | None = None
+        self._wrapper: io.TextIOWrapper | None = None
+        self._done = False
         if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
             # Other encodings are decoded as a stream: a bad byte becomes U+FFFD.
             self._wrapper = io.TextIOWrapper(
@@ -107,7 +131,6 @@ class _Lines:
                 errors="replace",
                 newline="",
             )
-            self._text = iter(self._wrapper)
 
     def peek_first(self) -> str:
         line = self._next_line()
@@ -126,23 +149,20 @@ class _Lines:
         return line
 
     def _next_line(self) -> str | None:
-        if self._text is not None:
-            line = next(self._text, None)
-            if line is None:
-                # Hand the byte stream back, or closing the wrapper would close it too.
-                self._wrapper.detach()
-                self._text = iter(())
-            if line is not None and self.count == 0 and not self._pending:
-                line = line.lstrip("\ufeff")
-            return line
-        raw = self._stream.readline(self._max + 1)
+        number = self.count + len(self._pending) + 1
+        if self._wrapper is not None:
+            return self._next_text_line(self._wrapper, number)
+        if self._done:
+            return None
+        raw = self._stream.readline(self._max + 2)  # room for "\r\n"
         if not raw:
             return None
-        number = self.count + len(self._pending) + 1
-        if len(raw) > self._max and not raw.endswith(b"\n"):
-            skip_rest_of_line(self._stream)
+        if len(raw) - (2 if raw.endswith(b"\r\n") else raw.endswith((b"\n", b"\r"))) > self._max:
+            quotes = raw.count(b'"')
+            if not raw.endswith(b"\n"):
+                quotes += skip_rest_of_line(self._stream, b'"')
             self._bad[number] = RowError("LINE_TOO_LONG", f"line is longer than {self._max} bytes")
-            return " \n"  # not blank, so that the record it stands for is reported
+            return _stand_in(quotes)
         if number == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8) :]
         try:
@@ -152,6 +172,29 @@ class _Lines:
                 "INVALID_UTF8", f"line {number} is not valid UTF-8 (byte {exc.start + 1})"
             )
             return raw.decode("utf-8", "replace")
+
+    def _next_text_line(self, wrapper: io.TextIOWrapper, number: int) -> str | None:
+        """A line of another encoding than UTF-8; its length is counted in characters."""
+        line = wrapper.readline(self._max + 2)  # room for "\r\n"
+        if not line:
+            # Hand the byte stream back, or closing the wrapper would close it too.
+            wrapper.detach()
+            self._wrapper = None
+            self._done = True
+            return None
+        if len(line) - (2 if line.endswith("\r\n") else line.endswith(("\n", "\r"))) > self._max:
+            quotes = line.count('"')
+            if len(line) == self._max + 2 and not line.endswith("\n"):  # the rest, unread
+                while (part := wrapper.readline(_SKIP_CHARS)) and not part.endswith(("\n", "\r")):
+                    quotes += part.count('"')
+                quotes += part.count('"')
+            self._bad[number] = RowError(
+                "LINE_TOO_LONG", f"line is longer than {self._max} characters"
+            )
+            return _stand_in(quotes)
+        if number == 1:
+            line = line.lstrip("\ufeff")
+        return line
 
     def problem(self, start: int, end: int) -> RowError | None:
         for line in range(start, end + 1):

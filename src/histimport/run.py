@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -31,6 +31,7 @@ from .ledger import Ledger
 from .mapping import Mapper, Mapping
 from .outputs import REPORT_FORMAT, write_failed, write_report
 from .read import (
+    READ_ERRORS,
     RawRow,
     Source,
     as_row,
@@ -383,9 +384,11 @@ class Run:
                     if isinstance(checked, Valid) and checked.warnings:
                         self._warn(source.path, checked)
                     yield checked
-                # Drain, so that size and sha256 cover the whole source.
-                while stream.read(1 << 20):
-                    pass
+                # Drain, so that size and sha256 cover the whole source (what can be read
+                # of a damaged one: its last row already says where reading stopped).
+                with suppress(*READ_ERRORS):
+                    while stream.read(1 << 20):
+                        pass
             self.observer.reading(source.size, total)
 
     def _checked_rows(

@@ -82,6 +82,8 @@ def test_exit_1_lists_bad_rows_with_their_lines(workdir: Path) -> None:
         (["load", "e.jsonl", "--sandbox", "--chunk-size", "0"], "--chunk-size must be at least 1"),
         (["load", "e.jsonl", "--sandbox", "--chunk-size", "many"], "chunk-size"),
         (["retry", "e.jsonl", "--sandbox"], "is not a failed file"),
+        (["load", "e.jsonl", "--sandbox", "--failed-out", "."], "is a directory"),
+        (["load", "e.jsonl", "--sandbox", "--report", "e.jsonl/r.json"], "is not a directory"),
         (["load", "e.jsonl", "--base-url", "https://api.example.com/c"], "no credentials"),
     ],
 )
@@ -338,3 +340,30 @@ def test_a_quiet_load_imports_only_what_it_uses(tmp_path: Path, server: RunningS
         timeout=120,
     )
     assert run.stdout == "['httpx'] 0\n", run.stderr
+
+
+def test_an_output_that_cannot_be_written_at_the_end_says_so(
+    tmp_path: Path, server: RunningSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the very end: exit 3 with what to do, not a traceback; the ledger has
+    the outcomes, and the same command writes the file without sending anything again."""
+    import histimport
+    from histimport import ExitStatus, outputs, run
+    from histimport.errors import OutputError
+
+    from .conftest import config_for
+
+    write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    config = config_for(server, tmp_path)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "write_failed", full)
+    with pytest.raises(OutputError, match="No space left on device") as raised:
+        histimport.load([tmp_path / "e.jsonl"], config)
+    assert raised.value.exit_status is ExitStatus.ABORTED
+    monkeypatch.setattr(run, "write_failed", outputs.write_failed)
+    again = histimport.load([tmp_path / "e.jsonl"], config)
+    assert again.counts["alreadyAccepted"] == 3 and again.report["requests"] == 0
+    assert (tmp_path / "failed.json").exists()

@@ -6,6 +6,7 @@
      +-- AbortError            the run must stop now                             -> exit 3
      |    +-- AuthError        the platform refused the credentials
      |    +-- LedgerError      the state ledger is unusable
+     |    +-- OutputError      the failed file or the report cannot be written
      +-- InvariantError        the tool's own accounting does not add up (a bug)
 
 A bad *row* is never an exception: it becomes a rejected record with its location.
@@ -57,6 +58,11 @@ class AuthError(AbortError):
 
 class LedgerError(AbortError):
     """The state ledger cannot be opened or written."""
+
+
+class OutputError(AbortError):
+    """The failed file or the report could not be written at the end of a run; the ledger
+    holds the outcomes, and the same command run again writes them."""
 
 
 class InvariantError(HistimportError):

@@ -17,6 +17,7 @@ from typing import IO, Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from .errors import OutputError, UsageError
 from .ledger import Failure
 from .read import Source
 
@@ -26,6 +27,33 @@ _NOT_SENT = {
     "errorCode": "NOT_SENT",
     "errorDescription": "the run stopped before this message was sent or confirmed",
 }
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before anything is read or sent if an output cannot be written where asked:
+    finding out at the end of an import would be too late."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory", hint="name a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # created when the output is written
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {parent} is not writable")
+
+
+@contextmanager
+def writing(path: Path, option: str) -> Iterator[None]:
+    """An output written at the end of a run: an OSError (a full disk) is an OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(
+            f"{option} {path} could not be written: {exc.strerror or exc}",
+            hint="the outcomes are in the state dir: run the same command again to write it "
+            "(nothing accepted is sent again)",
+        ) from exc
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from .errors import ExitStatus, InvariantError, UsageError
 from .fanout import Fanout
 from .ledger import Ledger
 from .mapping import Mapper, Mapping
-from .outputs import REPORT_FORMAT, write_failed, write_report
+from .outputs import REPORT_FORMAT, check_writable, write_failed, write_report, writing
 from .read import (
     READ_ERRORS,
     RawRow,
@@ -278,6 +278,9 @@ class Run:
     ) -> RunResult:
         config = self.config
         sources = open_sources(paths, config.format, formats)
+        check_writable(config.failed_out, "--failed-out")
+        if config.report is not None:
+            check_writable(config.report, "--report")
         started = time.monotonic()
         with ExitStack() as stack:
             base_url = self._target(stack)
@@ -514,16 +517,17 @@ class Run:
             )
         error_codes: Counter[str] = Counter()
         preview: list[str] = []
-        write_failed(
-            config.failed_out,
-            base_url=base_url,
-            sources=sources,
-            counts={**counts, "notSent": 0} if config.dry_run else counts,
-            failures=ledger.failures(rejected_only=config.dry_run),
-            error_codes=error_codes,
-            preview=preview,
-            carried=self.selection.unmet() if self.selection is not None else (),
-        )
+        with writing(config.failed_out, "--failed-out"):
+            write_failed(
+                config.failed_out,
+                base_url=base_url,
+                sources=sources,
+                counts={**counts, "notSent": 0} if config.dry_run else counts,
+                failures=ledger.failures(rejected_only=config.dry_run),
+                error_codes=error_codes,
+                preview=preview,
+                carried=self.selection.unmet() if self.selection is not None else (),
+            )
         elapsed = time.monotonic() - started
         report: dict[str, Any] = {
             "format": REPORT_FORMAT,
@@ -540,7 +544,8 @@ class Run:
             "errorCodes": dict(error_codes.most_common()),
         }
         if config.report is not None:
-            write_report(config.report, report)
+            with writing(config.report, "--report"):
+                write_report(config.report, report)
         plan = []
         if config.dry_run:
             plan = [

@@ -99,7 +99,7 @@ def test_required_ids() -> None:
             "voiceCallAttributes.callStatus: 1.5 is not an integer",
         ),
         ({"messageAttributes": {"bodyy": "x"}}, "messageAttributes.bodyy: is not a field"),
-        ({"messageAttributes": {"tags": "TRASH"}}, 'messageAttributes.tags: "TRASH" is not a list'),
+        ({"messageAttributes": {"tags": "TRASH"}}, "messageAttributes.tags: is not a list"),
         (
             {"messageAttributes": {"attachments": [{"mimeType": 3}]}},
             "messageAttributes.attachments[0].mimeType: 3",
@@ -112,8 +112,18 @@ def test_wrong_types_are_named_in_plain_words(change: dict[str, Any], expected: 
     assert reason.startswith(expected)
 
 
-def test_message_content_is_never_quoted_in_a_reason() -> None:
-    (reason,) = reasons(check(message("d", "c", 1, messageAttributes={"body": ["secret words"]})))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messageAttributes": {"body": ["secret words"]}},
+        {"messageAttributes": "secret words put where an object belongs"},
+        {"voiceCallAttributes": "secret transcript"},
+        {"messageAttributes": {"body": "x", "attachments": ["https://files/secret.pdf"]}},
+        {"notificationAttributes": {"notificationButtons": "secret"}},
+    ],
+)
+def test_message_content_is_never_quoted_in_a_reason(change: dict[str, Any]) -> None:
+    (reason,) = reasons(check(message("d", "c", 1, **change)))
     assert "secret" not in reason
 
 

@@ -390,6 +390,7 @@ def test_a_column_named_like_an_internal_key_is_just_a_column(workdir: Path) -> 
     ("args", "says"),
     [
         (["--encoding", "bogus"], "not a known encoding"),
+        (["--encoding", "hex"], "not a text encoding"),
         (["--delimiter", "ab"], "one character"),
     ],
 )

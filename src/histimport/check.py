@@ -30,6 +30,8 @@ _ADAPTER = message_adapter()
 _TIMESTAMPS = ((None, "sentOn"), (None, "receivedOn"), ("voiceCallAttributes", "callDateTime"))
 # Fields whose values are message content: never quoted in an error description.
 _CONTENT_FIELDS = {"body", "subject", "transcribeText", "metaData", "value"}
+_UNQUOTED = {"extra_forbidden", "dict_type", "model_type", "list_type"}
+"""Errors whose value is never quoted in a problem: failed.json holds no message text."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +265,9 @@ def _describe(exc: ValidationError) -> list[Problem]:
     for error in exc.errors(include_url=False):
         path = _dotted(error["loc"])
         kind = _KINDS.get(error["type"], error["msg"])
-        if error["type"] == "extra_forbidden" or _is_content(error["loc"]):
+        if error["type"] in _UNQUOTED or _is_content(error["loc"]):
+            # Only a value standing where a scalar belongs is quoted: whatever stands where
+            # an object or a list belongs may be a message's text put in the wrong place.
             problems.append(Problem("INVALID_FIELD", f"{path}: {kind}"))
         else:
             problems.append(Problem("INVALID_FIELD", f"{path}: {_excerpt(error['input'])} {kind}"))

@@ -78,6 +78,8 @@ class Config:
             raise UsageError(f"--delimiter must be one character, not {self.delimiter!r}")
         if self.encoding is not None:
             try:
-                codecs.lookup(self.encoding)
+                text = codecs.lookup(self.encoding)._is_text_encoding
             except LookupError:
                 raise UsageError(f"--encoding {self.encoding!r} is not a known encoding") from None
+            if not text:  # hex, rot13, zlib...: codecs, but not of text
+                raise UsageError(f"--encoding {self.encoding!r} is not a text encoding")

@@ -601,3 +601,43 @@ def test_odd_rows_are_rejected_not_raised(tmp_path: Path) -> None:
         (2, "INVALID_TIMESTAMP"),
         (3, "INVALID_TIMESTAMP"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("header", "mapping", "says"),
+    [
+        ("messageAttributes,messageAttributes.body", None, "overlap"),
+        ("messageAttributes.metaData.ref,messageAttributes.metaData", None, "overlap"),
+        (
+            "a,b",
+            '[fields]\nvoiceCallAttributes = "a"\n"voiceCallAttributes.callStatus" = "b"\n',
+            "overlap",
+        ),
+        ("id,text", '[fields]\nsourceUuid = "id"\n"messageAttributes.body" = "txet"\n', "'txet'"),
+        ("id,text", '[fields]\nsourceUuid = "id"\nsentOn = { template = "{day}" }\n', "'day'"),
+    ],
+)
+def test_columns_that_would_lose_values_are_usage_errors(
+    workdir: Path, header: str, mapping: str | None, says: str
+) -> None:
+    """Two columns filling one field, or a rule reading a column the header lacks (a typo
+    would leave a field empty in every row): the run stops before anything is read."""
+    (workdir / "e.csv").write_text(f"{header}\nx,y\n")
+    args = ["validate", "e.csv"]
+    if mapping is not None:
+        (workdir / "m.toml").write_text(mapping)
+        args += ["--map", "m.toml"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_a_rule_with_a_default_may_read_a_column_an_export_lacks(workdir: Path) -> None:
+    (workdir / "e.csv").write_text("d,c,id\nd1,c1,s1\n")
+    (workdir / "m.toml").write_text(
+        "[fields]\n"
+        'departmentUUID = "d"\ncustomerUUID = "c"\nsourceUuid = "id"\n'
+        'sentOn = { const = "2024-01-01T00:00:00Z" }\n'
+        '"messageAttributes.body" = { column = "text", default = "(no text)" }\n'
+    )
+    result = runner.invoke(app, ["validate", "e.csv", "--map", "m.toml"])
+    assert result.exit_code == 0, result.output

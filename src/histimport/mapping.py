@@ -134,6 +134,21 @@ def check_headers(headers: Sequence[str], source: str) -> None:
             hint=f"name columns by API path (messageAttributes.body), or write a mapping: "
             f"histimport map init {source} > mapping.toml, then --map mapping.toml",
         )
+    _check_disjoint(headers, f"{source}: columns")
+
+
+def _check_disjoint(paths: Iterable[str], what: str) -> None:
+    """No path may lie inside another ("metaData" and "metaData.ref"): one value would
+    silently replace the other."""
+    given = set(paths)
+    for path in sorted(given):
+        parts = path.split(".")
+        for n in range(1, len(parts)):
+            outer = ".".join(parts[:n])
+            if outer in given:
+                raise UsageError(
+                    f"{what} {outer!r} and {path!r} overlap: one would replace the other"
+                )
 
 
 # -- mapping files --------------------------------------------------------------------
@@ -168,6 +183,14 @@ class Rule:
     values: dict[str, Any] = field(default_factory=dict)
     timestamp: str | None = None
     tz: ZoneInfo | None = None
+
+    def columns(self) -> list[str]:
+        """The columns (or paths) it reads."""
+        if self.const is not None:
+            return []
+        if self.template is not None:
+            return [name for _, name, _, _ in _TEMPLATES.parse(self.template) if name]
+        return [self.column] if self.column is not None else []
 
     def value(self, record: dict[str, Any]) -> tuple[Any, MapProblem | None]:
         if self.const is not None:
@@ -257,7 +280,23 @@ class Mapping:
         if not isinstance(fields, dict) or not fields:
             raise UsageError(f"--map {path}: needs a [fields] table", hint="see README.md")
         rules = [_rule(str(path), target, spec) for target, spec in fields.items()]
+        _check_disjoint((rule.path for rule in rules), f"--map {path}: [fields]")
         return cls(rules, str(path))
+
+    def check_columns(self, header: Sequence[str], source: str) -> None:
+        """Every column the rules read must be in a CSV source's header (unless the rule has
+        a default for its absence): a misspelt one would leave a field empty in every row."""
+        present = set(header)
+        missing = sorted(
+            {c for rule in self.rules if rule.default is None for c in rule.columns()} - present
+        )
+        if missing:
+            raise UsageError(
+                f"{source}: --map {self.path} reads column(s) "
+                f"{', '.join(map(repr, missing))}, which the header does not have",
+                hint=f"the header has {', '.join(map(repr, header[:12]))}"
+                + (" ..." if len(header) > 12 else ""),
+            )
 
     def apply(self, record: dict[str, Any]) -> tuple[dict[str, Any], list[MapProblem]]:
         message: dict[str, Any] = {}
@@ -399,6 +438,8 @@ class Mapper:
         if row.header is not None:
             if self.mapping is None:
                 check_headers(row.header, self.source)
+            else:
+                self.mapping.check_columns(row.header, self.source)
             return None
         data = row.data
         if data is None:

@@ -641,3 +641,16 @@ def test_a_rule_with_a_default_may_read_a_column_an_export_lacks(workdir: Path) 
     )
     result = runner.invoke(app, ["validate", "e.csv", "--map", "m.toml"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_repeated_source_uuid_names_where_it_was_first_read(tmp_path: Path) -> None:
+    first = write_jsonl(tmp_path / "a.jsonl", [message("d", "c", n) for n in range(3)])
+    second = write_jsonl(tmp_path / "b.jsonl", [message("d", "c", n) for n in (7, 1, 7)])
+    histimport.validate([first, second], Config(failed_out=tmp_path / "f.json"))
+    failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    reasons = {f["line"]: f["errors"][0]["errorDescription"] for f in failures}
+    uuid_1, uuid_7 = message("d", "c", 1)["sourceUuid"], message("d", "c", 7)["sourceUuid"]
+    assert reasons == {
+        2: f'sourceUuid: "{uuid_1}" was already read at {first}:2',
+        3: f'sourceUuid: "{uuid_7}" was already read at line 1',
+    }

@@ -538,8 +538,9 @@ class Ledger:
         db.execute(
             # Staged customer by customer, rows are in input order by (src, line), not by id.
             """CREATE TEMP TABLE dup AS
-               SELECT id, src, line, key_id, source_uuid, first_line FROM (
+               SELECT id, src, line, key_id, source_uuid, first_src, first_line FROM (
                  SELECT id, src, line, key_id, source_uuid,
+                        FIRST_VALUE(src) OVER w AS first_src,
                         FIRST_VALUE(line) OVER w AS first_line, ROW_NUMBER() OVER w AS n
                    FROM msg WHERE source_uuid IN
                         (SELECT source_uuid FROM msg GROUP BY source_uuid HAVING COUNT(*) > 1)
@@ -547,12 +548,18 @@ class Ledger:
                WHERE n > 1"""
         )
         db.execute(
+            # In another source than its repeat's, the first one is named by its path.
             """INSERT INTO rejected(src, line, department, customer, source_uuid, errors)
                SELECT d.src, d.line, k.department, k.customer, d.source_uuid,
                       json_array(json_object('errorCode', 'DUPLICATE_SOURCE_UUID',
                         'errorDescription', 'sourceUuid: "' || d.source_uuid ||
-                        '" was already read at line ' || d.first_line))
-               FROM dup d JOIN keys k ON k.id = d.key_id"""
+                        '" was already read at ' || CASE WHEN d.first_src = d.src
+                          THEN 'line ' || d.first_line
+                          ELSE coalesce(s.path, 'source ' || d.first_src) || ':' || d.first_line
+                        END))
+               FROM dup d JOIN keys k ON k.id = d.key_id
+               LEFT JOIN sources s ON s.run_id = ? AND s.idx = d.first_src""",
+            (self.run_id,),
         )
         db.execute("DELETE FROM msg WHERE id IN (SELECT id FROM dup)")
         db.execute("DROP TABLE dup")

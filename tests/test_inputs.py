@@ -124,6 +124,7 @@ def test_warnings_are_reported_and_block_only_with_strict(tmp_path: Path, workdi
         message("d", "c", 2, sentOn="2999-01-01T00:00:00Z"),
         message("d", "c", 3, messageAttributes={"protocol": "SMS"}),
         message("d", "c", 4),
+        message("d", "c", 5, messageAttributes={"protocol": "SMS"}, voiceCallAttributes=None),
     ]
     write_jsonl(workdir / "w.jsonl", rows)
     result = runner.invoke(app, ["validate", "w.jsonl", "--output", "github"])
@@ -133,11 +134,12 @@ def test_warnings_are_reported_and_block_only_with_strict(tmp_path: Path, workdi
         "warning file=w.jsonl,line=1",
         "warning file=w.jsonl,line=2",
         "warning file=w.jsonl,line=3",
+        "warning file=w.jsonl,line=5",
     ]
     strict = runner.invoke(app, ["validate", "w.jsonl", "--strict", "--output", "json"])
     assert strict.exit_code == 1
     codes = [r["errors"][0]["errorCode"] for r in orjson.loads(strict.stdout)["rejected"]]
-    assert codes == ["RECEIVED_BEFORE_SENT", "IN_THE_FUTURE", "EMPTY_MESSAGE"]
+    assert codes == ["RECEIVED_BEFORE_SENT", "IN_THE_FUTURE", "EMPTY_MESSAGE", "EMPTY_MESSAGE"]
 
 
 def test_csv_bodies_arrive_byte_for_byte(server: RunningSandbox, tmp_path: Path) -> None:
@@ -654,3 +656,15 @@ def test_a_repeated_source_uuid_names_where_it_was_first_read(tmp_path: Path) ->
         2: f'sourceUuid: "{uuid_1}" was already read at {first}:2',
         3: f'sourceUuid: "{uuid_7}" was already read at line 1',
     }
+
+
+def test_a_csv_json_cell_with_an_integer_beyond_64_bits_is_rejected_not_altered(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "e.csv"
+    path.write_text(
+        "departmentUUID,customerUUID,sourceUuid,messageAttributes.body,messageAttributes.metaData\n"
+        'd,c,s1,hi,"{""orderId"": 123456789012345678901}"\n'
+        'd,c,s2,hi,"{""orderId"": 12345678901234567890}"\n'
+    )
+    assert failures_of(tmp_path, path) == [(2, "NUMBER_TOO_LARGE")]

@@ -145,7 +145,7 @@ def _warnings(data: dict[str, Any], now: str | None) -> list[Problem]:
     if (
         not attributes.get("body")
         and not attributes.get("attachments")
-        and "voiceCallAttributes" not in data
+        and not data.get("voiceCallAttributes")
     ):
         found.append(Problem("EMPTY_MESSAGE", "the message has neither a body nor attachments"))
     return found

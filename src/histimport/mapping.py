@@ -9,6 +9,7 @@ the field and the value in plain words.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 import tomllib
@@ -28,7 +29,7 @@ from pydantic import BaseModel
 from .check import wire_time
 from .errors import UsageError
 from .models import SaveMessageRequest
-from .read import RawRow, RowError
+from .read import RawRow, RowError, may_hold_huge_int
 
 ID_FIELDS = ("departmentUUID", "customerUUID")
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -89,9 +90,17 @@ def coerce(path: str, value: Any) -> Any:
             return number
     elif kind == "json":
         try:
-            return orjson.loads(value)
+            parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
             return value
+        if may_hold_huge_int(value.encode()):
+            # Read exactly: an integer beyond 64 bits is then rejected as NUMBER_TOO_LARGE
+            # when the message is written, instead of going out altered as a float.
+            try:
+                return json.loads(value)
+            except (ValueError, RecursionError):
+                return value
+        return parsed
     return value
 
 

@@ -224,7 +224,7 @@ def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return RawRow(index, line_no, None, _json_error(line, exc))
-    if _DIGIT_RUN in line.translate(_DIGITS):
+    if may_hold_huge_int(line):
         try:
             huge = _has_huge_int(json.loads(line))
         except RecursionError:  # Python's parser stops at fewer levels than orjson's
@@ -260,6 +260,11 @@ def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
 # cost of the regular expression \d{19}.
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _DIGIT_RUN = b"0" * 19
+
+
+def may_hold_huge_int(text: bytes) -> bool:
+    """Whether JSON text may hold an integer beyond 64 bits, which orjson reads as a float."""
+    return _DIGIT_RUN in text.translate(_DIGITS)
 
 
 def _has_huge_int(value: Any) -> bool:

@@ -668,3 +668,32 @@ def test_a_csv_json_cell_with_an_integer_beyond_64_bits_is_rejected_not_altered(
         'd,c,s2,hi,"{""orderId"": 12345678901234567890}"\n'
     )
     assert failures_of(tmp_path, path) == [(2, "NUMBER_TOO_LARGE")]
+
+
+def test_a_default_goes_through_the_rest_of_its_rule_and_booleans_map(tmp_path: Path) -> None:
+    """The transforms apply in the order README.md gives: a default is then mapped, read as
+    a time stamp and typed like any value; a JSON true is found as `true` in a map."""
+    source = write_jsonl(
+        tmp_path / "e.jsonl",
+        [{"d": "d1", "c": "c1", "id": "s1", "dir": None, "at": None, "vip": True}],
+    )
+    (tmp_path / "m.toml").write_text(
+        "[fields]\n"
+        'departmentUUID = "d"\ncustomerUUID = "c"\nsourceUuid = "id"\n'
+        '"messageAttributes.body" = { column = "vip", map = { true = "VIP customer" } }\n'
+        '"messageAttributes.type" = { column = "dir", default = "in", map = { in = "INBOUND" } }\n'
+        'sentOn = { column = "at", default = "01/02/2024 10:00", timestamp = "%d/%m/%Y %H:%M", '
+        'tz = "UTC" }\n'
+    )
+    outcome = histimport.validate(
+        [source], Config(map_file=tmp_path / "m.toml", failed_out=tmp_path / "f.json")
+    )
+    assert outcome.exit_status is ExitStatus.OK, (tmp_path / "f.json").read_text()
+    from histimport.mapping import Mapper, Mapping
+    from histimport.read import RawRow
+
+    mapper = Mapper("jsonl", Mapping.load(tmp_path / "m.toml"), "e", generate_source_uuid=False)
+    row = mapper(RawRow(0, 1, orjson.loads(source.read_bytes())))
+    assert row is not None and row.data is not None
+    assert row.data["messageAttributes"] == {"body": "VIP customer", "type": "INBOUND"}
+    assert row.data["sentOn"] == "2024-02-01T10:00:00.000Z"

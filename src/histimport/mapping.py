@@ -220,9 +220,13 @@ class Rule:
             if self.upper:
                 raw = raw.upper()
         if raw is None or raw == "":
-            return self.default, None
-        if self.values and isinstance(raw, str | int | bool) and str(raw) in self.values:
-            raw = self.values[str(raw)]
+            if self.default is None:
+                return None, None
+            raw = self.default  # then mapped, read as a time stamp and typed like a value
+        if self.values and isinstance(raw, str | int | bool):
+            key = ("true" if raw else "false") if isinstance(raw, bool) else str(raw)
+            if key in self.values:
+                raw = self.values[key]
         if self.timestamp is not None:
             return self._timestamp(raw)
         return coerce(self.path, raw), None

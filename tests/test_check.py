@@ -157,3 +157,15 @@ def test_nesting_too_deep_to_send_is_rejected_not_raised() -> None:
 )
 def test_timestamps_are_normalised_to_utc_milliseconds(given: str, utc: str) -> None:
     assert normalise_timestamp(given) == utc
+
+
+def test_a_null_field_goes_out_as_an_absent_one_but_free_form_content_is_kept() -> None:
+    row = message("d", "c", 1, receivedOn=None, userUuid=None, voiceCallAttributes=None)
+    row["messageAttributes"].update(
+        subject=None, metaData={"ref": None, "deep": {"x": None}}, attachments=[{"fileURL": None}]
+    )
+    body = orjson.loads(check(row).body)  # type: ignore[union-attr]
+    assert {"receivedOn", "userUuid", "voiceCallAttributes"}.isdisjoint(body)
+    assert "subject" not in body["messageAttributes"]
+    assert body["messageAttributes"]["metaData"] == {"ref": None, "deep": {"x": None}}
+    assert body["messageAttributes"]["attachments"] == [{}]

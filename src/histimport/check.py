@@ -109,6 +109,7 @@ def check_row(
     if problems:
         return Rejected(row.source, row.line, department, customer, source_uuid, problems)
     assert department is not None and customer is not None and isinstance(source_uuid, str)
+    _drop_nulls(data)
     if not notify:
         _silence(data)
     try:
@@ -233,6 +234,23 @@ def _normalise_timestamps(data: dict[str, Any], problems: list[Problem]) -> None
 
 
 _SILENT = dict.fromkeys(NOTIFIER_FLAGS, False)
+_FREE_FORM = {"metaData", "value", "buttonActionEventData"}
+"""Objects of the API's whose content is the sender's own: kept as they are, nulls too."""
+
+
+def _drop_nulls(data: dict[str, Any]) -> None:
+    """A null field goes out as an absent one: the API's fields are not nullable."""
+    for key in [k for k, v in data.items() if v is None]:
+        del data[key]
+    for key, value in data.items():
+        if key in _FREE_FORM:
+            continue
+        if type(value) is dict:
+            _drop_nulls(value)
+        elif type(value) is list:
+            for item in value:
+                if type(item) is dict:
+                    _drop_nulls(item)
 
 
 def _silence(data: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -251,3 +252,53 @@ def test_a_full_disk_stops_the_run_with_a_clear_error(
     assert "cannot write" in process.stderr and "run the same command again" in process.stderr
     assert "Traceback" not in process.stderr
     assert server.app.stats()["requests"] == 0
+
+
+def test_a_retry_interrupted_while_staging_lists_every_entry_it_did_not_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows read but not yet in the ledger when Ctrl-C came are listed again as they were:
+    what the new failed file lists comes from what was staged, not from what was read."""
+    from histimport.ledger import Ledger
+
+    rows = list(interleaved(customers=10, per_customer=30))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, fail_rate=1.0)) as down:
+        histimport.load([source], config_for(down, tmp_path, max_attempts=1))
+    listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert len(listed) == len(rows)
+
+    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "_flush", interrupted)
+    with sandbox(SandboxConfig(port=0)) as healed:
+        result = histimport.retry(
+            [tmp_path / "failed.json"],
+            replace(config_for(healed, tmp_path), failed_out=tmp_path / "again.json"),
+        )
+        assert healed.store.count() == 0
+    assert result.exit_status is ExitStatus.INTERRUPTED
+    again = orjson.loads((tmp_path / "again.json").read_bytes())["failures"]
+    assert {f["sourceUuid"] for f in again} == {r["sourceUuid"] for r in rows}
+
+
+def test_retry_of_overlapping_failed_files_lists_each_message_once(tmp_path: Path) -> None:
+    rows = list(interleaved(customers=5, per_customer=10))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, reject_rate=1.0)) as refusing:
+        for name in ("first.json", "second.json"):
+            histimport.load(
+                [source],
+                replace(config_for(refusing, tmp_path), failed_out=tmp_path / name, fresh=True),
+            )
+    with sandbox(SandboxConfig(port=0)) as server:
+        result = histimport.retry(
+            [tmp_path / "first.json", tmp_path / "second.json"],
+            replace(config_for(server, tmp_path), failed_out=tmp_path / "again.json"),
+        )
+    again = orjson.loads((tmp_path / "again.json").read_bytes())
+    uuids = [f["sourceUuid"] for f in again["failures"]]
+    assert sorted(uuids) == sorted(r["sourceUuid"] for r in rows)  # refused: carried, once
+    assert again["counts"]["failed"] == len(rows)
+    assert result.exit_status is ExitStatus.OK

@@ -173,3 +173,41 @@ def test_the_github_matrix_example_parses() -> None:
     job = workflow["jobs"]["import"]
     assert job["strategy"]["matrix"]["shard"] == [0, 1, 2]
     assert any("--shard ${{ matrix.shard }}/3" in step.get("run", "") for step in job["steps"])
+
+
+def test_a_shard_s_retry_lists_the_other_shards_entries_again(tmp_path: Path) -> None:
+    """`retry --shard 0/2` of a failed file that lists every shard's messages sends its own
+    and lists the others' again: none drops out of the new failed file."""
+    rows = list(interleaved(customers=20, per_customer=5))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, fail_rate=1.0)) as down:
+        config = Config(
+            base_url=down.base_url,
+            username="u",
+            password="p",
+            state_dir=tmp_path / "state",
+            failed_out=tmp_path / "failed.json",
+            max_attempts=1,
+        )
+        assert histimport.load([source], config).counts["accepted"] == 0
+    with sandbox(SandboxConfig(port=0)) as healed:
+        result = histimport.retry(
+            [tmp_path / "failed.json"],
+            Config(
+                base_url=healed.base_url,
+                username="u",
+                password="p",
+                state_dir=tmp_path / "state",
+                failed_out=tmp_path / "retry.json",
+                shard=(0, 2),
+            ),
+        )
+        stored = {m.source_uuid for m in healed.store.messages()}
+    ours = {
+        r["sourceUuid"] for r in rows if shard_of(r["departmentUUID"], r["customerUUID"], 2) == 0
+    }
+    assert stored == ours and result.counts["accepted"] == len(ours)
+    listed = {
+        f["sourceUuid"] for f in orjson.loads((tmp_path / "retry.json").read_bytes())["failures"]
+    }
+    assert listed == {r["sourceUuid"] for r in rows} - ours

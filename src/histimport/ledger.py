@@ -495,6 +495,42 @@ class Ledger:
                 rejected,
             )
 
+    def staged_among(
+        self, uuids: Iterable[str], lines: Iterable[tuple[int, int]]
+    ) -> tuple[set[str], set[tuple[int, int]]]:
+        """Which of these sourceUuids and (source, line) pairs this run staged, as messages
+        or as rejected rows."""
+        db = self._db
+        db.execute("CREATE TEMP TABLE want_uuid(u TEXT PRIMARY KEY) WITHOUT ROWID")
+        db.execute(
+            "CREATE TEMP TABLE want_line(src INTEGER, line INTEGER, PRIMARY KEY (src, line)) "
+            "WITHOUT ROWID"
+        )
+        try:
+            db.executemany("INSERT OR IGNORE INTO want_uuid VALUES (?)", ((u,) for u in uuids))
+            db.executemany("INSERT OR IGNORE INTO want_line VALUES (?, ?)", lines)
+            met_uuids = {
+                str(u)
+                for (u,) in db.execute(
+                    "SELECT u FROM want_uuid WHERE u IN (SELECT source_uuid FROM msg) "
+                    "OR u IN (SELECT source_uuid FROM rejected WHERE source_uuid IS NOT NULL)"
+                )
+            }
+            met_lines = {
+                (int(src), int(line))
+                # One pass over each table, each row looked up among the wanted ones.
+                for src, line in db.execute(
+                    "SELECT w.src, w.line FROM msg m CROSS JOIN want_line w "
+                    "ON w.src = m.src AND w.line = m.line UNION "
+                    "SELECT w.src, w.line FROM rejected r CROSS JOIN want_line w "
+                    "ON w.src = r.src AND w.line = r.line"
+                )
+            }
+        finally:
+            db.execute("DROP TABLE temp.want_uuid")
+            db.execute("DROP TABLE temp.want_line")
+        return met_uuids, met_lines
+
     def staged_rows(self) -> int:
         """Rows of this run in the ledger, whatever became of them."""
         (n,) = self._db.execute(

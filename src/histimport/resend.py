@@ -15,8 +15,9 @@ from .run import Observer, Run, RunResult
 
 @dataclass
 class Selection:
-    """What `retry` re-sends: listed sourceUuids, and rows at listed lines. Entries it never
-    meets again in the sources (a source edited since) are listed again as they were."""
+    """What `retry` re-sends: listed sourceUuids, and rows at listed lines. An entry whose
+    row the run did not stage (not in the sources any more, another shard's, or not reached
+    before the run was interrupted) is listed again as it was, as are the carried ones."""
 
     uuids: dict[str, FailedEntry] = field(default_factory=dict)
     lines: dict[tuple[str, int], FailedEntry] = field(default_factory=dict)
@@ -29,19 +30,31 @@ class Selection:
             self.lines[(entry.source, entry.line)] = entry
 
     def wants(self, path: str, row: RawRow) -> bool:
-        if self.lines.pop((path, row.line), None) is not None:
-            if row.data is not None and isinstance(row.data.get("sourceUuid"), str):
-                self.uuids.pop(row.data["sourceUuid"], None)
+        if (path, row.line) in self.lines:
             return True
         uuid = row.data.get("sourceUuid") if row.data is not None else None
-        return isinstance(uuid, str) and self.uuids.pop(uuid, None) is not None
+        return isinstance(uuid, str) and uuid in self.uuids
 
-    def unmet(self) -> list[FailedEntry]:
-        """The kept entries, then those wanted but not found."""
-        found = {id(e) for e in self.carried}
-        missing = [e for e in [*self.uuids.values(), *self.lines.values()] if id(e) not in found]
-        unique = list({id(e): e for e in missing}.values())
-        return self.carried + unique
+    def unmet(
+        self, staged_uuids: set[str], staged_lines: set[tuple[str, int]]
+    ) -> list[FailedEntry]:
+        """The carried entries, then the wanted ones whose row this run did not stage: what
+        the ledger holds, not what was read, so that an interruption loses none."""
+        out = list(self.carried)
+        seen: set[int] = set()
+        for entry in [*self.uuids.values(), *self.lines.values()]:
+            if id(entry) in seen:
+                continue
+            seen.add(id(entry))
+            if entry.sourceUuid in staged_uuids or (entry.source, entry.line) in staged_lines:
+                continue
+            out.append(entry)
+        return out
+
+
+def _key(entry: FailedEntry) -> tuple[str | int, ...]:
+    """One message, or one row without a sourceUuid, however many failed files list it."""
+    return (entry.sourceUuid,) if entry.sourceUuid else (entry.source, entry.line)
 
 
 def retry(
@@ -56,6 +69,7 @@ def retry(
     also the messages the platform refused."""
     cfg = config or Config()
     selection = Selection()
+    entries: dict[tuple[str | int, ...], FailedEntry] = {}
     paths: list[str] = []
     formats: dict[str, str] = {}
     maps: set[str] = set()
@@ -71,11 +85,13 @@ def retry(
             if source.map:
                 maps.add(source.map)
         for entry in document.failures:
-            if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:
-                selection.add(entry)
-            else:
-                # Not sent again, but still not accepted: the new failed file lists it too.
-                selection.carried.append(entry)
+            entries[_key(entry)] = entry  # a later file's word on a message is the latest
+    for entry in entries.values():
+        if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:
+            selection.add(entry)
+        else:
+            # Not sent again, but still not accepted: the new failed file lists it too.
+            selection.carried.append(entry)
     if cfg.base_url is None and not cfg.sandbox and base_url is not None:
         cfg = replace(cfg, base_url=base_url)
     if cfg.map_file is None and len(maps) == 1:

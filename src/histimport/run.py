@@ -318,6 +318,15 @@ class Run:
             return self._account(ledger, sources, base_url, stats, started)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _unmet(self, ledger: Ledger, sources: list[Source]) -> list[Any]:
+        """`retry`: the entries it lists again, from what the ledger staged."""
+        if self.selection is None:
+            return []
+        index = {s.path: i for i, s in enumerate(sources)}
+        wanted_lines = [(index[p], n) for p, n in self.selection.lines if p in index]
+        uuids, lines = ledger.staged_among(self.selection.uuids, wanted_lines)
+        return self.selection.unmet(uuids, {(sources[i].path, n) for i, n in lines})
+
     def _check_unchanged(self, ledger: Ledger, sources: list[Source], command: str) -> None:
         """Resuming a load over a source whose content changed would mix two imports."""
         if command != "load" or self.config.fresh or self.config.dry_run:
@@ -517,6 +526,7 @@ class Run:
             )
         error_codes: Counter[str] = Counter()
         preview: list[str] = []
+        carried = self._unmet(ledger, sources)
         with writing(config.failed_out, "--failed-out"):
             write_failed(
                 config.failed_out,
@@ -526,7 +536,7 @@ class Run:
                 failures=ledger.failures(rejected_only=config.dry_run),
                 error_codes=error_codes,
                 preview=preview,
-                carried=self.selection.unmet() if self.selection is not None else (),
+                carried=carried,
             )
         elapsed = time.monotonic() - started
         report: dict[str, Any] = {

@@ -302,3 +302,35 @@ def test_retry_of_overlapping_failed_files_lists_each_message_once(tmp_path: Pat
     assert sorted(uuids) == sorted(r["sourceUuid"] for r in rows)  # refused: carried, once
     assert again["counts"]["failed"] == len(rows)
     assert result.exit_status is ExitStatus.OK
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_outputs_are_written_waits_for_them(
+    tmp_path: Path, server: RunningSandbox, sig: signal.Signals
+) -> None:
+    """The run's last steps (settling, the failed file, the report) finish first: a Ctrl-C or
+    SIGTERM then neither kills the process nor leaves an old failed file in place."""
+    write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(5)])
+    script = (
+        "import os, signal, sys\n"
+        "from histimport import run\n"
+        "write = run.write_failed\n"
+        "def signalled(*args, **kwargs):\n"
+        f"    os.kill(os.getpid(), {int(sig)})\n"
+        "    write(*args, **kwargs)\n"
+        "run.write_failed = signalled\n"
+        "from histimport.cli import main\n"
+        f"main(['load', 'e.jsonl', '--base-url', {server.base_url!r}, '--report', 'r.json'])\n"
+    )
+    (tmp_path / "failed.json").write_text("stale")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "HISTIMPORT_USERNAME": "importer", "HISTIMPORT_PASSWORD": "s3cret-pass"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads((tmp_path / "failed.json").read_bytes())["counts"]["notSent"] == 0
+    assert orjson.loads((tmp_path / "r.json").read_bytes())["accepted"] == 5

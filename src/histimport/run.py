@@ -283,6 +283,8 @@ class Run:
             check_writable(config.report, "--report")
         started = time.monotonic()
         with ExitStack() as stack:
+            # SIGTERM interrupts as Ctrl-C does, instead of killing the process outright.
+            stack.enter_context(sigterm_as_interrupt())
             base_url = self._target(stack)
             state_dir = config.state_dir
             if config.dry_run:
@@ -305,17 +307,29 @@ class Run:
             except KeyboardInterrupt:
                 self.interrupted = True
             stats = None
+            sent = False
             if self.interrupted:
                 # Rows read but not yet handed to the ledger when the run was stopped are
                 # not part of this run: a resumed run reads them again.
                 self.read = ledger.staged_rows()
             elif not config.dry_run:
                 assert base_url is not None
+                sent = True
                 try:
                     stats = self._deliver(ledger, base_url)
-                finally:
+                except KeyboardInterrupt:
+                    # Just before sending began or just after it ended: while it runs, its
+                    # own handlers stop it and settle what is in flight.
+                    self.interrupted = True
+            # The last of the settling and the outputs are short and must be whole: a Ctrl-C
+            # or SIGTERM meanwhile waits for them, then the run ends as it was going to.
+            result = None
+            with suppress(KeyboardInterrupt), deferred():
+                if sent:
                     ledger.settle()
-            return self._account(ledger, sources, base_url, stats, started)
+                result = self._account(ledger, sources, base_url, stats, started)
+            assert result is not None
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unmet(self, ledger: Ledger, sources: list[Source]) -> list[Any]:

@@ -270,6 +270,7 @@ class Run:
         self.include_permanent = include_permanent
         self.read = 0
         self.interrupted = False
+        self.read_whole = True  # every row of the sources was read and staged
         self.warning_count = 0
         self.warnings: list[dict[str, Any]] = []
 
@@ -378,6 +379,7 @@ class Run:
                 ledger.stage(self._checked(sources))
         except KeyboardInterrupt:
             self.interrupted = True
+            self.read_whole = False
 
     def _checked(self, sources: list[Source]) -> Iterator[Valid | Rejected]:
         """Read -> map -> validate, every source in turn, counting what is read."""
@@ -580,6 +582,12 @@ class Run:
         if delivered.aborted:
             status = ExitStatus.ABORTED
             message = f"{delivered.aborted}: nothing more was sent"
+        elif self.interrupted and not self.read_whole:
+            status = ExitStatus.INTERRUPTED
+            message = (
+                f"interrupted while reading, after {self.read} rows: nothing was sent, and the "
+                "rows not read are in no failed file: run the same command again to go on"
+            )
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -335,3 +337,40 @@ def test_a_signal_while_the_outputs_are_written_waits_for_them(
     assert done.returncode == 0, done.stderr
     assert orjson.loads((tmp_path / "failed.json").read_bytes())["counts"]["notSent"] == 0
     assert orjson.loads((tmp_path / "r.json").read_bytes())["accepted"] == 5
+
+
+def test_status_names_a_target_that_only_refused(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    with sandbox(SandboxConfig(port=0, departments=frozenset({"elsewhere"}))) as server:
+        env = {"HISTIMPORT_USERNAME": "u", "HISTIMPORT_PASSWORD": "p"}
+        loaded = runner.invoke(app, ["load", "e.jsonl", "--base-url", server.base_url], env=env)
+        assert loaded.exit_code == 1
+    result = runner.invoke(app, ["status"])
+    assert f"{server.base_url}: 0 accepted, 3 refused" in result.stdout
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_status_reads_a_state_dir_it_cannot_write(tmp_path: Path, server: RunningSandbox) -> None:
+    """An archived or read-only state dir: SQLite cannot make its shared-memory file there."""
+    write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    state = Path(tempfile.mkdtemp()) / "state"  # where another user may enter
+    os.chmod(state.parent, 0o755)
+    histimport.load([tmp_path / "e.jsonl"], replace(config_for(server, tmp_path), state_dir=state))
+    subprocess.run(["chown", "-R", "65534:65534", str(state)], check=True)
+    subprocess.run(["chmod", "-R", "a-w", str(state)], check=True)
+    try:
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        done = subprocess.run(
+            [*nobody, sys.executable, "-m", "histimport", "status", "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(state)], check=True)
+        shutil.rmtree(state.parent)
+    assert done.returncode == 0, done.stderr
+    assert "3 accepted" in done.stdout

@@ -211,8 +211,9 @@ def render_status(summaries: list[dict[str, Any]]) -> None:
     totals: dict[str, int] = {}
     for summary in summaries:
         out.append(f"state dir {summary['stateDir']}")
-        for target, n in summary["acceptedByTarget"].items():
-            refused = summary["refusedByTarget"].get(target, 0)
+        accepted, refused_by = summary["acceptedByTarget"], summary["refusedByTarget"]
+        for target in dict.fromkeys([*accepted, *refused_by]):
+            n, refused = accepted.get(target, 0), refused_by.get(target, 0)
             out.append(f"  {target or '(no target)'}: {n} accepted, {refused} refused")
         last = summary["lastRun"]
         if last:

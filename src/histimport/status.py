@@ -30,20 +30,32 @@ _STATE_NAMES = {
 def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
     """A summary of one state dir, as plain data."""
     path = state_dir / LEDGER_FILE
-    if not path.is_file():
-        raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
     try:
-        db = sqlite3.connect(_read_only(path), uri=True)
+        if not path.is_file():
+            raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
+        return _read(state_dir, runs, immutable=False)
+    except OSError as exc:  # a directory that cannot be entered
+        raise LedgerError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     except sqlite3.Error as exc:
+        if "readonly" not in str(exc):
+            raise LedgerError(f"{path}: cannot be read: {exc}") from exc
+    # A state dir that cannot be written (archived, mounted read-only): SQLite cannot make
+    # the files a shared read needs there, and no import can be writing to it either.
+    try:
+        return _read(state_dir, runs, immutable=True)
+    except (OSError, sqlite3.Error) as exc:
         raise LedgerError(f"{path}: cannot be read: {exc}") from exc
+
+
+def _read(state_dir: Path, runs: int, *, immutable: bool) -> dict[str, Any]:
+    path = state_dir / LEDGER_FILE
+    db = sqlite3.connect(_read_only(path, immutable=immutable), uri=True)
     try:
         journal = state_dir / JOURNAL_FILE
         attached = journal.is_file()
         if attached:
-            db.execute("ATTACH DATABASE ? AS jl", (_read_only(journal),))
+            db.execute("ATTACH DATABASE ? AS jl", (_read_only(journal, immutable=immutable),))
         return _summary(db, state_dir, runs, journal=attached and has_table(db, "jl", "journal"))
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{path}: cannot be read: {exc}") from exc
     finally:
         db.close()
 
@@ -137,9 +149,9 @@ def _in_flight(db: sqlite3.Connection) -> int:
     return len(flying)
 
 
-def _read_only(path: Path) -> str:
+def _read_only(path: Path, *, immutable: bool = False) -> str:
     """A SQLite URI opening `path` read-only (quoted: a name may hold `#`, `?` or `%`)."""
-    return f"{path.absolute().as_uri()}?mode=ro"
+    return f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
 
 
 def purge(state_dir: Path, *, force: bool = False) -> None:

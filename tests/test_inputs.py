@@ -697,3 +697,26 @@ def test_a_default_goes_through_the_rest_of_its_rule_and_booleans_map(tmp_path: 
     assert row is not None and row.data is not None
     assert row.data["messageAttributes"] == {"body": "VIP customer", "type": "INBOUND"}
     assert row.data["sentOn"] == "2024-02-01T10:00:00.000Z"
+
+
+def test_a_pipe_is_read_and_a_directory_is_named(tmp_path: Path) -> None:
+    """`histimport load <(zcat export.jsonl.gz)` hands over a pipe, not a regular file."""
+    import threading
+
+    pipe = tmp_path / "export.pipe"
+    os.mkfifo(pipe)
+    data = b"".join(orjson.dumps(message("d", "c", n)) + b"\n" for n in range(50))
+
+    def write() -> None:
+        with open(pipe, "wb") as out:
+            out.write(data)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    result = histimport.validate(
+        [pipe], Config(format="jsonl", failed_out=tmp_path / "f.json", check_workers=0)
+    )
+    writer.join()
+    assert result.exit_status is ExitStatus.OK and result.counts["read"] == 50
+    outcome = runner.invoke(app, ["validate", str(tmp_path), "--format", "jsonl"])
+    assert outcome.exit_code == 2 and "is a directory" in outcome.output

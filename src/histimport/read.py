@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import stat
 import sys
 import zlib
 from collections.abc import Iterator
@@ -153,8 +154,16 @@ def check_readable(source: Source) -> None:
     if source.is_stdin:
         return
     path = Path(source.path)
-    if not path.is_file():
-        raise SourceError(f"{source.path}: no such file", hint="check the path")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SourceError(f"{source.path}: no such file", hint="check the path") from None
+    except OSError as exc:
+        raise SourceError(f"{source.path}: cannot open: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise SourceError(f"{source.path}: is a directory", hint="name the export's file")
+    if not stat.S_ISREG(mode):
+        return  # a pipe, as <(zcat export.jsonl.gz) gives: opened once, when it is read
     try:
         with open(path, "rb"):
             pass

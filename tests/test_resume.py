@@ -374,3 +374,24 @@ def test_status_reads_a_state_dir_it_cannot_write(tmp_path: Path, server: Runnin
         shutil.rmtree(state.parent)
     assert done.returncode == 0, done.stderr
     assert "3 accepted" in done.stdout
+
+
+def test_a_fresh_run_stopped_while_staging_keeps_the_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = list(interleaved(customers=3, per_customer=4))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, reject_rate=1.0)) as refusing:
+        config = config_for(refusing, tmp_path)
+        assert histimport.load([source], config).counts["failed"] == len(rows)
+        flush = Ledger._flush
+
+        def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Ledger, "_flush", interrupted)
+        stopped = histimport.load([source], replace(config, fresh=True))
+        assert stopped.exit_status is ExitStatus.INTERRUPTED
+        monkeypatch.setattr(Ledger, "_flush", flush)
+        again = histimport.load([source], config)
+        assert again.report["requests"] == 0 and again.counts["failed"] == len(rows)

@@ -293,8 +293,6 @@ class Run:
             ledger = Ledger(state_dir)
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
-            if config.fresh:
-                ledger.forget_refusals()
             self._stage(ledger, sources)
             if not self.interrupted:
                 self._check_unchanged(ledger, sources, command)
@@ -304,7 +302,13 @@ class Run:
                 )
             try:
                 with deferred():
-                    ledger.finish_staging(carry_refused=not self.include_permanent)
+                    ledger.finish_staging(
+                        carry_refused=not (self.include_permanent or config.fresh)
+                    )
+                    if config.fresh and not self.interrupted:
+                        # Only once every row is staged: a --fresh run stopped before that
+                        # leaves them for the next run.
+                        ledger.forget_refusals()
             except KeyboardInterrupt:
                 self.interrupted = True
             stats = None

@@ -35,15 +35,18 @@ def contract_schema(name: str) -> dict[str, Any]:
 
 
 def config_for(server: RunningSandbox, tmp_path: Path, **options: Any) -> Config:
-    """A run against `server`, with its state, failed file and report under `tmp_path`."""
+    """A run against `server`, with its state, failed file and report under `tmp_path`
+    (unless `options` say otherwise)."""
+    defaults: dict[str, Any] = {
+        "state_dir": tmp_path / "state",
+        "failed_out": tmp_path / "failed.json",
+        "report": tmp_path / "report.json",
+    }
     return Config(
         base_url=server.base_url,
         username="importer",
         password="s3cret-pass",
-        state_dir=tmp_path / "state",
-        failed_out=tmp_path / "failed.json",
-        report=tmp_path / "report.json",
-        **options,
+        **{**defaults, **options},
     )
 
 

@@ -20,7 +20,7 @@ from histimport.errors import UsageError
 from histimport.sandbox import SandboxConfig, sandbox
 from histimport.shard import parse_shard, shard_of
 
-from .conftest import REPO
+from .conftest import REPO, config_for
 from .factory import interleaved, write_jsonl
 
 runner = CliRunner()
@@ -181,26 +181,12 @@ def test_a_shard_s_retry_lists_the_other_shards_entries_again(tmp_path: Path) ->
     rows = list(interleaved(customers=20, per_customer=5))
     source = write_jsonl(tmp_path / "export.jsonl", rows)
     with sandbox(SandboxConfig(port=0, fail_rate=1.0)) as down:
-        config = Config(
-            base_url=down.base_url,
-            username="u",
-            password="p",
-            state_dir=tmp_path / "state",
-            failed_out=tmp_path / "failed.json",
-            max_attempts=1,
-        )
-        assert histimport.load([source], config).counts["accepted"] == 0
+        loaded = histimport.load([source], config_for(down, tmp_path, max_attempts=1))
+        assert loaded.counts["accepted"] == 0
     with sandbox(SandboxConfig(port=0)) as healed:
         result = histimport.retry(
             [tmp_path / "failed.json"],
-            Config(
-                base_url=healed.base_url,
-                username="u",
-                password="p",
-                state_dir=tmp_path / "state",
-                failed_out=tmp_path / "retry.json",
-                shard=(0, 2),
-            ),
+            config_for(healed, tmp_path, failed_out=tmp_path / "retry.json", shard=(0, 2)),
         )
         stored = {m.source_uuid for m in healed.store.messages()}
     ours = {

@@ -66,14 +66,26 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
-async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while True:
-        try:
-            await read_request(reader)
-        except asyncio.IncompleteReadError:
-            return
-        writer.write(OK)
-        await writer.drain()
+def answering(*pieces: bytes, seen: list[bytes] | None = None) -> Handler:
+    """A handler answering every request on its connection with these pieces, each written
+    and drained in turn; `seen` collects the requests."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if seen is not None:
+                seen.append(request)
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+
+    return answer
+
+
+answer_each = answering(OK)
 
 
 @contextmanager
@@ -142,17 +154,8 @@ def test_a_connection_is_kept_alive_between_requests() -> None:
 def test_the_request_is_what_httpx_would_send() -> None:
     seen: list[bytes] = []
 
-    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                seen.append(await read_request(reader))
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(OK)
-            await writer.drain()
-
     async def main() -> None:
-        async with serving(record) as (url, _), sending() as http:
+        async with serving(answering(OK, seen=seen)) as (url, _), sending() as http:
             path = "/api/department/d-1/customer/c~2/communication/historical"
             await http.put(f"{url}{path}", b"[1]")
             await http.put(f'{url}/a b/\u00e9{{<">}}?q=1#fragment', b"")
@@ -303,19 +306,12 @@ def test_an_answer_that_closes_the_connection_is_read_and_the_next_goes_on_a_new
 
 
 def test_a_chunked_answer_after_a_100_continue_is_read_whole() -> None:
-    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for part in (b'{"a"', b":", b"1}"):
-                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-                await writer.drain()
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+    chunked = answering(
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        *(b"%x\r\n%s\r\n" % (len(part), part) for part in (b'{"a"', b":", b"1}")),
+        b"0\r\n\r\n",
+    )
 
     async def main() -> None:
         async with serving(chunked) as (url, connections), sending() as http:
@@ -324,6 +320,12 @@ def test_a_chunked_answer_after_a_100_continue_is_read_whole() -> None:
             assert len(connections) == 1
 
     asyncio.run(main())
+
+
+def encoded(coding: str, body: bytes) -> Handler:
+    """Answers every request with this body, said to be in this content coding."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+    return answering(head % (coding.encode(), len(body)) + body)
 
 
 @pytest.mark.parametrize(
@@ -339,15 +341,8 @@ def test_a_chunked_answer_after_a_100_continue_is_read_whole() -> None:
 def test_an_encoded_answer_is_decoded(coding: str, encode: Callable[[bytes], bytes]) -> None:
     answer = b'{"succesfullySubmittedSourceUuids": ["a"]}'
 
-    async def encoded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        body = encode(answer)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\n" % coding.encode())
-        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-
     async def main() -> None:
-        async with serving(encoded) as (url, _), sending() as http:
+        async with serving(encoded(coding, encode(answer))) as (url, _), sending() as http:
             assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, answer)
 
     asyncio.run(main())
@@ -363,14 +358,8 @@ def test_an_encoded_answer_that_cannot_be_read(case: str) -> None:
         "too large": ("gzip", packed),  # 10,000 bytes once decoded; the bound is 9,999
     }[case]
 
-    async def encoded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\n" % coding.encode())
-        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-
     async def main() -> None:
-        async with serving(encoded) as (url, _), sending(bound=9_999) as http:
+        async with serving(encoded(coding, body)) as (url, _), sending(bound=9_999) as http:
             if case == "too large":
                 assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, None)
                 return
@@ -450,14 +439,7 @@ def test_without_poll_a_kept_connection_is_checked_with_select(
 
 
 def test_an_answer_beyond_the_bound_is_not_read_and_its_connection_not_kept() -> None:
-    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000)
-            await writer.drain()
+    large = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000)
 
     async def main() -> None:
         async with serving(large) as (url, connections), sending(bound=999) as http:

@@ -78,6 +78,7 @@ def test_exit_1_lists_bad_rows_with_their_lines(workdir: Path) -> None:
         (["load", "e.jsonl", "--base-url", "https://platform.test:99999/c"], "out of range"),
         (["load", "e.jsonl", "--base-url", "https://platform.test:abc/c"], "integer"),
         (["load", "e.jsonl", "--base-url", "https://api..example.com/c"], "is not a host name"),
+        (["load", "e.jsonl", "--base-url", "https://\u2603.example.com/c"], "is not a host name"),
         (["load", "e.jsonl", "--base-url", "https://platform.test/c\x7f"], "control character"),
         (["load", "e.jsonl", "--sandbox", "--chunk-size", "0"], "--chunk-size must be at least 1"),
         (["load", "e.jsonl", "--sandbox", "--chunk-size", "many"], "chunk-size"),
@@ -226,10 +227,14 @@ def test_one_target_however_its_url_is_spelt(
     )
 
 
-def test_a_password_in_the_base_url_is_refused_and_never_echoed(workdir: Path) -> None:
+@pytest.mark.parametrize(
+    "host", ["api.example.com", "api.example.com:99999", "api..example.com", "\u2603.example.com"]
+)
+def test_a_password_in_the_base_url_is_refused_and_never_echoed(workdir: Path, host: str) -> None:
+    """Whatever else is wrong with the URL: that error would quote it whole."""
     write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
     code, output = invoke(
-        "load", "e.jsonl", "--base-url", "https://admin:S3cretPw@api.example.com/c", env=CREDENTIALS
+        "load", "e.jsonl", "--base-url", f"https://admin:S3cretPw@{host}/c", env=CREDENTIALS
     )
     assert code == 2 and "user name or password" in output
     assert "S3cretPw" not in output

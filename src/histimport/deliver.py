@@ -341,7 +341,7 @@ class Deliverer:
                 cookies=_NoCookies(),
                 headers=headers,
             )
-        except (ImportError, ValueError) as exc:
+        except (ImportError, ValueError, httpx.InvalidURL) as exc:
             # A SOCKS proxy (httpx needs socksio for it) or a proxy URL httpx cannot use.
             raise UsageError(
                 f"the proxy set in the environment cannot be used: {exc}",

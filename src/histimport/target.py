@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+import httpx
+
 from .errors import UsageError
 
 
@@ -16,6 +18,12 @@ def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
             f"--base-url {url!r} is not an http(s) URL",
             hint="e.g. https://api.example.com/communications",
         )
+    if parts.username is not None or parts.password is not None:
+        # Never echo it: it may hold a password, which would end up in every output.
+        raise UsageError(
+            "--base-url must not contain a user name or password",
+            hint="set HISTIMPORT_USERNAME and HISTIMPORT_PASSWORD instead",
+        )
     if any(c < " " or c == "\x7f" for c in url):
         raise UsageError(f"--base-url {url!r} holds a control character")
     try:
@@ -23,15 +31,10 @@ def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
     except ValueError as exc:  # not a number, or out of range
         raise UsageError(f"--base-url {url!r}: {exc}") from exc
     try:
-        parts.hostname.encode("idna")
-    except UnicodeError as exc:  # an empty label ("api..example.com"), a label too long
+        # As the requests will spell it (IDNA), and with no empty label ("api..example.com").
+        httpx.URL(url).raw_host.decode("ascii").encode("idna")
+    except (httpx.InvalidURL, UnicodeError) as exc:
         raise UsageError(f"--base-url {url!r}: {parts.hostname!r} is not a host name") from exc
-    if parts.username is not None or parts.password is not None:
-        # Never echo it: it may hold a password, which would end up in every output.
-        raise UsageError(
-            "--base-url must not contain a user name or password",
-            hint="set HISTIMPORT_USERNAME and HISTIMPORT_PASSWORD instead",
-        )
     if parts.query or parts.fragment:
         raise UsageError(f"--base-url {url!r} must not have a query or fragment")
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):

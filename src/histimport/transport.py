@@ -217,9 +217,15 @@ class Http11Sender:
             self._forget(connection)  # "Connection: close", or an HTTP/1.0 answer
         content = b"".join(parts)
         coding = answer_headers.get("content-encoding")
-        if coding is not None:
+        if coding is None or not content:
+            return status, answer_headers, content
+        try:
             return status, answer_headers, _decoded(content, coding, self._bound)
-        return status, answer_headers, content
+        except httpx.DecodingError:
+            if 200 <= status < 300:
+                raise
+            # An error answer is told by its status; its body would only describe it.
+            return status, answer_headers, b""
 
     async def _event(self, connection: _Connection) -> h11.Event:
         http = connection.http
@@ -269,13 +275,11 @@ def _take_buffered(reader: asyncio.StreamReader) -> bytes:
 
 
 def _decoded(content: bytes, coding: str, bound: int) -> bytes | None:
-    """An answer's body without its content codings (gzip, deflate: those httpx reads), or
-    None past the bound."""
+    """An answer's body without its content codings, or None past the bound. As httpx does,
+    gzip and deflate are undone and any other coding left as it is."""
     for name in reversed([c.strip().lower() for c in coding.split(",")]):
-        if name in ("", "identity"):
-            continue
         if name not in _DECODERS:
-            raise httpx.DecodingError(f"the answer is encoded as {name!r}, which was not asked for")
+            continue  # identity, or a coding it was not asked for ("utf-8", seen in the wild)
         decoded = _decode(content, name, bound)
         if decoded is None:
             return None

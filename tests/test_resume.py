@@ -395,3 +395,21 @@ def test_a_fresh_run_stopped_while_staging_keeps_the_refusals(
         monkeypatch.setattr(Ledger, "_flush", flush)
         again = histimport.load([source], config)
         assert again.report["requests"] == 0 and again.counts["failed"] == len(rows)
+
+
+def test_after_sending_the_signal_handlers_are_those_from_before() -> None:
+    """asyncio puts back the defaults when its handlers go (SIGTERM's kills the process): the
+    run's own handlers must be back for the last settle and the outputs."""
+    import asyncio
+
+    from histimport.signals import install_async_signals, sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+        async def sending() -> None:
+            install_async_signals(lambda: None, lambda: None)()
+
+        asyncio.run(sending())
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

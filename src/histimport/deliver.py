@@ -263,12 +263,13 @@ class Deliverer:
         credentials: tuple[str, str] | None,
         progress: Progress | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        stats: DeliveryStats | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.base_url = base_url.rstrip("/")
         self.credentials = credentials
-        self.stats = DeliveryStats()
+        self.stats = stats if stats is not None else DeliveryStats()
         self.max_bytes = config.max_request_bytes
         # The smallest body size a 413 has refused: a lone message this large cannot go.
         self._refused_size = config.max_request_bytes + 1

@@ -320,20 +320,23 @@ class Run:
             elif not config.dry_run:
                 assert base_url is not None
                 sent = True
+                stats = DeliveryStats()
                 try:
-                    stats = self._deliver(ledger, base_url)
+                    self._deliver(ledger, base_url, stats)
                 except KeyboardInterrupt:
                     # Just before sending began or just after it ended: while it runs, its
                     # own handlers stop it and settle what is in flight.
                     self.interrupted = True
             # The last of the settling and the outputs are short and must be whole: a Ctrl-C
-            # or SIGTERM meanwhile waits for them, then the run ends as it was going to.
+            # or SIGTERM meanwhile waits for them, then the run ends as it was going to. One
+            # landing just before the wait began cut nothing: the block runs again.
             result = None
-            with suppress(KeyboardInterrupt), deferred():
-                if sent:
-                    ledger.settle()
-                result = self._account(ledger, sources, base_url, stats, started)
-            assert result is not None
+            while result is None:
+                with suppress(KeyboardInterrupt), deferred():
+                    if sent:
+                        ledger.settle()
+                        sent = False
+                    result = self._account(ledger, sources, base_url, stats, started)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -497,7 +500,9 @@ class Run:
                     }
                 )
 
-    def _deliver(self, ledger: Ledger, base_url: str) -> DeliveryStats:
+    def _deliver(self, ledger: Ledger, base_url: str, stats: DeliveryStats) -> None:
+        """Send what the ledger holds; `stats` are kept up to date as it goes, so that they
+        hold whatever stops it."""
 
         config = self.config
         credentials = None
@@ -509,20 +514,20 @@ class Run:
             base_url=base_url,
             credentials=credentials,
             progress=self.observer.progress,
+            stats=stats,
         )
         self.observer.sending(ledger.to_send())
 
-        async def main() -> DeliveryStats:
+        async def main() -> None:
             restore = install_async_signals(deliverer.stop, self._mark_interrupted)
             try:
-                return await deliverer.run()
+                await deliverer.run()
             finally:
                 restore()
 
         with ledger.settling():
-            stats = asyncio.run(main())
+            asyncio.run(main())
         self.observer.done()
-        return stats
 
     def _mark_interrupted(self) -> None:
         self.interrupted = True

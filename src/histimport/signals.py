@@ -62,6 +62,7 @@ def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) ->
         return lambda: None
     loop = asyncio.get_running_loop()
     seen: list[bool] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler() -> None:
         if seen:
@@ -74,7 +75,9 @@ def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) ->
         loop.add_signal_handler(sig, handler)
 
     def restore() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # asyncio puts back the defaults (SIGTERM's kills the process), not what was there.
+        for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
 
     return restore

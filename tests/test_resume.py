@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import signal
@@ -413,3 +414,47 @@ def test_after_sending_the_signal_handlers_are_those_from_before() -> None:
         asyncio.run(sending())
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_retry_meets_a_listed_message_by_its_source_uuid_not_by_its_old_line(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    """Edited since, the source holds another row at the listed line, and the listed one is
+    somewhere else, still broken: it stays listed."""
+    rows = [message("d", "c", n) for n in range(4)]
+    rows[2]["sentOn"] = "yesterday"
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    histimport.load([source], config_for(server, tmp_path))
+    listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert [(f["line"], f["sourceUuid"]) for f in listed] == [(3, rows[2]["sourceUuid"])]
+    fixed = dict(rows[2], sentOn="2024-01-02T00:00:00Z")
+    lines = [orjson.dumps(r).decode() for r in (rows[0], rows[1], rows[3])]
+    source.write_text("\n".join([*lines, orjson.dumps(fixed).decode()[:-1]]) + "\n")  # a typo
+    histimport.retry(
+        [tmp_path / "failed.json"],
+        config_for(server, tmp_path, failed_out=tmp_path / "again.json"),
+    )
+    again = orjson.loads((tmp_path / "again.json").read_bytes())["failures"]
+    assert rows[2]["sourceUuid"] in {f["sourceUuid"] for f in again}
+
+
+def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
+    whole = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    source = tmp_path / "e.jsonl.gz"
+    packed = gzip.compress(whole)
+    source.write_bytes(packed[: len(packed) // 2])
+    first = histimport.load([source], config_for(server, tmp_path))
+    listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert [f["errors"][0]["errorCode"] for f in listed] == ["UNREADABLE"]
+    assert 0 < first.counts["accepted"] < len(rows)
+    source.write_bytes(packed)  # fetched again, whole
+    again = histimport.retry(
+        [tmp_path / "failed.json"],
+        config_for(server, tmp_path, failed_out=tmp_path / "again.json"),
+    )
+    assert server.store.count() == len(rows)
+    assert again.exit_status is ExitStatus.OK
+    assert orjson.loads((tmp_path / "again.json").read_bytes())["failures"] == []

@@ -60,7 +60,7 @@ def read_csv(
                 raise SourceError(f"{name}: cannot be read: {exc}") from exc
             yield RawRow(
                 index,
-                lines.count + 1,
+                start,  # the record being read when the source broke off
                 None,
                 RowError("UNREADABLE", f"source cannot be read further: {exc}"),
             )

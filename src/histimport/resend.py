@@ -22,15 +22,21 @@ class Selection:
     uuids: dict[str, FailedEntry] = field(default_factory=dict)
     lines: dict[tuple[str, int], FailedEntry] = field(default_factory=dict)
     carried: list[FailedEntry] = field(default_factory=list)
+    rest_from: dict[str, int] = field(default_factory=dict)
+    """Sources that could not be read past a line: every row from it on is wanted."""
 
     def add(self, entry: FailedEntry) -> None:
         if entry.sourceUuid:
             self.uuids[entry.sourceUuid] = entry
         if entry.stage == "rejected" or not entry.sourceUuid:
             self.lines[(entry.source, entry.line)] = entry
+        if any(e.get("errorCode") == "UNREADABLE" for e in entry.errors):
+            self.rest_from[entry.source] = min(
+                self.rest_from.get(entry.source, entry.line), entry.line
+            )
 
     def wants(self, path: str, row: RawRow) -> bool:
-        if (path, row.line) in self.lines:
+        if (path, row.line) in self.lines or row.line >= self.rest_from.get(path, row.line + 1):
             return True
         uuid = row.data.get("sourceUuid") if row.data is not None else None
         return isinstance(uuid, str) and uuid in self.uuids
@@ -46,9 +52,13 @@ class Selection:
             if id(entry) in seen:
                 continue
             seen.add(id(entry))
-            if entry.sourceUuid in staged_uuids or (entry.source, entry.line) in staged_lines:
-                continue
-            out.append(entry)
+            # A message is met by its sourceUuid; its line may hold another row by now.
+            if entry.sourceUuid:
+                met = entry.sourceUuid in staged_uuids
+            else:
+                met = (entry.source, entry.line) in staged_lines
+            if not met:
+                out.append(entry)
         return out
 
 

@@ -515,7 +515,7 @@ def test_a_csv_line_too_long_inside_a_quoted_cell_loses_nothing_after_it(
         'd,c,s1,"a cell',
         "x" * 2000 + ' with a "" quote inside',
         "z" * 2000 + ' that ends here"',
-        "d,c,s2," + "y" * 2000,
+        "d,c,s2," + "y" * 2000 + ' and a 27" monitor, unquoted',  # that quote is a character
         *(f"d,c,s{n},fine" for n in range(3, 53)),
     ]
     path = tmp_path / "e.csv"

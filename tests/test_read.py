@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from histimport.errors import SourceError
 from histimport.read import Source, detect_format, open_source, read_jsonl
+from histimport.read_csv import _Quotes
 
 
 def rows_of(data: bytes, max_line_bytes: int = 1024):
@@ -71,3 +73,31 @@ def test_format_detection() -> None:
         detect_format("-", None)
     with pytest.raises(SourceError, match="cannot tell"):
         detect_format("export.txt", None)
+
+
+@pytest.mark.parametrize(
+    ("inside", "pieces", "ends_inside"),
+    [
+        (False, ['a,"b,c'], True),
+        (False, ['27" monitor,x'], False),  # a quote inside an unquoted cell is a character
+        (False, ['"a""b",c'], False),
+        (False, ['"a"",b'], True),  # two quotes: one quote, the cell still open
+        (False, ['x,"a"', '"b"'], False),  # the two quotes split between two pieces
+        (False, ['x,"a', '",y'], False),
+        (False, ["x,", '"a'], True),  # a cell starting at a piece's start
+        (True, ['more text",x'], False),
+        (True, ['text "" more'], True),
+        (True, ['x"'], False),
+        (True, ["no quotes"], True),
+    ],
+)
+def test_a_line_s_quotes_are_read_as_the_csv_module_reads_them(
+    inside: bool, pieces: list[str], ends_inside: bool
+) -> None:
+    quotes = _Quotes(",", inside=inside)
+    for piece in pieces:
+        quotes.feed(piece)
+    assert quotes.end() is ends_inside
+    # The csv module agrees: a line ending inside a cell joins the next line to its record.
+    text = ('"' if inside else "") + "".join(pieces) + '\nz"\nlast\n'
+    assert (len(list(csv.reader(io.StringIO(text)))) == 2) is ends_inside

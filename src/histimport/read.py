@@ -13,7 +13,7 @@ import json
 import stat
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -217,14 +217,14 @@ def jsonl_lines(
         )
 
 
-def skip_rest_of_line(stream: IO[bytes], count: bytes = b"\n") -> int:
-    """Read past the end of the current line; how many `count` bytes were passed over."""
-    counted = 0
+def skip_rest_of_line(stream: IO[bytes], seen: Callable[[bytes], object] | None = None) -> None:
+    """Read past the end of the current line, a piece at a time, each handed to `seen`."""
     while True:
         part = stream.readline(_SKIP_CHUNK)
-        counted += part.count(count)
+        if seen is not None:
+            seen(part)
         if not part or part.endswith(b"\n"):
-            return counted
+            return
 
 
 def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:

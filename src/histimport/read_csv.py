@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import re
 import typing
 from collections.abc import Iterator
 from typing import IO
@@ -15,17 +16,56 @@ from .errors import SourceError
 from .read import READ_ERRORS, RawRow, RowError, skip_rest_of_line
 
 _DELIMITERS = (",", ";", "\t", "|")
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _SKIP_CHARS = 1 << 20
 
 
-def _stand_in(quotes: int) -> str:
-    """A line in place of one too long, not blank (so that the record it stands for is
-    reported) and opening or closing a quoted cell as the line did, so that the records
+class _Quotes:
+    """Whether a CSV line ends inside a quoted cell, read piece by piece by the csv module's
+    rules: a quote opens a cell only at the cell's start, and inside one, two quotes stand
+    for one. Only quotes and delimiters matter, so only they are looked at."""
+
+    def __init__(self, sep: str, *, inside: bool) -> None:
+        self.inside = inside
+        self._sep = sep
+        self._tokens = re.compile(f'["{re.escape(sep)}]')
+        self._quote_at: int | None = None  # inside: a quote that may be the first of two
+        self._cell_from: int | None = None if inside else 0  # outside: where a cell begins
+        self._offset = 0  # of the piece being read, in the line
+
+    def feed(self, piece: str) -> None:
+        base = self._offset
+        for token in self._tokens.finditer(piece):
+            at, char = base + token.start(), token.group()
+            if self._quote_at is not None:
+                escaped = char == '"' and at == self._quote_at + 1
+                self._quote_at = None
+                if escaped:
+                    continue
+                self.inside = False  # the quote closed the cell; what follows is no cell start
+                self._cell_from = None
+            if self.inside:
+                if char == '"':
+                    self._quote_at = at
+            elif char == self._sep:
+                self._cell_from = at + 1
+            elif at == self._cell_from:  # a quote opening a cell; elsewhere, a plain character
+                self.inside = True
+        self._offset = base + len(piece)
+
+    def end(self) -> bool:
+        """Whether the line ended inside a quoted cell."""
+        if self._quote_at is not None:  # a last quote, with nothing after it: it closed
+            self._quote_at = None
+            self.inside = False
+        return self.inside
+
+
+def _stand_in(inside: bool, ends_inside: bool) -> str:
+    """A line in place of one too long: not blank (so that the record it stands for is
+    reported), and opening or closing a quoted cell as that line did, so that the records
     after it are read as they are."""
-    return '"\n' if quotes % 2 else " \n"
-
-
-_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    return '"\n' if inside != ends_inside else " \n"
 
 
 def read_csv(
@@ -46,11 +86,13 @@ def read_csv(
     except READ_ERRORS as exc:
         raise SourceError(f"{name}: cannot be read: {exc}") from exc
     sep = delimiter or max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
+    lines.sep = sep
     csv.field_size_limit(max(max_line_bytes, 131072))
     reader = csv.reader(lines, delimiter=sep, strict=True)
     header: list[str] | None = None
     while True:
         start = lines.count + 1
+        lines.record_start = True
         try:
             cells = next(reader)
         except StopIteration:
@@ -123,6 +165,8 @@ class _Lines:
         self._utf16 = encoding is None and head[:2] in _UTF16_BOMS
         self._wrapper: io.TextIOWrapper | None = None
         self._done = False
+        self.sep = ","  # the delimiter, once read_csv knows it
+        self.record_start = True  # read_csv sets it before it asks for each record
         if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
             # Other encodings are decoded as a stream: a bad byte becomes U+FFFD.
             self._wrapper = io.TextIOWrapper(
@@ -133,7 +177,7 @@ class _Lines:
             )
 
     def peek_first(self) -> str:
-        line = self._next_line()
+        line = self._next_line(inside=False)
         if line is not None:
             self._pending.append(line)
         return line or ""
@@ -142,27 +186,33 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
-        line = self._pending.pop() if self._pending else self._next_line()
+        # The csv module asks for a record's first line, then for more only while a quoted
+        # cell is open: a line is inside one unless it is the first its record asks for.
+        inside = not self.record_start
+        self.record_start = False
+        line = self._pending.pop() if self._pending else self._next_line(inside=inside)
         if line is None:
             raise StopIteration
         self.count += 1
         return line
 
-    def _next_line(self) -> str | None:
+    def _next_line(self, *, inside: bool) -> str | None:
         number = self.count + len(self._pending) + 1
         if self._wrapper is not None:
-            return self._next_text_line(self._wrapper, number)
+            return self._next_text_line(self._wrapper, number, inside=inside)
         if self._done:
             return None
         raw = self._stream.readline(self._max + 2)  # room for "\r\n"
         if not raw:
             return None
         if len(raw) - (2 if raw.endswith(b"\r\n") else raw.endswith((b"\n", b"\r"))) > self._max:
-            quotes = raw.count(b'"')
+            # Quotes and delimiters are ASCII: read as Latin-1, a byte is a character.
+            quotes = _Quotes(self.sep, inside=inside)
+            quotes.feed(raw.decode("latin-1"))
             if not raw.endswith(b"\n"):
-                quotes += skip_rest_of_line(self._stream, b'"')
+                skip_rest_of_line(self._stream, lambda part: quotes.feed(part.decode("latin-1")))
             self._bad[number] = RowError("LINE_TOO_LONG", f"line is longer than {self._max} bytes")
-            return _stand_in(quotes)
+            return _stand_in(inside, quotes.end())
         if number == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8) :]
         try:
@@ -173,7 +223,9 @@ class _Lines:
             )
             return raw.decode("utf-8", "replace")
 
-    def _next_text_line(self, wrapper: io.TextIOWrapper, number: int) -> str | None:
+    def _next_text_line(
+        self, wrapper: io.TextIOWrapper, number: int, *, inside: bool
+    ) -> str | None:
         """A line of another encoding than UTF-8; its length is counted in characters."""
         line = wrapper.readline(self._max + 2)  # room for "\r\n"
         if not line:
@@ -183,15 +235,16 @@ class _Lines:
             self._done = True
             return None
         if len(line) - (2 if line.endswith("\r\n") else line.endswith(("\n", "\r"))) > self._max:
-            quotes = line.count('"')
+            quotes = _Quotes(self.sep, inside=inside)
+            quotes.feed(line)
             if len(line) == self._max + 2 and not line.endswith("\n"):  # the rest, unread
                 while (part := wrapper.readline(_SKIP_CHARS)) and not part.endswith(("\n", "\r")):
-                    quotes += part.count('"')
-                quotes += part.count('"')
+                    quotes.feed(part)
+                quotes.feed(part)
             self._bad[number] = RowError(
                 "LINE_TOO_LONG", f"line is longer than {self._max} characters"
             )
-            return _stand_in(quotes)
+            return _stand_in(inside, quotes.end())
         if number == 1:
             line = line.lstrip("\ufeff")
         return line

@@ -593,10 +593,14 @@ class Run:
             message = f"{delivered.aborted}: nothing more was sent"
         elif self.interrupted and not self.read_whole:
             status = ExitStatus.INTERRUPTED
-            message = (
-                f"interrupted while reading, after {self.read} rows: nothing was sent, and the "
-                "rows not read are in no failed file: run the same command again to go on"
-            )
+            message = f"interrupted while reading, after {self.read} rows: nothing was sent"
+            if self.selection is None:
+                message += (
+                    ", and the rows not read are in no failed file: run the same command again "
+                    "to go on"
+                )
+            else:
+                message += "; the new failed file lists again what the failed files listed"
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"

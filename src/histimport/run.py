@@ -29,7 +29,14 @@ from .errors import ExitStatus, InvariantError, UsageError
 from .fanout import Fanout
 from .ledger import Ledger
 from .mapping import Mapper, Mapping
-from .outputs import REPORT_FORMAT, check_writable, write_failed, write_report, writing
+from .outputs import (
+    REPORT_FORMAT,
+    FailedEntry,
+    check_writable,
+    write_failed,
+    write_report,
+    writing,
+)
 from .read import (
     READ_ERRORS,
     RawRow,
@@ -327,6 +334,9 @@ class Run:
                     # Just before sending began or just after it ended: while it runs, its
                     # own handlers stop it and settle what is in flight.
                     self.interrupted = True
+                except BaseException:
+                    ledger.settle()  # the answers before the error, kept at once
+                    raise
             # The last of the settling and the outputs are short and must be whole: a Ctrl-C
             # or SIGTERM meanwhile waits for them, then the run ends as it was going to. One
             # landing just before the wait began cut nothing: the block runs again.
@@ -340,12 +350,16 @@ class Run:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _unmet(self, ledger: Ledger, sources: list[Source]) -> list[Any]:
+    def _unmet(self, ledger: Ledger, sources: list[Source]) -> list[FailedEntry]:
         """`retry`: the entries it lists again, from what the ledger staged."""
         if self.selection is None:
             return []
         index = {s.path: i for i, s in enumerate(sources)}
-        wanted_lines = [(index[p], n) for p, n in self.selection.lines if p in index]
+        wanted_lines = [  # a message is met by its sourceUuid, a row without one by its line
+            (index[p], n)
+            for (p, n), entry in self.selection.lines.items()
+            if not entry.sourceUuid and p in index
+        ]
         uuids, lines = ledger.staged_among(self.selection.uuids, wanted_lines)
         return self.selection.unmet(uuids, {(sources[i].path, n) for i, n in lines})
 

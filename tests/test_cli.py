@@ -228,15 +228,22 @@ def test_one_target_however_its_url_is_spelt(
 
 
 @pytest.mark.parametrize(
-    "host", ["api.example.com", "api.example.com:99999", "api..example.com", "\u2603.example.com"]
+    "url",
+    [
+        "https://admin:S3cretPw@api.example.com/c",
+        "https://admin:S3cretPw@api.example.com:99999/c",
+        "https://admin:S3cretPw@api..example.com/c",
+        "https://admin:S3cretPw@\u2603.example.com/c",
+        "htps://admin:S3cretPw@api.example.com/c",
+        "https://admin:S3cretPw@/c",
+        "https://admin:S3cretPw@[::1/c",
+    ],
 )
-def test_a_password_in_the_base_url_is_refused_and_never_echoed(workdir: Path, host: str) -> None:
+def test_a_password_in_the_base_url_is_refused_and_never_echoed(workdir: Path, url: str) -> None:
     """Whatever else is wrong with the URL: that error would quote it whole."""
     write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
-    code, output = invoke(
-        "load", "e.jsonl", "--base-url", f"https://admin:S3cretPw@{host}/c", env=CREDENTIALS
-    )
-    assert code == 2 and "user name or password" in output
+    code, output = invoke("load", "e.jsonl", "--base-url", url, env=CREDENTIALS)
+    assert code == 2, output
     assert "S3cretPw" not in output
 
 

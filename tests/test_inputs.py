@@ -393,7 +393,8 @@ def test_a_column_named_like_an_internal_key_is_just_a_column(workdir: Path) -> 
     [
         (["--encoding", "bogus"], "not a known encoding"),
         (["--encoding", "hex"], "not a text encoding"),
-        (["--delimiter", "ab"], "one character"),
+        (["--delimiter", "ab"], "one ASCII character"),
+        (["--delimiter", "\u00fe"], "one ASCII character"),
     ],
 )
 def test_bad_csv_options_are_usage_errors(workdir: Path, args: list[str], says: str) -> None:

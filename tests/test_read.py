@@ -101,3 +101,20 @@ def test_a_line_s_quotes_are_read_as_the_csv_module_reads_them(
     # The csv module agrees: a line ending inside a cell joins the next line to its record.
     text = ('"' if inside else "") + "".join(pieces) + '\nz"\nlast\n'
     assert (len(list(csv.reader(io.StringIO(text)))) == 2) is ends_inside
+
+
+@pytest.mark.parametrize(
+    ("inside", "line"),
+    [
+        (True, 'a"x,"b'),  # something other than a delimiter after the closing quote
+        (False, '""a,"b'),
+        (False, 'a\rb,"c'),  # a lone carriage return outside a quoted cell
+    ],
+)
+def test_a_line_the_csv_module_gives_up_on_ends_outside_a_cell(inside: bool, line: str) -> None:
+    """The csv module raises on it and reads the next line as a new record."""
+    quotes = _Quotes(",", inside=inside)
+    quotes.feed(line)
+    assert quotes.end() is False
+    with pytest.raises(csv.Error):
+        list(csv.reader(io.StringIO(('"' if inside else "") + line + "\n"), strict=True))

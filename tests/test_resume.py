@@ -451,8 +451,25 @@ def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(
     assert [f["errors"][0]["errorCode"] for f in listed] == ["UNREADABLE"]
     assert 0 < first.counts["accepted"] < len(rows)
     source.write_bytes(packed)  # fetched again, whole
+    flush = Ledger._flush
+
+    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+        flush(self, *args, **kwargs)  # the rows read so far staged, the line it broke at too
+        raise KeyboardInterrupt
+
+    Ledger._flush = interrupted  # type: ignore[method-assign]
+    try:
+        stopped = histimport.retry(
+            [tmp_path / "failed.json"],
+            config_for(server, tmp_path, failed_out=tmp_path / "stopped.json"),
+        )
+    finally:
+        Ledger._flush = flush  # type: ignore[method-assign]
+    assert stopped.exit_status is ExitStatus.INTERRUPTED
+    # Not known to be read to its end: the source is still wanted from where it broke off.
+    assert listed[0] in orjson.loads((tmp_path / "stopped.json").read_bytes())["failures"]
     again = histimport.retry(
-        [tmp_path / "failed.json"],
+        [tmp_path / "stopped.json"],
         config_for(server, tmp_path, failed_out=tmp_path / "again.json"),
     )
     assert server.store.count() == len(rows)

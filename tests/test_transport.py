@@ -702,3 +702,32 @@ def test_a_proxy_httpx_cannot_use_is_a_usage_error(tmp_path: Path, proxy: str) -
     assert done.returncode == 2, done.stderr
     assert "the proxy set in the environment cannot be used" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_error_answer_whose_body_cannot_be_decoded_is_told_by_its_status_via_a_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        refusal = answering(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: 8\r\n\r\nnot gzip"
+        )
+        async with serving(refusal) as (proxy_url, _):
+            monkeypatch.setenv("HTTP_PROXY", proxy_url)
+            for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            with Ledger(tmp_path / "state") as ledger:
+                deliverer = Deliverer(
+                    config=Config(),
+                    ledger=ledger,
+                    base_url="http://platform.test",
+                    credentials=None,
+                )
+                sender = deliverer._new_sender()
+                assert isinstance(sender, ClientSender)
+                try:
+                    assert (await sender.put("http://platform.test/x", b"[1]"))[::2] == (401, b"")
+                finally:
+                    await sender.aclose()
+
+    asyncio.run(main())

@@ -74,8 +74,10 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.delimiter is not None and len(self.delimiter) != 1:
-            raise UsageError(f"--delimiter must be one character, not {self.delimiter!r}")
+        if self.delimiter is not None and (
+            len(self.delimiter) != 1 or not self.delimiter.isascii()
+        ):
+            raise UsageError(f"--delimiter must be one ASCII character, not {self.delimiter!r}")
         if self.encoding is not None:
             try:
                 text = codecs.lookup(self.encoding)._is_text_encoding

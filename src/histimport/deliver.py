@@ -225,11 +225,13 @@ class ClientSender:
 
     async def put(self, url: str, body: bytes) -> Reply:
         async with self._client.stream("PUT", url, content=body) as response:
-            return (
-                response.status_code,
-                response.headers,
-                await _read_bounded(response, self._bound),
-            )
+            try:
+                content = await _read_bounded(response, self._bound)
+            except httpx.DecodingError:
+                if response.is_success:
+                    raise
+                content = b""  # an error answer is told by its status (as Http11Sender does)
+            return response.status_code, response.headers, content
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -22,39 +22,52 @@ _SKIP_CHARS = 1 << 20
 
 class _Quotes:
     """Whether a CSV line ends inside a quoted cell, read piece by piece by the csv module's
-    rules: a quote opens a cell only at the cell's start, and inside one, two quotes stand
-    for one. Only quotes and delimiters matter, so only they are looked at."""
+    rules: a quote opens a cell only at the cell's start, inside one two quotes stand for
+    one, and after the quote that closes it only a delimiter may follow. A line that breaks
+    a rule (or holds a lone carriage return outside a quoted cell) is one the csv module
+    gives up on, starting the next record afresh: it ends outside a cell. Only quotes,
+    delimiters and carriage returns matter, so only they are looked at."""
 
     def __init__(self, sep: str, *, inside: bool) -> None:
         self.inside = inside
         self._sep = sep
-        self._tokens = re.compile(f'["{re.escape(sep)}]')
+        self._tokens = re.compile(f'["\r{re.escape(sep)}]')
         self._quote_at: int | None = None  # inside: a quote that may be the first of two
         self._cell_from: int | None = None if inside else 0  # outside: where a cell begins
         self._offset = 0  # of the piece being read, in the line
+        self._broken = False
 
     def feed(self, piece: str) -> None:
         base = self._offset
+        self._offset = base + len(piece)
+        if self._broken:
+            return
         for token in self._tokens.finditer(piece):
             at, char = base + token.start(), token.group()
             if self._quote_at is not None:
-                escaped = char == '"' and at == self._quote_at + 1
+                if at != self._quote_at + 1 or char == "\r":
+                    self._broken = True  # the closing quote is followed by something else
+                    return
                 self._quote_at = None
-                if escaped:
-                    continue
-                self.inside = False  # the quote closed the cell; what follows is no cell start
+                if char == '"':
+                    continue  # two quotes: one quote, still inside
+                self.inside = False  # closed, and followed by a delimiter
                 self._cell_from = None
             if self.inside:
                 if char == '"':
                     self._quote_at = at
+            elif char == "\r":
+                self._broken = True
+                return
             elif char == self._sep:
                 self._cell_from = at + 1
             elif at == self._cell_from:  # a quote opening a cell; elsewhere, a plain character
                 self.inside = True
-        self._offset = base + len(piece)
 
     def end(self) -> bool:
         """Whether the line ended inside a quoted cell."""
+        if self._broken:
+            return False
         if self._quote_at is not None:  # a last quote, with nothing after it: it closed
             self._quote_at = None
             self.inside = False

@@ -30,7 +30,7 @@ class Selection:
             self.uuids[entry.sourceUuid] = entry
         if entry.stage == "rejected" or not entry.sourceUuid:
             self.lines[(entry.source, entry.line)] = entry
-        if any(e.get("errorCode") == "UNREADABLE" for e in entry.errors):
+        if _broke_off(entry):
             self.rest_from[entry.source] = min(
                 self.rest_from.get(entry.source, entry.line), entry.line
             )
@@ -42,10 +42,12 @@ class Selection:
         return isinstance(uuid, str) and uuid in self.uuids
 
     def unmet(
-        self, staged_uuids: set[str], staged_lines: set[tuple[str, int]]
+        self, staged_uuids: set[str], staged_lines: set[tuple[str, int]], *, read_whole: bool
     ) -> list[FailedEntry]:
         """The carried entries, then the wanted ones whose row this run did not stage: what
-        the ledger holds, not what was read, so that an interruption loses none."""
+        the ledger holds, not what was read, so that an interruption loses none. A source
+        that broke off is met once read whole (to its end, or to where it breaks off now,
+        which the new failed file then says)."""
         out = list(self.carried)
         seen: set[int] = set()
         for entry in [*self.uuids.values(), *self.lines.values()]:
@@ -55,11 +57,18 @@ class Selection:
             # A message is met by its sourceUuid; its line may hold another row by now.
             if entry.sourceUuid:
                 met = entry.sourceUuid in staged_uuids
+            elif _broke_off(entry):
+                met = read_whole
             else:
                 met = (entry.source, entry.line) in staged_lines
             if not met:
                 out.append(entry)
         return out
+
+
+def _broke_off(entry: FailedEntry) -> bool:
+    """The entry of a source that could not be read past its line."""
+    return any(e.get("errorCode") == "UNREADABLE" for e in entry.errors)
 
 
 def _key(entry: FailedEntry) -> tuple[str | int, ...]:

@@ -335,7 +335,8 @@ class Run:
                     # own handlers stop it and settle what is in flight.
                     self.interrupted = True
                 except BaseException:
-                    ledger.settle()  # the answers before the error, kept at once
+                    with suppress(Exception):  # the error that stopped sending is the one told
+                        ledger.settle()  # the answers before it, kept at once
                     raise
             # The last of the settling and the outputs are short and must be whole: a Ctrl-C
             # or SIGTERM meanwhile waits for them, then the run ends as it was going to. One
@@ -361,7 +362,9 @@ class Run:
             if not entry.sourceUuid and p in index
         ]
         uuids, lines = ledger.staged_among(self.selection.uuids, wanted_lines)
-        return self.selection.unmet(uuids, {(sources[i].path, n) for i, n in lines})
+        return self.selection.unmet(
+            uuids, {(sources[i].path, n) for i, n in lines}, read_whole=self.read_whole
+        )
 
     def _check_unchanged(self, ledger: Ledger, sources: list[Source], command: str) -> None:
         """Resuming a load over a source whose content changed would mix two imports."""

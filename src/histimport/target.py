@@ -11,18 +11,21 @@ from .errors import UsageError
 
 
 def check_base_url(url: str, *, allow_insecure_http: bool) -> str:
-    """The service root, refusing plain http to anything but loopback unless allowed."""
-    parts = urlsplit(url)
+    """The service root, refusing plain http to anything but loopback unless allowed.
+    Until it is known to hold no user name or password, no message quotes it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise UsageError(f"--base-url is not a URL: {exc}") from None
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(
+            "--base-url must not contain a user name or password",
+            hint="set HISTIMPORT_USERNAME and HISTIMPORT_PASSWORD instead",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(
             f"--base-url {url!r} is not an http(s) URL",
             hint="e.g. https://api.example.com/communications",
-        )
-    if parts.username is not None or parts.password is not None:
-        # Never echo it: it may hold a password, which would end up in every output.
-        raise UsageError(
-            "--base-url must not contain a user name or password",
-            hint="set HISTIMPORT_USERNAME and HISTIMPORT_PASSWORD instead",
         )
     if any(c < " " or c == "\x7f" for c in url):
         raise UsageError(f"--base-url {url!r} holds a control character")

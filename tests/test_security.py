@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from histimport import deliver
+import histimport
 from histimport.check import Valid, check_row
 from histimport.cli import app
 from histimport.read import RawRow
@@ -102,7 +103,9 @@ def test_plain_http_to_a_remote_host_is_refused_before_connecting(
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("a connection was attempted")
 
-    monkeypatch.setattr(deliver, "Deliverer", no_network)
+    from histimport import run  # imported first: it binds the Deliverer it uses
+
+    monkeypatch.setattr(run, "Deliverer", no_network)
     monkeypatch.setattr(httpx.AsyncClient, "__init__", no_network)
     write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
     result = runner.invoke(
@@ -236,3 +239,40 @@ def test_no_id_can_lead_anywhere_but_the_endpoint(department: str, customer: str
         "communication",
         "historical",
     ]
+
+
+@pytest.mark.parametrize("setting", ["ca bundle", "proxy"])
+def test_a_setting_that_would_stop_sending_is_told_before_anything_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """Not after a large export has been read and staged."""
+    from histimport import Config
+    from histimport.errors import UsageError
+    from histimport.run import Silent
+
+    class Watching(Silent):
+        def __init__(self) -> None:
+            self.read: list[str] = []
+
+        def staging(self, source: str) -> None:
+            self.read.append(source)
+
+    source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", 1)])
+    (tmp_path / "bundle.pem").write_text("not a certificate")
+    options: dict[str, Any] = {}
+    if setting == "ca bundle":
+        options["ca_bundle"] = tmp_path / "bundle.pem"
+    else:
+        monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
+    watching = Watching()
+    config = Config(
+        base_url="https://platform.test/c",
+        username="u",
+        password="p",
+        state_dir=tmp_path / "state",
+        failed_out=tmp_path / "failed.json",
+        **options,
+    )
+    with pytest.raises(UsageError):
+        histimport.load([source], config, observer=watching)
+    assert watching.read == []

@@ -285,6 +285,8 @@ class Deliverer:
         self._rate = AdaptiveRate(config.rate)
         # One TLS context for every worker's client: building one costs tens of ms.
         self._tls = self._verify() if transport is None else None
+        if transport is None and _proxy_set():
+            self._new_sender()  # a proxy httpx cannot use is told now, before any reading
 
     def stop(self) -> None:
         """Take no new work; requests in flight settle and are recorded."""

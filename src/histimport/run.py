@@ -300,6 +300,16 @@ class Run:
             ledger = Ledger(state_dir)
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
+            deliverer = None
+            if not config.dry_run:
+                assert base_url is not None
+                # Made before anything is read: a --ca-bundle or a proxy setting that cannot
+                # be used is told at once, not once a large export has been staged.
+                try:
+                    deliverer = self._deliverer(ledger, base_url)
+                except UsageError:
+                    ledger.finish_run("usage", {})
+                    raise
             self._stage(ledger, sources)
             if not self.interrupted:
                 self._check_unchanged(ledger, sources, command)
@@ -324,12 +334,11 @@ class Run:
                 # Rows read but not yet handed to the ledger when the run was stopped are
                 # not part of this run: a resumed run reads them again.
                 self.read = ledger.staged_rows()
-            elif not config.dry_run:
-                assert base_url is not None
+            elif deliverer is not None:
                 sent = True
-                stats = DeliveryStats()
+                stats = deliverer.stats
                 try:
-                    self._deliver(ledger, base_url, stats)
+                    self._deliver(ledger, deliverer)
                 except KeyboardInterrupt:
                     # Just before sending began or just after it ended: while it runs, its
                     # own handlers stop it and settle what is in flight.
@@ -517,22 +526,22 @@ class Run:
                     }
                 )
 
-    def _deliver(self, ledger: Ledger, base_url: str, stats: DeliveryStats) -> None:
-        """Send what the ledger holds; `stats` are kept up to date as it goes, so that they
-        hold whatever stops it."""
-
+    def _deliverer(self, ledger: Ledger, base_url: str) -> Deliverer:
         config = self.config
         credentials = None
         if config.username is not None or config.password is not None:
             credentials = (config.username or "", config.password or "")
-        deliverer = Deliverer(
+        return Deliverer(
             config=config,
             ledger=ledger,
             base_url=base_url,
             credentials=credentials,
             progress=self.observer.progress,
-            stats=stats,
         )
+
+    def _deliver(self, ledger: Ledger, deliverer: Deliverer) -> None:
+        """Send what the ledger holds; the deliverer's stats are kept up to date as it goes,
+        so that they hold whatever stops it."""
         self.observer.sending(ledger.to_send())
 
         async def main() -> None:

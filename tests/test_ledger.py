@@ -371,3 +371,22 @@ def test_status_reads_a_state_dir_whose_name_needs_quoting(tmp_path: Path) -> No
     summary = status(state)
     assert summary["lastRun"] == {"pending": 10, "rejected": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no stray file
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda ledger: ledger.forget_refusals(),
+        lambda ledger: ledger.record_sources([(0, "e.jsonl", "jsonl", 1, "00", None)]),
+        lambda ledger: ledger.staged_among(["u"], [(0, 1)]),
+    ],
+)
+def test_a_write_the_ledger_cannot_make_is_a_ledger_error(tmp_path: Path, write: Any) -> None:
+    """A full disk, a state dir gone: exit 3 with what to do, not a traceback."""
+    from histimport.errors import LedgerError
+
+    ledger = Ledger(tmp_path / "state")
+    ledger.begin_run("load", "t")
+    ledger.close()
+    with pytest.raises(LedgerError, match="cannot write"):
+        write(ledger)

@@ -407,6 +407,7 @@ class Ledger:
                 changed.append(path)
         return changed
 
+    @_writes
     def record_sources(self, sources: Iterable[tuple[int, str, str, int, str, str | None]]) -> None:
         self._db.executemany(
             "INSERT INTO sources(run_id, idx, path, format, size, sha256, realpath) "
@@ -414,6 +415,7 @@ class Ledger:
             ((self.run_id, *source) for source in sources),
         )
 
+    @_writes
     def forget_refusals(self) -> None:
         """--fresh: the platform's earlier refusals are not carried into this run."""
         self._db.execute("DELETE FROM refused WHERE target = ?", (self.target,))
@@ -495,6 +497,7 @@ class Ledger:
                 rejected,
             )
 
+    @_writes
     def staged_among(
         self, uuids: Iterable[str], lines: Iterable[tuple[int, int]]
     ) -> tuple[set[str], set[tuple[int, int]]]:

@@ -25,7 +25,7 @@ import pytest
 import histimport
 from histimport import ExitStatus
 from histimport.config import Config
-from histimport.deliver import ClientSender, Deliverer
+from histimport.deliver import ClientSender, Deliverer, Sender
 from histimport.ledger import Ledger
 from histimport.transport import Http11Sender
 
@@ -613,6 +613,25 @@ def test_no_proxy_alone_sends_straight_to_the_transport(
         assert isinstance(deliverer._new_sender(), ClientSender)
 
 
+@asynccontextmanager
+async def run_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy_url: str
+) -> AsyncIterator[Sender]:
+    """A run's sender, with HTTP_PROXY set to `proxy_url` (and nothing exempted)."""
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with Ledger(tmp_path / "state") as ledger:
+        deliverer = Deliverer(
+            config=Config(), ledger=ledger, base_url="http://platform.test", credentials=None
+        )
+        sender = deliverer._new_sender()
+        try:
+            yield sender
+        finally:
+            await sender.aclose()
+
+
 def test_a_proxy_from_the_environment_is_still_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -626,22 +645,11 @@ def test_a_proxy_from_the_environment_is_still_used(
         await writer.drain()
 
     async def main() -> None:
-        async with serving(proxy) as (proxy_url, _):
-            monkeypatch.setenv("HTTP_PROXY", proxy_url)
-            for name in ("NO_PROXY", "no_proxy", "http_proxy"):
-                monkeypatch.delenv(name, raising=False)
-            with Ledger(tmp_path / "state") as ledger:
-                deliverer = Deliverer(
-                    config=Config(),
-                    ledger=ledger,
-                    base_url="http://platform.test",
-                    credentials=None,
-                )
-                sender = deliverer._new_sender()
-                try:
-                    status, _, content = await sender.put("http://platform.test/x", b"[1]")
-                finally:
-                    await sender.aclose()
+        async with (
+            serving(proxy) as (proxy_url, _),
+            run_sender(tmp_path, monkeypatch, proxy_url) as sender,
+        ):
+            status, _, content = await sender.put("http://platform.test/x", b"[1]")
         assert (status, content) == (200, b"{}")
         assert seen == [b"PUT http://platform.test/x HTTP/1.1"]
 
@@ -712,22 +720,11 @@ def test_an_error_answer_whose_body_cannot_be_decoded_is_told_by_its_status_via_
             b"HTTP/1.1 401 Unauthorized\r\nContent-Encoding: gzip\r\n"
             b"Content-Length: 8\r\n\r\nnot gzip"
         )
-        async with serving(refusal) as (proxy_url, _):
-            monkeypatch.setenv("HTTP_PROXY", proxy_url)
-            for name in ("NO_PROXY", "no_proxy", "http_proxy"):
-                monkeypatch.delenv(name, raising=False)
-            with Ledger(tmp_path / "state") as ledger:
-                deliverer = Deliverer(
-                    config=Config(),
-                    ledger=ledger,
-                    base_url="http://platform.test",
-                    credentials=None,
-                )
-                sender = deliverer._new_sender()
-                assert isinstance(sender, ClientSender)
-                try:
-                    assert (await sender.put("http://platform.test/x", b"[1]"))[::2] == (401, b"")
-                finally:
-                    await sender.aclose()
+        async with (
+            serving(refusal) as (proxy_url, _),
+            run_sender(tmp_path, monkeypatch, proxy_url) as sender,
+        ):
+            assert isinstance(sender, ClientSender)
+            assert (await sender.put("http://platform.test/x", b"[1]"))[::2] == (401, b"")
 
     asyncio.run(main())

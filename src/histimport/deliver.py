@@ -180,10 +180,9 @@ class Sender(Protocol):
 
 
 class DirectSender:
-    """Requests handed straight to the transport. What httpx.AsyncClient adds to each
-    (merging URLs and headers, an auth flow, redirects and cookies to look at) serves
-    nothing here: redirects are not followed, cookies not kept, the Authorization header
-    is the same every time."""
+    """Requests handed straight to an httpx transport the Deliverer was given (such as
+    httpx.MockTransport), without httpx.AsyncClient: redirects are not followed, cookies
+    not kept, and the Authorization header is the same every time, as with Http11Sender."""
 
     def __init__(
         self,
@@ -320,8 +319,8 @@ class Deliverer:
         """A worker's own way to the endpoint, with one connection: a shared pool scans all
         of its connections on every request and every answer (encode/httpx#3215), a cost
         that grows with the concurrency for no gain, as a worker has one request in flight.
-        Requests go straight to the transport, unless a proxy is set: httpx honours proxy
-        settings only for the transports its client builds."""
+        Http11Sender, unless a proxy is set (httpx honours proxy settings only for the
+        transports its client builds) or the Deliverer was given a transport."""
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",

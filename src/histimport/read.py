@@ -234,25 +234,22 @@ def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
     except orjson.JSONDecodeError as exc:
         return RawRow(index, line_no, None, _json_error(line, exc))
     if may_hold_huge_int(line):
+        # orjson would have read such a number as a float: the message would not arrive
+        # unchanged. Python's parser, which reads it exactly, stops at fewer levels.
         try:
-            huge = _has_huge_int(json.loads(line))
-        except RecursionError:  # Python's parser stops at fewer levels than orjson's
-            return RawRow(
-                index,
-                line_no,
-                None,
-                RowError("TOO_DEEP", "line is nested too deeply for its numbers to be checked"),
-            )
-        if huge:
-            # orjson would have read it as a float: the message would not arrive unchanged.
-            return RawRow(
-                index,
-                line_no,
-                None,
+            problem = (
                 RowError(
                     "NUMBER_TOO_LARGE", "a number does not fit in 64 bits and would be altered"
-                ),
+                )
+                if _has_huge_int(json.loads(line))
+                else None
             )
+        except RecursionError:
+            problem = RowError(
+                "TOO_DEEP", "line is nested too deeply for its numbers to be checked"
+            )
+        if problem is not None:
+            return RawRow(index, line_no, None, problem)
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "null"
         kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number"}.get(

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from histimport.check import Rejected, Valid, check_row, normalise_timestamp
-from histimport.read import RawRow, RowError
+from histimport.read import RawRow, RowError, parse_json_line
 
 from .factory import message
 
@@ -159,13 +159,29 @@ def test_timestamps_are_normalised_to_utc_milliseconds(given: str, utc: str) -> 
     assert normalise_timestamp(given) == utc
 
 
-def test_a_null_field_goes_out_as_an_absent_one_but_free_form_content_is_kept() -> None:
+@pytest.mark.parametrize("parsed", [False, True], ids=["row", "json-line"])
+def test_a_null_field_goes_out_as_an_absent_one_but_free_form_content_is_kept(
+    parsed: bool,
+) -> None:
     row = message("d", "c", 1, receivedOn=None, userUuid=None, voiceCallAttributes=None)
     row["messageAttributes"].update(
         subject=None, metaData={"ref": None, "deep": {"x": None}}, attachments=[{"fileURL": None}]
     )
-    body = orjson.loads(check(row).body)  # type: ignore[union-attr]
+    # A JSON line says whether it holds a null at all; a row built otherwise may.
+    raw = parse_json_line(orjson.dumps(row), 0, 7) if parsed else RawRow(0, 7, row)
+    body = orjson.loads(check_row(raw, notify=False).body)  # type: ignore[union-attr]
     assert {"receivedOn", "userUuid", "voiceCallAttributes"}.isdisjoint(body)
     assert "subject" not in body["messageAttributes"]
     assert body["messageAttributes"]["metaData"] == {"ref": None, "deep": {"x": None}}
     assert body["messageAttributes"]["attachments"] == [{}]
+
+
+def test_a_json_line_without_a_null_is_sent_as_parsed() -> None:
+    line = orjson.dumps(message("d", "c", 1, userUuid="agent-1", sentOn="2024-01-01T00:00:01.000Z"))
+    raw = parse_json_line(line, 0, 7)
+    assert not raw.nulls
+    result = check_row(raw, notify=True)
+    assert isinstance(result, Valid)
+    expected = orjson.loads(line)
+    del expected["departmentUUID"], expected["customerUUID"]
+    assert orjson.loads(result.body) == expected

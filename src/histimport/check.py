@@ -109,7 +109,8 @@ def check_row(
     if problems:
         return Rejected(row.source, row.line, department, customer, source_uuid, problems)
     assert department is not None and customer is not None and isinstance(source_uuid, str)
-    _drop_nulls(data)
+    if row.nulls:
+        _drop_nulls(data)
     if not notify:
         _silence(data)
     try:

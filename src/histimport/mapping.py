@@ -458,6 +458,7 @@ class Mapper:
         if data is None:
             return row
         if self.mapping is not None:
+            row.nulls = True  # a default or a mapped value may be null
             data, problems = self.mapping.apply(data)
             if problems:
                 row.problems = [RowError(p.code, p.description) for p in problems]

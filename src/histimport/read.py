@@ -49,6 +49,8 @@ class RawRow:
     error: RowError | None = None
     problems: list[RowError] | None = None
     header: list[str] | None = None  # a CSV source's header row: names, not a record
+    nulls: bool = True
+    """Whether `data` may hold a null: False for a JSON line without the literal `null`."""
 
 
 @dataclass
@@ -258,7 +260,7 @@ def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
         return RawRow(
             index, line_no, None, RowError("NOT_AN_OBJECT", f"line is {kind}, not a JSON object")
         )
-    return RawRow(index, line_no, data)
+    return RawRow(index, line_no, data, nulls=b"null" in line)
 
 
 # Only a line with a run of 19 or more digits can hold an integer beyond 64 bits. Mapping

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import OutputError, UsageError
 from .ledger import Failure
@@ -93,6 +93,8 @@ def source_entry(source: Source) -> dict[str, Any]:
 
 
 class FailedSource(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     path: str
     format: str | None = None
     sha256: str | None = None
@@ -100,6 +102,8 @@ class FailedSource(BaseModel):
 
 
 class FailedEntry(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     sourceUuid: str | None = None
     departmentUUID: str | None = None
     customerUUID: str | None = None
@@ -113,6 +117,8 @@ class FailedEntry(BaseModel):
 
 class FailedFile(BaseModel):
     """A failed file as `retry` reads it: checked, since people edit them."""
+
+    model_config = ConfigDict(defer_build=True)
 
     format: Literal["histimport.failed/v1"]
     baseUrl: str | None = None

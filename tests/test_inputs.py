@@ -363,6 +363,10 @@ def test_gzip_and_stdin_import_like_the_plain_file(tmp_path: Path) -> None:
             "'sourceUuid' appear more than once",
         ),
         (b'"sourceUuid,departmentUUID\n', "the header row is not valid CSV"),
+        (
+            b"sourceUuid,departmentUUID,customerUUID\rs0,d,c\r",
+            "convert them, e.g. with tr '\\r' '\\n'",
+        ),
     ],
 )
 def test_a_header_that_cannot_be_read_stops_the_run_before_sending(
@@ -547,6 +551,31 @@ def test_a_csv_line_with_exactly_the_limit_before_its_line_end_is_not_too_long(
         ], encoding
 
 
+# 1,025 characters: one more than the limit; the other ends where a piece of the rest,
+# skipped 1 MiB at a time, ends, so that "\r\n" is split between two pieces.
+@pytest.mark.parametrize("length", [1025, 1026 + (1 << 20) - 1], ids=["limit+1", "far"])
+@pytest.mark.parametrize("ending", ["\r", "\r\n"], ids=["CR", "CRLF"])
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_long_csv_line_of_another_encoding_ends_where_its_line_end_is(
+    tmp_path: Path, encoding: str, ending: str, length: int
+) -> None:
+    """Read to a limit, such a line ends on its carriage return: the record after it is read
+    as it is (not skipped as the rest of the long line), and counted from its own line."""
+    long_row = "d,c,s1," + "z" * (length - 11) + ",SMS"
+    assert len(long_row) == length
+    lines = [
+        "departmentUUID,customerUUID,sourceUuid,messageAttributes.body,messageAttributes.protocol",
+        long_row,
+        "d,c,s2,kept,SMS",
+        "d,c,,no sourceUuid,SMS",
+        "d,c,s4,kept too,SMS",
+    ]
+    path = tmp_path / "e.csv"
+    path.write_bytes(ending.join(lines).encode(encoding) + ending.encode(encoding))
+    failed = failures_of(tmp_path, path, max_line_bytes=1024, encoding=encoding)
+    assert failed == [(2, "LINE_TOO_LONG"), (4, "MISSING_FIELD")]
+
+
 @pytest.mark.parametrize("damage", ["cut short", "corrupt", "trailing garbage"])
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_a_damaged_gzip_source_keeps_what_could_be_read(
@@ -577,6 +606,24 @@ def test_a_damaged_gzip_source_keeps_what_could_be_read(
     else:
         assert codes == ["UNREADABLE"]
     assert result.counts["read"] - result.counts["rejected"] > 500  # the rows before it
+
+
+def test_a_stray_carriage_return_rejects_its_record_in_plain_words(tmp_path: Path) -> None:
+    path = tmp_path / "e.csv"
+    path.write_bytes(
+        b"departmentUUID,customerUUID,sourceUuid,messageAttributes.body\n"
+        b'd,c,s1,one\rtwo\nd,c,s2,"one\rtwo"\n'
+    )
+    histimport.validate([path], Config(failed_out=tmp_path / "f.json"))
+    (failure,) = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    assert failure["line"] == 2
+    assert failure["errors"] == [
+        {
+            "errorCode": "INVALID_CSV",
+            "errorDescription": "record is not valid CSV: a carriage return (\\r) that does "
+            "not end a line stands outside quotes",
+        }
+    ]
 
 
 def test_a_csv_of_another_encoding_ending_inside_a_quote(tmp_path: Path) -> None:

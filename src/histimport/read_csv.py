@@ -74,6 +74,17 @@ class _Quotes:
         return self.inside
 
 
+_LONE_CR = "new-line character seen in unquoted field"
+
+
+def _plain(exc: csv.Error) -> str:
+    """The csv module's words, but for one that speaks of how Python opens files."""
+    text = str(exc)
+    if _LONE_CR in text:
+        return "a carriage return (\\r) that does not end a line stands outside quotes"
+    return text
+
+
 def _stand_in(inside: bool, ends_inside: bool) -> str:
     """A line in place of one too long: not blank (so that the record it stands for is
     reported), and opening or closing a quoted cell as that line did, so that the records
@@ -122,11 +133,19 @@ def read_csv(
             return
         except csv.Error as exc:
             if header is None:
+                lone_cr = _LONE_CR in str(exc)
                 raise SourceError(
-                    f"{name}: line {start}: the header row is not valid CSV: {exc}"
+                    f"{name}: line {start}: the header row is not valid CSV: {_plain(exc)}",
+                    hint="lines that end in a lone \\r (as in old Mac files) must end in \\n "
+                    "or \\r\\n: convert them, e.g. with tr '\\r' '\\n'"
+                    if lone_cr
+                    else None,
                 ) from exc
             yield RawRow(
-                index, start, None, RowError("INVALID_CSV", f"record is not valid CSV: {exc}")
+                index,
+                start,
+                None,
+                RowError("INVALID_CSV", f"record is not valid CSV: {_plain(exc)}"),
             )
             continue
         if not cells:
@@ -178,6 +197,7 @@ class _Lines:
         self._utf16 = encoding is None and head[:2] in _UTF16_BOMS
         self._wrapper: io.TextIOWrapper | None = None
         self._done = False
+        self._split_crlf = False  # the last text line ended at the limit on "\r"
         self.sep = ","  # the delimiter, once read_csv knows it
         self.record_start = True  # read_csv sets it before it asks for each record
         if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
@@ -241,6 +261,10 @@ class _Lines:
     ) -> str | None:
         """A line of another encoding than UTF-8; its length is counted in characters."""
         line = wrapper.readline(self._max + 2)  # room for "\r\n"
+        if self._split_crlf:
+            self._split_crlf = False
+            if line == "\n":  # the end of the line before, which ended at the limit on "\r"
+                line = wrapper.readline(self._max + 2)
         if not line:
             # Hand the byte stream back, or closing the wrapper would close it too.
             wrapper.detach()
@@ -250,10 +274,14 @@ class _Lines:
         if len(line) - (2 if line.endswith("\r\n") else line.endswith(("\n", "\r"))) > self._max:
             quotes = _Quotes(self.sep, inside=inside)
             quotes.feed(line)
-            if len(line) == self._max + 2 and not line.endswith("\n"):  # the rest, unread
+            if len(line) == self._max + 2 and line.endswith("\r"):
+                # A line end, read to the limit: a lone "\r", or the first of "\r\n".
+                self._split_crlf = True
+            elif len(line) == self._max + 2 and not line.endswith("\n"):  # the rest, unread
                 while (part := wrapper.readline(_SKIP_CHARS)) and not part.endswith(("\n", "\r")):
                     quotes.feed(part)
                 quotes.feed(part)
+                self._split_crlf = part.endswith("\r")
             self._bad[number] = RowError(
                 "LINE_TOO_LONG", f"line is longer than {self._max} characters"
             )

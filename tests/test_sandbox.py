@@ -156,6 +156,20 @@ def test_admin_messages_lists_in_stored_order_and_filters(
     assert len(client.get(url).json()) >= 4
 
 
+def test_an_integer_beyond_64_bits_is_stored_whole(
+    client: httpx.Client, shared: RunningSandbox, department: str
+) -> None:
+    content = b'{"saveMessageRequestList": [{"sourceUuid": "big-1", "metaData": {"n": %d}}]}'
+    response = client.put(
+        endpoint(shared, department),
+        content=content % 2**100,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 200
+    [stored] = shared.store.messages(department=department)
+    assert stored.body["metaData"] == {"n": 2**100}
+
+
 def test_answers_are_not_held_back(client: httpx.Client, shared: RunningSandbox) -> None:
     # Without TCP_NODELAY on the server's sockets each answer after the first waits ~40 ms.
     started = time.monotonic()
@@ -229,6 +243,8 @@ def test_message_without_source_uuid_is_a_per_message_error(
         (b'{"saveMessageRequestList": {}}', "saveMessageRequestList"),
         (b'{"saveMessageRequestList": [{"sourceUuid": "n", "x": NaN}]}', "NaN"),
         (b"\xff\xfe", "not valid JSON"),
+        # No text holds a lone surrogate: the store could not keep it.
+        (b'{"saveMessageRequestList": [{"sourceUuid": "\\ud800"}]}', "no low surrogate"),
     ],
 )
 def test_malformed_body_is_400(

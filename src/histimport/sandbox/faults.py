@@ -52,6 +52,11 @@ class FaultPlan:
             draw -= rate
         return RequestFault.NONE
 
+    @property
+    def rejecter(self) -> Callable[[str], bool] | None:
+        """`rejects` while a reject rate is set; else None, and no message is looked at."""
+        return self.rejects if self._config.reject_rate > 0.0 else None
+
     def rejects(self, source_uuid: str) -> bool:
         rate = self._config.reject_rate
         if rate <= 0.0:

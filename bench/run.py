@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import importlib.util
 import json
 import os
 import platform
@@ -515,7 +516,9 @@ def main() -> int:
         f"{args.customers:,} customers, interleaved, {size_mb:.1f} MB "
         f"({size_mb * 1e6 / args.messages:.0f} bytes/message)"
     )
-    print(f"server: bench/server.py, {args.store} store, a fresh process per run")
+    # uvicorn parses HTTP with httptools when it is installed (the bench extra), else h11.
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    print(f"server: bench/server.py, {args.store} store, {parser}, a fresh process per run")
     if args.cprofile:
         run_cprofile(source, args.messages, args)
         return 0

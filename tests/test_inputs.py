@@ -379,6 +379,27 @@ def test_a_header_that_cannot_be_read_stops_the_run_before_sending(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["load", "validate"])
+def test_a_json_array_over_several_lines_stops_the_run_before_sending(
+    workdir: Path, command: str
+) -> None:
+    rows = [orjson.dumps(message("d", "c", n)).decode() for n in range(3)]
+    (workdir / "e.json").write_text("\n  [\n" + ",\n".join(rows) + "\n]\n")
+    args = [command, "e.json"] + (["--sandbox"] if command == "load" else [])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "e.json: line 2: a JSON array over several lines, not JSON Lines" in result.output
+    assert "jq -c '.[]'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_json_line_holding_an_array_is_one_rejected_row(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    array = orjson.dumps([message("d", "c", 1)])
+    path.write_bytes(array + b"\n" + orjson.dumps(message("d", "c", 2)) + b"\n" + array + b"\n")
+    assert failures_of(tmp_path, path) == [(1, "NOT_AN_OBJECT"), (3, "NOT_AN_OBJECT")]
+
+
 def test_a_column_named_like_an_internal_key_is_just_a_column(workdir: Path) -> None:
     (workdir / "e.jsonl").write_text(
         '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "s", "__header__": []}\n'

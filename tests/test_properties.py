@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from histimport.check import Rejected, Valid, check_row
+from histimport.errors import SourceError
 from histimport.mapping import Mapper
 from histimport.read import read_jsonl
 from histimport.read_csv import read_csv
@@ -85,6 +87,13 @@ messy = st.lists(line_parts | st.binary(max_size=6), max_size=60).map(b"".join) 
 @settings(max_examples=300, deadline=None)
 @given(messy)
 def test_any_bytes_as_jsonl(data: bytes) -> None:
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # after a byte-order mark
+    first = next((line.strip() for line in lines if line.strip()), b"")
+    if first in (b"[", b"[{") or (first.startswith(b"[") and first.endswith(b",")):
+        # The opening of a JSON array over several lines (no line here is over LIMIT).
+        with pytest.raises(SourceError, match="a JSON array over several lines"):
+            list(read_jsonl(stream(data), 0, max_line_bytes=LIMIT))
+        return
     found = list(read_jsonl(stream(data), 0, max_line_bytes=LIMIT))
     assert [r.line for r in found] == non_blank_lines(data)
     for row in found:

@@ -173,9 +173,11 @@ def check_readable(source: Source) -> None:
         raise SourceError(f"{source.path}: cannot open: {exc.strerror or exc}") from exc
 
 
-def read_jsonl(stream: IO[bytes], index: int, *, max_line_bytes: int) -> Iterator[RawRow]:
+def read_jsonl(
+    stream: IO[bytes], index: int, *, max_line_bytes: int, name: str = "source"
+) -> Iterator[RawRow]:
     """Yield one row per non-blank physical line; blank lines are skipped and not counted."""
-    for item in jsonl_lines(stream, index, max_line_bytes=max_line_bytes):
+    for item in jsonl_lines(stream, index, max_line_bytes=max_line_bytes, name=name):
         yield as_row(item, index)
 
 
@@ -185,11 +187,14 @@ def as_row(item: tuple[int, bytes] | RawRow, index: int) -> RawRow:
 
 
 def jsonl_lines(
-    stream: IO[bytes], index: int, *, max_line_bytes: int
+    stream: IO[bytes], index: int, *, max_line_bytes: int, name: str = "source"
 ) -> Iterator[tuple[int, bytes] | RawRow]:
     """The non-blank lines of a JSONL source as (line number, bytes), not parsed yet; a line
-    that cannot be read is a row with its error in their place."""
+    that cannot be read is a row with its error in their place. A source whose first line
+    opens a JSON array that goes on over further lines is a SourceError: it is one document,
+    not JSON Lines, and read line by line most of its elements would be rejected."""
     line_no = 0
+    first = True
     try:
         while True:
             line = stream.readline(max_line_bytes + 1)
@@ -209,6 +214,9 @@ def jsonl_lines(
                 line = line[len(_BOM) :]
             if not line.strip():
                 continue
+            if first:
+                first = False
+                _refuse_json_array(line, line_no, name)
             yield line_no, line.rstrip(b"\r\n")
     except READ_ERRORS as exc:
         yield RawRow(
@@ -216,6 +224,18 @@ def jsonl_lines(
             line_no + 1,
             None,
             RowError("UNREADABLE", f"source cannot be read further: {exc}"),
+        )
+
+
+def _refuse_json_array(line: bytes, line_no: int, name: str) -> None:
+    """Stop at the opening of a JSON array written over several lines: a line that is `[`
+    or `[{` alone, or `[` then a first element and a comma, as JSON writers lay one out."""
+    text = line.strip()
+    if text in (b"[", b"[{") or (text.startswith(b"[") and text.endswith(b",")):
+        raise SourceError(
+            f"{name}: line {line_no}: a JSON array over several lines, not JSON Lines "
+            "(one object per line)",
+            hint="convert it, e.g. with jq -c '.[]' FILE > FILE.jsonl",
         )
 
 

@@ -244,7 +244,7 @@ def source_fields(
             if first is None or first.header is None:
                 raise UsageError(f"{path}: no header row")
             return first.header
-        for row in read_jsonl(stream, 0, max_line_bytes=1 << 24):
+        for row in read_jsonl(stream, 0, max_line_bytes=1 << 24, name=path):
             if row.data is not None:
                 return _paths(row.data)
     raise UsageError(f"{path}: no JSON object found")
@@ -462,7 +462,9 @@ class Run:
     ) -> Iterator[Valid | Rejected]:
         workers = self._check_workers(source)
         if workers:
-            lines = jsonl_lines(stream, index, max_line_bytes=self.config.max_line_bytes)
+            lines = jsonl_lines(
+                stream, index, max_line_bytes=self.config.max_line_bytes, name=source.path
+            )
             yield from _checked_in_workers(
                 lines, index, mapper, check, workers, warm_up=self.config.check_workers is None
             )
@@ -510,7 +512,7 @@ class Run:
                 encoding=config.encoding,
                 name=source.path,
             )
-        return read_jsonl(stream, index, max_line_bytes=config.max_line_bytes)
+        return read_jsonl(stream, index, max_line_bytes=config.max_line_bytes, name=source.path)
 
     def _warn(self, path: str, row: Valid) -> None:
         for warning in row.warnings or ():

@@ -244,7 +244,12 @@ def test_message_without_source_uuid_is_a_per_message_error(
         (b'{"saveMessageRequestList": [{"sourceUuid": "n", "x": NaN}]}', "NaN"),
         (b"\xff\xfe", "not valid JSON"),
         # No text holds a lone surrogate: the store could not keep it.
-        (b'{"saveMessageRequestList": [{"sourceUuid": "\\ud800"}]}', "no low surrogate"),
+        (b'{"saveMessageRequestList": [{"sourceUuid": "\\ud800"}]}', "lone surrogate"),
+        (
+            b'{"saveMessageRequestList": [{"sourceUuid": "lone", "metaData": {"b": "\\udc00"}}]}',
+            "lone surrogate",
+        ),
+        (b'{"saveMessageRequestList": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "not valid JSON"),
     ],
 )
 def test_malformed_body_is_400(

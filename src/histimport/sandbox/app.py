@@ -18,9 +18,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-import orjson
-
-from ..read import may_hold_huge_int
 from .config import SandboxConfig
 from .faults import FaultPlan, RequestFault, TokenBucket
 from .responses import GARBLED, JSON, Response, error_response, json_response, save_answer
@@ -135,7 +132,13 @@ class SandboxApp:
         if isinstance(messages, str):
             return error_response(400, "INVALID_REQUEST", messages)
         department, customer = key
-        results = self.store.save(department, customer, messages, reject=self._faults.rejecter)
+        try:
+            results = self.store.save(department, customer, messages, reject=self._faults.rejecter)
+        except UnicodeEncodeError:
+            # JSON may escape half of a surrogate pair alone; no text can hold one.
+            return error_response(
+                400, "INVALID_REQUEST", "a string holds a lone surrogate (\\ud800 to \\udfff)"
+            )
         if fault is RequestFault.ERROR_AFTER_STORE:
             return error_response(500, "INTERNAL_ERROR", "an unexpected error occurred")
         if fault is RequestFault.GARBLE:
@@ -263,28 +266,15 @@ def _reject_constant(name: str) -> object:
 def _parse_request(body: bytes) -> list[object] | str:
     """The request's message list, or what is wrong with the body."""
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return f"the body is not valid JSON: {_json_problem(body, exc)}"
-    if may_hold_huge_int(body):
-        # orjson reads an integer beyond 64 bits as a float; the standard parser, exactly.
-        payload = json.loads(body)
+        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        return f"the body is not valid JSON: {exc}"
     if not isinstance(payload, dict):
         return "the body must be a JSON object"
     messages = payload.get("saveMessageRequestList")
     if not isinstance(messages, list):
         return "saveMessageRequestList is required and must be an array"
     return messages
-
-
-def _json_problem(body: bytes, exc: orjson.JSONDecodeError) -> str:
-    """The standard parser's words for what is wrong (they name a NaN as such), or orjson's
-    for what only orjson refuses: the escape of a lone surrogate, which no text can hold."""
-    try:
-        json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as plain:
-        return str(plain)
-    return str(exc)
 
 
 async def _send(send: Send, response: Response) -> None:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import histimport
 from histimport import Config, ExitStatus
 from histimport.cli import app
+from histimport.errors import SourceError
 from histimport.mapping import parse_time
 from histimport.run import Silent
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
@@ -393,6 +394,37 @@ def test_a_json_array_over_several_lines_stops_the_run_before_sending(
     assert "Traceback" not in result.output
 
 
+def test_a_source_refused_while_staging_ends_the_run_as_a_usage_error(workdir: Path) -> None:
+    write_jsonl(workdir / "ok.jsonl", [message("d", "c", n) for n in range(3)])
+    (workdir / "e.json").write_text("[\n" + orjson.dumps(message("d", "c", 9)).decode() + "\n]\n")
+    result = runner.invoke(app, ["load", "ok.jsonl", "e.json", "--sandbox", "--state-dir", "st"])
+    assert result.exit_code == 2, result.output
+    status = runner.invoke(app, ["status", "--state-dir", "st"])
+    assert status.exit_code == 0, status.output
+    assert "load" in status.output and ": usage" in status.output
+    assert "killed" not in status.output
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "[\n{row},\n{row}\n]",  # json.dump(indent=...) and jq
+        "[ {{\n  {fields}\n}}, {{\n  {fields}\n}} ]",  # Jackson's pretty printer
+        "[\t{{\n{fields}}}]",
+        '[{{{fields},\n"messageAttributes": {{"body": "x"}}}}]',
+        "[{row},\n{row},\n{row}]",  # an element a line
+        "[{row}\n,{row}\n,{row}]",  # an element a line, commas first
+    ],
+)
+def test_every_layout_of_a_json_array_is_told(tmp_path: Path, layout: str) -> None:
+    row = orjson.dumps(message("d", "c", 1)).decode()
+    fields = row[1:-1]
+    path = tmp_path / "e.json"
+    path.write_bytes(b"\xef\xbb\xbf\n" + layout.format(row=row, fields=fields).encode())
+    with pytest.raises(SourceError, match=r"e\.json: line 2: a JSON array over several lines"):
+        histimport.validate([path], Config(failed_out=tmp_path / "f.json"))
+
+
 def test_a_json_line_holding_an_array_is_one_rejected_row(tmp_path: Path) -> None:
     path = tmp_path / "e.jsonl"
     array = orjson.dumps([message("d", "c", 1)])
@@ -627,6 +659,23 @@ def test_a_damaged_gzip_source_keeps_what_could_be_read(
     else:
         assert codes == ["UNREADABLE"]
     assert result.counts["read"] - result.counts["rejected"] > 500  # the rows before it
+
+
+def test_a_utf8_csv_of_lone_carriage_returns_longer_than_a_line_is_told_so(
+    tmp_path: Path,
+) -> None:
+    lines = ["departmentUUID,customerUUID,sourceUuid,messageAttributes.body"]
+    lines += [f"d,c,s{n},body {n}" for n in range(200)]
+    path = tmp_path / "e.csv"
+    path.write_bytes("\r".join(lines).encode() + b"\r")
+    with pytest.raises(SourceError, match=r"line 1: .* end in a lone carriage return") as told:
+        histimport.validate([path], Config(failed_out=tmp_path / "f.json", max_line_bytes=1024))
+    assert "tr '\\r' '\\n'" in (told.value.hint or "")
+    # Named as another encoding, it is read as text, where a lone carriage return ends a line.
+    latin = histimport.validate(
+        [path], Config(failed_out=tmp_path / "f.json", max_line_bytes=1024, encoding="latin-1")
+    )
+    assert latin.counts["read"] == 200 and latin.counts["rejected"] == 0
 
 
 def test_a_stray_carriage_return_rejects_its_record_in_plain_words(tmp_path: Path) -> None:

@@ -228,15 +228,19 @@ def jsonl_lines(
 
 
 def _refuse_json_array(line: bytes, line_no: int, name: str) -> None:
-    """Stop at the opening of a JSON array written over several lines: a line that is `[`
-    or `[{` alone, or `[` then a first element and a comma, as JSON writers lay one out."""
-    text = line.strip()
-    if text in (b"[", b"[{") or (text.startswith(b"[") and text.endswith(b",")):
+    """Stop at the opening of a JSON array written over several lines: a first line that
+    opens with `[` and is not JSON on its own (a whole array on one line is a row, rejected
+    as not an object)."""
+    if not line.lstrip().startswith(b"["):
+        return
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
         raise SourceError(
             f"{name}: line {line_no}: a JSON array over several lines, not JSON Lines "
             "(one object per line)",
             hint="convert it, e.g. with jq -c '.[]' FILE > FILE.jsonl",
-        )
+        ) from None
 
 
 def skip_rest_of_line(stream: IO[bytes], seen: Callable[[bytes], object] | None = None) -> None:

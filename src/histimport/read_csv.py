@@ -75,6 +75,11 @@ class _Quotes:
 
 
 _LONE_CR = "new-line character seen in unquoted field"
+_LONE_CR_HINT = (
+    "lines that end in a lone \\r (as in old Mac files) must end in \\n or \\r\\n: "
+    "convert them, e.g. with tr '\\r' '\\n' < FILE > FIXED.csv"
+)
+_LONE_CR_AT = re.compile(rb"\r(?!\n)")
 
 
 def _plain(exc: csv.Error) -> str:
@@ -136,10 +141,7 @@ def read_csv(
                 lone_cr = _LONE_CR in str(exc)
                 raise SourceError(
                     f"{name}: line {start}: the header row is not valid CSV: {_plain(exc)}",
-                    hint="lines that end in a lone \\r (as in old Mac files) must end in \\n "
-                    "or \\r\\n: convert them, e.g. with tr '\\r' '\\n'"
-                    if lone_cr
-                    else None,
+                    hint=_LONE_CR_HINT if lone_cr else None,
                 ) from exc
             yield RawRow(
                 index,
@@ -152,6 +154,12 @@ def read_csv(
             continue  # a blank line
         problem = lines.problem(start, lines.count)
         if header is None:
+            if problem is not None and lines.lone_cr:
+                raise SourceError(
+                    f"{name}: line {start}: the header row: {problem.description}, and its "
+                    "lines end in a lone carriage return (\\r)",
+                    hint=_LONE_CR_HINT,
+                )
             if problem is not None:
                 raise SourceError(
                     f"{name}: line {start}: the header row: {problem.description}",
@@ -198,6 +206,7 @@ class _Lines:
         self._wrapper: io.TextIOWrapper | None = None
         self._done = False
         self._split_crlf = False  # the last text line ended at the limit on "\r"
+        self.lone_cr = False  # the first line, too long, holds a lone "\r"
         self.sep = ","  # the delimiter, once read_csv knows it
         self.record_start = True  # read_csv sets it before it asks for each record
         if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
@@ -239,6 +248,9 @@ class _Lines:
         if not raw:
             return None
         if len(raw) - (2 if raw.endswith(b"\r\n") else raw.endswith((b"\n", b"\r"))) > self._max:
+            lone = _LONE_CR_AT.search(raw) if number == 1 else None
+            if lone is not None and lone.end() < len(raw):  # not a "\r" the limit cut off
+                self.lone_cr = True  # lines split on "\n" only: the file reads as one line
             # Quotes and delimiters are ASCII: read as Latin-1, a byte is a character.
             quotes = _Quotes(self.sep, inside=inside)
             quotes.feed(raw.decode("latin-1"))

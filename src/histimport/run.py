@@ -310,7 +310,11 @@ class Run:
                 except UsageError:
                     ledger.finish_run("usage", {})
                     raise
-            self._stage(ledger, sources)
+            try:
+                self._stage(ledger, sources)
+            except UsageError:  # a source found unreadable as a whole: nothing is sent
+                ledger.finish_run("usage", {})
+                raise
             if not self.interrupted:
                 self._check_unchanged(ledger, sources, command)
                 ledger.record_sources(

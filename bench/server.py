@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from histimport.sandbox import (
     SandboxStore,
     SaveResult,
 )
-from histimport.sandbox.store import new_uuid
+from histimport.sandbox.store import new_uuid, new_uuids
 
 API_PREFIX = "/communications/"
 
@@ -67,7 +66,7 @@ class MemoryStore:
                 # Nearly every request: new, distinct sourceUuids, nothing to reject.
                 self._receipts += len(ids)
                 self._seen.update(ids)
-                uuids = _new_uuids(len(ids))
+                uuids = new_uuids(len(ids))
                 self._accepted.update(zip(ids, uuids, strict=True))
                 stored = Outcome.STORED
                 return [SaveResult(stored, i, u) for i, u in zip(ids, uuids, strict=True)]
@@ -128,16 +127,6 @@ def _all_new(ids: list[Any], seen: set[str]) -> bool:
         and len(set(ids)) == len(ids)
         and seen.isdisjoint(ids)
     )
-
-
-def _new_uuids(n: int) -> list[str]:
-    """`n` random (version 4) UUIDs as `new_uuid` makes them, from one `os.urandom` call."""
-    h = os.urandom(16 * n).hex()
-    out = []
-    for at in range(0, 32 * n, 32):
-        u = h[at : at + 32]
-        out.append(f"{u[:8]}-{u[8:12]}-4{u[13:16]}-{'89ab'[int(u[16], 16) & 3]}{u[17:20]}-{u[20:]}")
-    return out
 
 
 class Timed:

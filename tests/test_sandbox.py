@@ -29,6 +29,7 @@ from histimport.sandbox import (
     sandbox,
     start_sandbox,
 )
+from histimport.sandbox.store import new_uuid, new_uuids
 
 from .conftest import contract_schema
 
@@ -88,6 +89,14 @@ def stats(client: httpx.Client, running: RunningSandbox) -> dict[str, Any]:
 
 def assert_uuid4(value: str) -> None:
     assert uuid.UUID(value).version == 4
+
+
+def test_message_ids_are_random_version_4_uuids() -> None:
+    made = [*new_uuids(500), new_uuid()]
+    assert len(set(made)) == len(made)
+    for value in made:
+        assert_uuid4(value)
+        assert str(uuid.UUID(value)) == value  # lower case, the usual groups
 
 
 # --- storing and the answer's shape -------------------------------------------------------

@@ -138,10 +138,9 @@ def read_csv(
             return
         except csv.Error as exc:
             if header is None:
-                lone_cr = _LONE_CR in str(exc)
                 raise SourceError(
                     f"{name}: line {start}: the header row is not valid CSV: {_plain(exc)}",
-                    hint=_LONE_CR_HINT if lone_cr else None,
+                    hint=_LONE_CR_HINT if _LONE_CR in str(exc) else None,
                 ) from exc
             yield RawRow(
                 index,

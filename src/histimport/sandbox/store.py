@@ -18,7 +18,17 @@ from typing import Any, NamedTuple, Self
 def new_uuid() -> str:
     """A random (version 4) UUID as text, as `uuid.uuid4()` makes it, in a third of the time:
     one is made for every message stored."""
-    h = os.urandom(16).hex()
+    return _uuid4_text(os.urandom(16).hex())
+
+
+def new_uuids(n: int) -> list[str]:
+    """`n` UUIDs as `new_uuid` makes them, from one `os.urandom` call."""
+    h = os.urandom(16 * n).hex()
+    return [_uuid4_text(h[at : at + 32]) for at in range(0, 32 * n, 32)]
+
+
+def _uuid4_text(h: str) -> str:
+    """32 random hex digits as a version 4 UUID: the version and variant bits set."""
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 

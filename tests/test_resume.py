@@ -210,6 +210,25 @@ def test_status_and_purge(server: RunningSandbox, workdir: Path) -> None:
     assert runner.invoke(app, ["status"]).exit_code == 2
 
 
+def test_a_state_dir_in_a_directory_of_ones_own_is_purged_of_its_files_only(
+    server: RunningSandbox, workdir: Path
+) -> None:
+    project = workdir / "project"
+    project.mkdir(mode=0o755)
+    os.chmod(project, 0o755)
+    write_jsonl(project / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    (project / "notes.txt").write_text("mine")
+    env = {"HISTIMPORT_USERNAME": "u", "HISTIMPORT_PASSWORD": "p"}
+    args = ["load", "project/e.jsonl", "--base-url", server.base_url, "--state-dir", "project"]
+    assert runner.invoke(app, args, env=env).exit_code == 0
+    assert stat.S_IMODE(project.stat().st_mode) == 0o755  # its mode is its owner's
+    assert stat.S_IMODE((project / "ledger.sqlite3").stat().st_mode) == 0o600
+    purged = runner.invoke(app, ["status", "--state-dir", "project", "--purge"])
+    assert purged.exit_code == 0, purged.output
+    assert "kept the directory" in purged.output
+    assert sorted(p.name for p in project.iterdir()) == ["e.jsonl", "notes.txt"]
+
+
 def test_sigterm_while_staging_exits_130_with_every_staged_row_listed(tmp_path: Path) -> None:
     rows = list(interleaved(customers=500, per_customer=200))
     source = write_jsonl(tmp_path / "export.jsonl", rows)

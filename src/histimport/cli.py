@@ -428,8 +428,14 @@ def status(
     dirs = state_dirs or [Path(".histimport")]
     if purge:
         for state_dir in dirs:
-            ledger_status.purge(state_dir, force=force)
-            print(f"deleted {state_dir}", file=sys.stderr)
+            if ledger_status.purge(state_dir, force=force):
+                print(f"deleted {state_dir}", file=sys.stderr)
+            else:
+                print(
+                    f"deleted the state files in {state_dir}; kept the directory, which holds "
+                    "other files",
+                    file=sys.stderr,
+                )
         return 0
     summaries = [ledger_status.status(d) for d in dirs]
     if as_json:

@@ -279,8 +279,11 @@ class Ledger:
 
     def __init__(self, state_dir: Path) -> None:
         try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(state_dir, 0o700)
+            if not state_dir.is_dir():
+                # Only a directory made here is made private: one named that exists (a
+                # project's own, say) keeps its mode; the files in it are private anyway.
+                state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(state_dir, 0o700)
             self._lock = open(state_dir / "lock", "a")  # noqa: SIM115
             os.chmod(state_dir / "lock", 0o600)
         except OSError as exc:

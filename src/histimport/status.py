@@ -6,7 +6,6 @@ Read without taking the run lock (read-only), so it works while an import is run
 from __future__ import annotations
 
 import fcntl
-import shutil
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import orjson
 
 from .errors import LedgerError, UsageError
-from .ledger import JOURNAL_FILE, LATEST_WORDS, LEDGER_FILE, State, has_table
+from .ledger import BODIES_FILE, JOURNAL_FILE, LATEST_WORDS, LEDGER_FILE, State, has_table
 
 _COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
 _STATE_NAMES = {
@@ -154,8 +153,10 @@ def _read_only(path: Path, *, immutable: bool = False) -> str:
     return f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
 
 
-def purge(state_dir: Path, *, force: bool = False) -> None:
-    """Delete a state dir once its import is finished (it holds message content)."""
+def purge(state_dir: Path, *, force: bool = False) -> bool:
+    """Delete a state dir once its import is finished (it holds message content): the files
+    histimport made in it, then the directory if nothing else is left in it. False when
+    other files keep the directory (a state dir may have been named in a project's own)."""
     summary = status(state_dir, runs=1)
     last = summary["runs"][0] if summary["runs"] else None
     if not force and (last is None or last["status"] != "ok"):
@@ -163,9 +164,29 @@ def purge(state_dir: Path, *, force: bool = False) -> None:
             f"{state_dir}: the last run did not finish with everything accepted",
             hint="finish the import (or check failed.json), or pass --force to delete anyway",
         )
-    with open(state_dir / "lock", "a") as lock:
+    try:
+        with open(state_dir / "lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise LedgerError(f"{state_dir} is in use by a running import") from exc
+            for name in _MADE:
+                (state_dir / name).unlink(missing_ok=True)
+        (state_dir / "lock").unlink(missing_ok=True)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise LedgerError(f"{state_dir} is in use by a running import") from exc
-        shutil.rmtree(state_dir)
+            state_dir.rmdir()
+        except OSError:
+            if any(state_dir.iterdir()):
+                return False
+            raise
+    except OSError as exc:
+        raise LedgerError(f"{state_dir}: cannot delete: {exc.strerror or exc}") from exc
+    return True
+
+
+_MADE = [
+    f"{name}{suffix}"
+    for name in (LEDGER_FILE, JOURNAL_FILE)
+    for suffix in ("", "-wal", "-shm", "-journal")
+] + [BODIES_FILE]
+"""The files of a state dir, but for its lock file."""

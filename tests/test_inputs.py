@@ -678,6 +678,32 @@ def test_a_utf8_csv_of_lone_carriage_returns_longer_than_a_line_is_told_so(
     assert latin.counts["read"] == 200 and latin.counts["rejected"] == 0
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_quoted_cell_over_the_csv_limit_rejects_its_record_alone(
+    tmp_path: Path, encoding: str
+) -> None:
+    """The cell spans many lines, each under --max-line-bytes: the records after it are
+    read as they are, from their own lines."""
+    head = (
+        "departmentUUID,customerUUID,sourceUuid,messageAttributes.body,messageAttributes.protocol"
+    )
+    cell = ("y" * 99 + "\n") * 1500  # 150,000 characters over 1,500 lines
+    text = f'{head}\nd,c,s1,"{cell}",SMS\nd,c,s2,kept,SMS\nd,c,,no id,SMS\nd,c,s4,"open'
+    path = tmp_path / "e.csv"
+    path.write_bytes(text.encode(encoding))
+    result = histimport.validate(
+        [path], Config(failed_out=tmp_path / "f.json", max_line_bytes=1024, encoding=encoding)
+    )
+    failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    assert [(f["line"], f["errors"][0]["errorCode"]) for f in failures] == [
+        (2, "INVALID_CSV"),
+        (1504, "MISSING_FIELD"),
+        (1505, "INVALID_CSV"),  # a cell left open at the end of the file
+    ]
+    assert "a quoted cell is longer than" in failures[0]["errors"][0]["errorDescription"]
+    assert result.counts["read"] == 4
+
+
 def test_a_stray_carriage_return_rejects_its_record_in_plain_words(tmp_path: Path) -> None:
     path = tmp_path / "e.csv"
     path.write_bytes(

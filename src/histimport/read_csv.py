@@ -75,6 +75,7 @@ class _Quotes:
 
 
 _LONE_CR = "new-line character seen in unquoted field"
+_TOO_LARGE = "field larger than field limit"
 _LONE_CR_HINT = (
     "lines that end in a lone \\r (as in old Mac files) must end in \\n or \\r\\n: "
     "convert them, e.g. with tr '\\r' '\\n' < FILE > FIXED.csv"
@@ -87,6 +88,8 @@ def _plain(exc: csv.Error) -> str:
     text = str(exc)
     if _LONE_CR in text:
         return "a carriage return (\\r) that does not end a line stands outside quotes"
+    if _TOO_LARGE in text:
+        return f"a quoted cell is longer than {csv.field_size_limit()} characters"
     return text
 
 
@@ -142,6 +145,10 @@ def read_csv(
                     f"{name}: line {start}: the header row is not valid CSV: {_plain(exc)}",
                     hint=_LONE_CR_HINT if _LONE_CR in str(exc) else None,
                 ) from exc
+            if _TOO_LARGE in str(exc):
+                # The csv module gave up inside a quoted cell: the record ends where the
+                # cell does, and the next one starts on the line after.
+                lines.skip_quoted_cell()
             yield RawRow(
                 index,
                 start,
@@ -206,6 +213,7 @@ class _Lines:
         self._done = False
         self._split_crlf = False  # the last text line ended at the limit on "\r"
         self.lone_cr = False  # the first line, too long, holds a lone "\r"
+        self._last = ""  # the last line handed out
         self.sep = ","  # the delimiter, once read_csv knows it
         self.record_start = True  # read_csv sets it before it asks for each record
         if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
@@ -235,7 +243,21 @@ class _Lines:
         if line is None:
             raise StopIteration
         self.count += 1
+        self._last = line
         return line
+
+    def skip_quoted_cell(self) -> None:
+        """Read past the end of the quoted cell that the last line handed out was inside
+        of when the csv module gave up on it."""
+        line: str | None = self._last
+        while line is not None:
+            quotes = _Quotes(self.sep, inside=True)
+            quotes.feed(line)
+            if not quotes.end():
+                return
+            line = self._pending.pop() if self._pending else self._next_line(inside=True)
+            if line is not None:
+                self.count += 1
 
     def _next_line(self, *, inside: bool) -> str | None:
         number = self.count + len(self._pending) + 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +87,8 @@ def test_exit_1_lists_bad_rows_with_their_lines(workdir: Path) -> None:
         (["retry", "e.jsonl", "--sandbox"], "is not a failed file"),
         (["load", "e.jsonl", "--sandbox", "--failed-out", "."], "is a directory"),
         (["load", "e.jsonl", "--sandbox", "--report", "e.jsonl/r.json"], "is not a directory"),
+        (["load", "e.jsonl", "--sandbox", "--failed-out", "e.jsonl"], "is the source e.jsonl"),
+        (["validate", "e.jsonl", "--report", "failed.json"], "is also the --failed-out"),
         (["load", "e.jsonl", "--base-url", "https://api.example.com/c"], "no credentials"),
     ],
 )
@@ -107,6 +111,37 @@ def test_exit_2_for_usage_errors_before_anything_is_sent(
     assert code == 2, output
     assert says in output
     assert "Traceback" not in output
+
+
+def test_outputs_that_are_not_regular_files_are_written_in_place(workdir: Path) -> None:
+    """A pipe is written to (it stays a pipe), and a symlink names the file replaced."""
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    os.mkfifo(workdir / "report.fifo")
+    (workdir / "link.json").symlink_to("kept/target.json")
+    (workdir / "kept").mkdir()
+    got: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: got.append((workdir / "report.fifo").read_bytes()), daemon=True
+    )
+    reader.start()
+    code, output = invoke(
+        "load", "e.jsonl", "--sandbox", "--report", "report.fifo", "--failed-out", "link.json"
+    )
+    reader.join(timeout=30)
+    assert code == 0, output
+    assert orjson.loads(got[0])["accepted"] == 1
+    assert stat.S_ISFIFO((workdir / "report.fifo").lstat().st_mode)
+    assert (workdir / "link.json").is_symlink()
+    assert orjson.loads((workdir / "kept" / "target.json").read_bytes())["failures"] == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_an_output_is_exit_3(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    code, output = invoke("load", "e.jsonl", "--sandbox", "--report", "/dev/full")
+    assert code == 3, output
+    assert "--report /dev/full could not be written" in output
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
 
 def test_exit_3_when_the_password_is_refused(workdir: Path, guarded: RunningSandbox) -> None:

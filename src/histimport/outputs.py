@@ -6,10 +6,11 @@ Neither ever holds a credential or a message body: identifiers, locations and er
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -56,9 +57,48 @@ def writing(path: Path, option: str) -> Iterator[None]:
         ) from exc
 
 
+def check_distinct(outputs: dict[str, Path], sources: Iterable[Source]) -> None:
+    """No output may be written over a source of the run, or over another output."""
+    taken: dict[tuple[int, int], str] = {}
+    for source in sources:
+        if not source.is_stdin:
+            with suppress(OSError):
+                found = os.stat(source.path)
+                taken[found.st_dev, found.st_ino] = f"the source {source.path}"
+    seen: dict[str, str] = {}
+    for option, path in outputs.items():
+        info: os.stat_result | None
+        try:
+            info = os.stat(path)
+        except OSError:
+            info = None
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            continue  # written in place: /dev/null may take both
+        if info is not None and (info.st_dev, info.st_ino) in taken:
+            raise UsageError(
+                f"{option} {path}: is {taken[info.st_dev, info.st_ino]}",
+                hint="name another file: it would be written over",
+            )
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"{option} {path}: is also {seen[real]}", hint="name another file")
+        seen[real] = f"the {option}"
+
+
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
-    """Write to a temporary file beside `path`, then rename it over `path`."""
+    """Write to a temporary file beside `path`, then rename it over `path`. A symlink is
+    followed (the file it names is replaced, the link kept), and what exists but is not a
+    regular file (a pipe, `/dev/stdout`, a device) is written to in place."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        info = None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        with open(path, "wb") as out:
+            yield out
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

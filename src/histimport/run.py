@@ -32,6 +32,7 @@ from .mapping import Mapper, Mapping
 from .outputs import (
     REPORT_FORMAT,
     FailedEntry,
+    check_distinct,
     check_writable,
     write_failed,
     write_report,
@@ -287,8 +288,11 @@ class Run:
         config = self.config
         sources = open_sources(paths, config.format, formats)
         check_writable(config.failed_out, "--failed-out")
+        outputs = {"--failed-out": config.failed_out}
         if config.report is not None:
             check_writable(config.report, "--report")
+            outputs["--report"] = config.report
+        check_distinct(outputs, sources)
         started = time.monotonic()
         with ExitStack() as stack:
             # SIGTERM interrupts as Ctrl-C does, instead of killing the process outright.

@@ -704,6 +704,19 @@ def test_a_quoted_cell_over_the_csv_limit_rejects_its_record_alone(
     assert result.counts["read"] == 4
 
 
+@pytest.mark.parametrize(("encoding", "says"), [("utf-16", "BOM"), ("idna", "error handling")])
+def test_an_encoding_that_cannot_read_the_file_is_a_usage_error(
+    workdir: Path, encoding: str, says: str
+) -> None:
+    text = "departmentUUID,customerUUID,sourceUuid,messageAttributes.body\nd,c,s1,hi\n"
+    (workdir / "e.csv").write_bytes(text.encode("utf-16-le"))  # no byte-order mark
+    result = runner.invoke(app, ["validate", "e.csv", "--encoding", encoding])
+    assert result.exit_code == 2, result.output
+    assert "e.csv: cannot be read" in result.output and says in result.output
+    assert "check --encoding" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_stray_carriage_return_rejects_its_record_in_plain_words(tmp_path: Path) -> None:
     path = tmp_path / "e.csv"
     path.write_bytes(

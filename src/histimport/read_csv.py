@@ -74,6 +74,18 @@ class _Quotes:
         return self.inside
 
 
+_READ_ERRORS = (*READ_ERRORS, UnicodeError)
+"""What reading may raise; UnicodeError from a decoder that cannot start (UTF-16 with no
+byte-order mark) or that --encoding names but cannot decode a stream (idna)."""
+
+
+def _unreadable(name: str, exc: BaseException) -> SourceError:
+    hint = None
+    if isinstance(exc, UnicodeError):
+        hint = "check --encoding (for UTF-16 without a byte-order mark: utf-16-le or utf-16-be)"
+    return SourceError(f"{name}: cannot be read: {exc}", hint=hint)
+
+
 _LONE_CR = "new-line character seen in unquoted field"
 _TOO_LARGE = "field larger than field limit"
 _LONE_CR_HINT = (
@@ -115,8 +127,8 @@ def read_csv(
     try:
         lines = _Lines(stream, max_line_bytes, encoding)
         first = lines.peek_first()
-    except READ_ERRORS as exc:
-        raise SourceError(f"{name}: cannot be read: {exc}") from exc
+    except _READ_ERRORS as exc:
+        raise _unreadable(name, exc) from exc
     sep = delimiter or max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
     lines.sep = sep
     csv.field_size_limit(max(max_line_bytes, 131072))
@@ -129,9 +141,9 @@ def read_csv(
             cells = next(reader)
         except StopIteration:
             return
-        except READ_ERRORS as exc:  # a damaged gzip source: what was read before counts
+        except _READ_ERRORS as exc:  # a damaged gzip source: what was read before counts
             if header is None:
-                raise SourceError(f"{name}: cannot be read: {exc}") from exc
+                raise _unreadable(name, exc) from exc
             yield RawRow(
                 index,
                 start,  # the record being read when the source broke off

@@ -774,13 +774,18 @@ def test_odd_rows_are_rejected_not_raised(tmp_path: Path) -> None:
         ),
         ("id,text", '[fields]\nsourceUuid = "id"\n"messageAttributes.body" = "txet"\n', "'txet'"),
         ("id,text", '[fields]\nsourceUuid = "id"\nsentOn = { template = "{day}" }\n', "'day'"),
+        # A format spec is the mapping's: no width from the data, none too large to render.
+        ("id,w", '[fields]\nsourceUuid = { template = "{id:>{w}}" }\n', "may not hold a field"),
+        ("id", '[fields]\nsourceUuid = { template = "{id:>99999999999}" }\n', "over 1000"),
+        ("id", '[fields]\nsourceUuid = { template = "{id:.5000}" }\n', "over 1000"),
     ],
 )
 def test_columns_that_would_lose_values_are_usage_errors(
     workdir: Path, header: str, mapping: str | None, says: str
 ) -> None:
-    """Two columns filling one field, or a rule reading a column the header lacks (a typo
-    would leave a field empty in every row): the run stops before anything is read."""
+    """Two columns filling one field, a rule reading a column the header lacks (a typo
+    would leave a field empty in every row) or a template that could not be rendered: the
+    run stops before anything is read."""
     (workdir / "e.csv").write_text(f"{header}\nx,y\n")
     args = ["validate", "e.csv"]
     if mapping is not None:

@@ -369,15 +369,28 @@ def _rule(source: str, target: str, spec: Any) -> Rule:
     )
 
 
+_MAX_WIDTH = 1000
+
+
 def _check_template(where: str, template: Any) -> None:
     if not isinstance(template, str):
         raise UsageError(f"{where}: template must be text")
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = [
+            (f, spec) for _, f, spec, _ in string.Formatter().parse(template) if f is not None
+        ]
     except ValueError as exc:
         raise UsageError(f"{where}: bad template: {exc}") from exc
-    if any(not n or not n.replace("_", "").replace(".", "").isalnum() for n in names):
+    if any(not n or not n.replace("_", "").replace(".", "").isalnum() for n, _ in fields):
         raise UsageError(f"{where}: template fields must be column names, e.g. '{{first}}'")
+    for name, spec in fields:
+        # A format spec is fixed: none taken from the data, and no width or precision that
+        # would make one row's value larger than a message may be.
+        if spec and ("{" in spec or any(int(n) > _MAX_WIDTH for n in re.findall(r"\d+", spec))):
+            raise UsageError(
+                f"{where}: the format of {{{name}:{spec}}} may not hold a field, nor a width "
+                f"or precision over {_MAX_WIDTH}"
+            )
 
 
 # -- map init ---------------------------------------------------------------------------

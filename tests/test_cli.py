@@ -89,6 +89,7 @@ def test_exit_1_lists_bad_rows_with_their_lines(workdir: Path) -> None:
         (["load", "e.jsonl", "--sandbox", "--report", "e.jsonl/r.json"], "is not a directory"),
         (["load", "e.jsonl", "--sandbox", "--failed-out", "e.jsonl"], "is the source e.jsonl"),
         (["validate", "e.jsonl", "--report", "failed.json"], "is also the --failed-out"),
+        (["validate", "e.jsonl", "-", "--format", "csv"], "--format csv applies to every source"),
         (["load", "e.jsonl", "--base-url", "https://api.example.com/c"], "no credentials"),
     ],
 )

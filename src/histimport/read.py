@@ -69,6 +69,12 @@ class Source:
         return self.path == "-"
 
 
+def named_format(path: str) -> str | None:
+    """The format a source's name tells (`.gz` looked through), if any."""
+    name = path[:-3] if path.endswith(".gz") else path
+    return _SUFFIXES.get(Path(name).suffix.lower())
+
+
 def detect_format(path: str, explicit: str | None) -> str:
     """The format of a source from `--format` or its name (`.gz` looked through)."""
     if explicit is not None:
@@ -77,8 +83,7 @@ def detect_format(path: str, explicit: str | None) -> str:
         return explicit
     if path == "-":
         raise SourceError("reading stdin needs --format", hint="add --format jsonl or csv")
-    name = path[:-3] if path.endswith(".gz") else path
-    fmt = _SUFFIXES.get(Path(name).suffix.lower())
+    fmt = named_format(path)
     if fmt is None:
         raise SourceError(
             f"{path}: cannot tell the format from the file name",

@@ -46,6 +46,7 @@ from .read import (
     check_readable,
     detect_format,
     jsonl_lines,
+    named_format,
     open_source,
     read_jsonl,
 )
@@ -223,6 +224,16 @@ def open_sources(
     if not paths:
         raise UsageError("no source given", hint="name one or more .jsonl or .csv files")
     known = formats or {}
+    if fmt is not None and len(paths) > 1:
+        # --format is every source's: one named for the other format was named by mistake,
+        # or is to be read in a run of its own (one source alone is read as --format says).
+        for path in paths:
+            named = named_format(path)
+            if named is not None and named != fmt:
+                raise UsageError(
+                    f"{path}: named as {named}, but --format {fmt} applies to every source",
+                    hint="read it in a run of its own (with the same --state-dir)",
+                )
     sources = [Source(path=p, format=detect_format(p, fmt or known.get(p))) for p in paths]
     for source in sources:
         check_readable(source)

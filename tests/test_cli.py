@@ -243,6 +243,23 @@ def test_settings_come_from_histimport_toml_and_the_command_line_wins(
 
 
 @pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ("chunk-sise = 10\n", "chunk-sise: is not an option of any command"),
+        ("[validate]\nfresh = true\n", "[validate] fresh: is not an option of validate"),
+        ("[lode]\nchunk-size = 2\n", "[lode] is not a command that takes settings"),
+    ],
+)
+def test_a_setting_that_is_no_option_is_a_usage_error(
+    workdir: Path, settings: str, says: str
+) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    (workdir / "histimport.toml").write_text(settings)
+    code, output = invoke("validate", "e.jsonl")
+    assert code == 2 and says in output, output
+
+
+@pytest.mark.parametrize(
     ("url", "same"),
     [
         ("HTTP://LOCALHOST:{port}/communications/", True),

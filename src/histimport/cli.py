@@ -487,14 +487,26 @@ def _root(
     # Read here, before a command's options are, so that histimport.toml applies however
     # the app is invoked.
     try:
-        ctx.default_map = {**_settings(Path(CONFIG_FILE)), **(ctx.default_map or {})}
+        settings = _settings(Path(CONFIG_FILE), _option_names(ctx))
+        ctx.default_map = {**settings, **(ctx.default_map or {})}
     except HistimportError as exc:
         _report_error(exc.message, exc.hint)
         raise typer.Exit(exc.exit_status) from exc
 
 
-def _settings(path: Path) -> dict[str, Any]:
-    """histimport.toml: top-level keys apply to every command, [load] etc. to one."""
+def _option_names(ctx: typer.Context) -> dict[str, set[str]]:
+    """The options of each command that takes settings, by their Python names."""
+    commands = getattr(ctx.command, "commands", {})
+    return {
+        name: {p.name for p in commands[name].params if p.name}
+        for name in _COMMANDS_WITH_SETTINGS
+        if name in commands
+    }
+
+
+def _settings(path: Path, options: dict[str, set[str]]) -> dict[str, Any]:
+    """histimport.toml: top-level keys apply to every command, [load] etc. to one. A key
+    that is no option (a typo) is an error, not a setting silently left out."""
     if not path.is_file():
         return {}
     try:
@@ -503,6 +515,25 @@ def _settings(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: {exc}") from exc
     if "password" in data or any("password" in v for v in data.values() if isinstance(v, dict)):
         raise UsageError(f"{path}: holds a password", hint="use HISTIMPORT_PASSWORD instead")
+    every = set().union(*options.values())
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in options:
+                raise UsageError(
+                    f"{path}: [{key}] is not a command that takes settings",
+                    hint=f"tables are {', '.join(f'[{c}]' for c in options)}",
+                )
+            unknown = [k for k in value if k.replace("-", "_") not in options[key]]
+            if unknown:
+                raise UsageError(
+                    f"{path}: [{key}] {unknown[0]}: is not an option of {key}",
+                    hint=f"keys are option names without the leading -- ({key} --help)",
+                )
+        elif key.replace("-", "_") not in every:
+            raise UsageError(
+                f"{path}: {key}: is not an option of any command",
+                hint="keys are option names without the leading --, e.g. chunk-size",
+            )
     shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
     return {
         command: {**shared, **{k.replace("-", "_"): v for k, v in data.get(command, {}).items()}}

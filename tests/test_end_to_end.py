@@ -111,7 +111,11 @@ def test_faults_then_retry_stores_exactly_the_retryable(
 
     with sandbox(SandboxConfig(port=0, db=tmp_path / "sandbox.sqlite3")) as healed:
         again = histimport.retry([tmp_path / "failed.json"], config_for(healed, tmp_path))
-        assert again.exit_status is ExitStatus.OK
+        # Everything re-sent was accepted; the refusals, not re-sent, are listed again.
+        assert again.exit_status is ExitStatus.INCOMPLETE
+        assert again.message is not None and f"lists again {len(refused)} entries" in again.message
+        relisted = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+        assert {f["sourceUuid"] for f in relisted} == refused
         stored_now = {m.source_uuid for m in healed.store.messages()}
         assert stored_now == stored | unavailable | held
         assert healed.store.duplicate_receipts() == 0

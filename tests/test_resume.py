@@ -324,7 +324,7 @@ def test_retry_of_overlapping_failed_files_lists_each_message_once(tmp_path: Pat
     uuids = [f["sourceUuid"] for f in again["failures"]]
     assert sorted(uuids) == sorted(r["sourceUuid"] for r in rows)  # refused: carried, once
     assert again["counts"]["failed"] == len(rows)
-    assert result.exit_status is ExitStatus.OK
+    assert result.exit_status is ExitStatus.INCOMPLETE  # refused for good: still not accepted
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

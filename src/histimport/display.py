@@ -199,7 +199,7 @@ class Display:
                 markup=False,
                 soft_wrap=True,
             )
-        if result.report["rejected"] + result.report["failed"] + result.report["notSent"]:
+        if report["rejected"] + report["failed"] + report["notSent"] or result.message:
             self.console.print(f"failed file: {result.failed_path}", markup=False)
         if result.message:
             self.error(result.message)

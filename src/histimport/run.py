@@ -653,6 +653,15 @@ class Run:
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"
         elif counts["rejected"] or (not config.dry_run and counts["failed"] + counts["notSent"]):
             status = ExitStatus.INCOMPLETE
+        elif carried:
+            # retry: every row read was accepted, but the new failed file lists again what
+            # was not sent (refused for good, or no longer in the sources): not done yet.
+            status = ExitStatus.INCOMPLETE
+            message = (
+                f"the failed file lists again {len(carried)} entries this run did not send: "
+                "refused for good (--include-permanent sends them again) or not found in "
+                "the sources"
+            )
         else:
             status = ExitStatus.OK
         ledger.finish_run(status.name.lower(), report)

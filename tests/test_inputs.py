@@ -717,6 +717,36 @@ def test_an_encoding_that_cannot_read_the_file_is_a_usage_error(
     assert "Traceback" not in result.output
 
 
+def test_a_source_broken_off_inside_a_cell_over_the_csv_limit_keeps_what_was_read(
+    tmp_path: Path,
+) -> None:
+    head = (
+        "departmentUUID,customerUUID,sourceUuid,messageAttributes.body,messageAttributes.protocol"
+    )
+    text = f'{head}\nd,c,s1,ok,SMS\nd,c,s2,"' + ("y" * 99 + "\n") * 3000 + 'end",SMS\n'
+    path = tmp_path / "e.csv.gz"
+    path.write_bytes(gzip.compress(text.encode())[:-200])
+    histimport.validate([path], Config(failed_out=tmp_path / "f.json", max_line_bytes=1024))
+    failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    assert [f["errors"][0]["errorCode"] for f in failures] == ["INVALID_CSV", "UNREADABLE"]
+    assert failures[0]["line"] == 3
+
+
+def test_a_cell_over_the_csv_limit_on_its_first_line_is_skipped_whole(tmp_path: Path) -> None:
+    """A CRLF line whose cell fills the limit: its line end goes into the cell too."""
+    head = "departmentUUID,customerUUID,sourceUuid,messageAttributes.body"
+    cell = '"' + "y" * 131071
+    text = f'{head}\r\n{cell}\r\nmore",c,s1,x\r\nd,c,s2,kept\r\n'
+    path = tmp_path / "e.csv"
+    path.write_bytes(text.encode())
+    result = histimport.validate(
+        [path], Config(failed_out=tmp_path / "f.json", max_line_bytes=131072)
+    )
+    failures = orjson.loads((tmp_path / "f.json").read_bytes())["failures"]
+    assert [(f["line"], f["errors"][0]["errorCode"]) for f in failures] == [(2, "INVALID_CSV")]
+    assert result.counts["read"] == 2
+
+
 def test_a_stray_carriage_return_rejects_its_record_in_plain_words(tmp_path: Path) -> None:
     path = tmp_path / "e.csv"
     path.write_bytes(

@@ -129,7 +129,7 @@ def open_source(source: Source) -> IO[bytes]:
         ) from exc
     buffered = io.BufferedReader(_HashingReader(raw, source), buffer_size=256 * 1024)
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        return io.BufferedReader(_Gunzipped(gzip.GzipFile(fileobj=buffered, mode="rb")), 256 * 1024)
+        return io.BufferedReader(_Gunzipped(buffered), 256 * 1024)
     return buffered
 
 
@@ -138,8 +138,9 @@ class _Gunzipped(io.RawIOBase):
     so that a damage in them loses all of them; read1 hands over what was decompressed,
     and the damage is raised by the next read: every whole line before it is read."""
 
-    def __init__(self, gz: gzip.GzipFile) -> None:
-        self._gz = gz
+    def __init__(self, compressed: IO[bytes]) -> None:
+        self._compressed = compressed
+        self._gz = gzip.GzipFile(fileobj=compressed, mode="rb")
 
     def readable(self) -> bool:
         return True
@@ -152,7 +153,8 @@ class _Gunzipped(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
-        self._gz.close()
+        self._gz.close()  # which leaves the stream it was given open
+        self._compressed.close()
         super().close()
 
 

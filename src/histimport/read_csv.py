@@ -157,16 +157,28 @@ def read_csv(
                     f"{name}: line {start}: the header row is not valid CSV: {_plain(exc)}",
                     hint=_LONE_CR_HINT if _LONE_CR in str(exc) else None,
                 ) from exc
+            broken = None
             if _TOO_LARGE in str(exc):
                 # The csv module gave up inside a quoted cell: the record ends where the
                 # cell does, and the next one starts on the line after.
-                lines.skip_quoted_cell()
+                try:
+                    lines.skip_quoted_cell()
+                except _READ_ERRORS as read_error:
+                    broken = read_error
             yield RawRow(
                 index,
                 start,
                 None,
                 RowError("INVALID_CSV", f"record is not valid CSV: {_plain(exc)}"),
             )
+            if broken is not None:  # a damaged source, broken off inside that cell
+                yield RawRow(
+                    index,
+                    lines.count + 1,
+                    None,
+                    RowError("UNREADABLE", f"source cannot be read further: {broken}"),
+                )
+                return
             continue
         if not cells:
             continue  # a blank line
@@ -226,6 +238,7 @@ class _Lines:
         self._split_crlf = False  # the last text line ended at the limit on "\r"
         self.lone_cr = False  # the first line, too long, holds a lone "\r"
         self._last = ""  # the last line handed out
+        self._last_inside = False  # whether it began inside a quoted cell
         self.sep = ","  # the delimiter, once read_csv knows it
         self.record_start = True  # read_csv sets it before it asks for each record
         if self._utf16 or (encoding and codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig")):
@@ -256,14 +269,17 @@ class _Lines:
             raise StopIteration
         self.count += 1
         self._last = line
+        self._last_inside = inside
         return line
 
     def skip_quoted_cell(self) -> None:
         """Read past the end of the quoted cell that the last line handed out was inside
         of when the csv module gave up on it."""
         line: str | None = self._last
+        inside = self._last_inside  # the cell may have begun on that line
         while line is not None:
-            quotes = _Quotes(self.sep, inside=True)
+            quotes = _Quotes(self.sep, inside=inside)
+            inside = True
             quotes.feed(line)
             if not quotes.end():
                 return

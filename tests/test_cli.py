@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from histimport.cli import app
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
+from .conftest import REPO
 from .factory import interleaved, message, write_jsonl
 
 runner = CliRunner()
@@ -242,12 +243,27 @@ def test_settings_come_from_histimport_toml_and_the_command_line_wins(
     assert code == 2 and "holds a password" in output
 
 
+def test_settings_are_named_as_the_options_are(workdir: Path) -> None:
+    for name in ("legacy-helpdesk.csv", "legacy-helpdesk.map.toml"):
+        (workdir / name).write_bytes((REPO / "samples" / name).read_bytes())
+    (workdir / "histimport.toml").write_text(
+        'map = "legacy-helpdesk.map.toml"\nno-notify = true\n[load]\nchunk_size = 5\n'
+    )
+    code, output = invoke("validate", "legacy-helpdesk.csv", "--output", "json")
+    assert code == 0, output
+    # Commands that take no settings are not held up by them, nor by a typo in them.
+    (workdir / "histimport.toml").write_text("chunk-sise = 3\n[sandbox]\nport = 1\n")
+    code, output = invoke("status")
+    assert "histimport.toml" not in output, output
+
+
 @pytest.mark.parametrize(
     ("settings", "says"),
     [
         ("chunk-sise = 10\n", "chunk-sise: is not an option of any command"),
         ("[validate]\nfresh = true\n", "[validate] fresh: is not an option of validate"),
         ("[lode]\nchunk-size = 2\n", "[lode] is not a command that takes settings"),
+        ('sources = ["x.jsonl"]\n', "sources: is not an option of any command"),
     ],
 )
 def test_a_setting_that_is_no_option_is_a_usage_error(

@@ -487,26 +487,42 @@ def _root(
     # Read here, before a command's options are, so that histimport.toml applies however
     # the app is invoked.
     try:
-        settings = _settings(Path(CONFIG_FILE), _option_names(ctx))
+        settings = _settings(Path(CONFIG_FILE), _option_names(ctx), ctx.invoked_subcommand)
         ctx.default_map = {**settings, **(ctx.default_map or {})}
     except HistimportError as exc:
         _report_error(exc.message, exc.hint)
         raise typer.Exit(exc.exit_status) from exc
 
 
-def _option_names(ctx: typer.Context) -> dict[str, set[str]]:
-    """The options of each command that takes settings, by their Python names."""
+_Options = dict[str, tuple[str, bool]]
+"""A command's settings: option name (`chunk-size`, `no-notify`) -> (its parameter, whether
+the value is flipped: `no-notify = true` is `notify = false`)."""
+
+
+def _option_names(ctx: typer.Context) -> dict[str, _Options]:
+    """The options of each command that takes settings (arguments are none)."""
     commands = getattr(ctx.command, "commands", {})
-    return {
-        name: {p.name for p in commands[name].params if p.name}
-        for name in _COMMANDS_WITH_SETTINGS
-        if name in commands
-    }
+    found: dict[str, _Options] = {}
+    for name in _COMMANDS_WITH_SETTINGS:
+        if name not in commands:
+            continue
+        options: _Options = {}
+        for param in commands[name].params:
+            if param.param_type_name != "option" or not param.name:
+                continue
+            options[param.name.replace("_", "-")] = (param.name, False)
+            for opt in param.opts:
+                options[opt.lstrip("-")] = (param.name, False)
+            for opt in param.secondary_opts:
+                options[opt.lstrip("-")] = (param.name, True)
+        found[name] = options
+    return found
 
 
-def _settings(path: Path, options: dict[str, set[str]]) -> dict[str, Any]:
-    """histimport.toml: top-level keys apply to every command, [load] etc. to one. A key
-    that is no option (a typo) is an error, not a setting silently left out."""
+def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) -> dict[str, Any]:
+    """histimport.toml: top-level keys apply to every command, [load] etc. to one. For a
+    command that takes settings, a key that is none of its options (a typo) is an error, not
+    a setting silently left out; a top-level key must be an option of one of them."""
     if not path.is_file():
         return {}
     try:
@@ -515,30 +531,37 @@ def _settings(path: Path, options: dict[str, set[str]]) -> dict[str, Any]:
         raise UsageError(f"{path}: {exc}") from exc
     if "password" in data or any("password" in v for v in data.values() if isinstance(v, dict)):
         raise UsageError(f"{path}: holds a password", hint="use HISTIMPORT_PASSWORD instead")
-    every = set().union(*options.values())
+    if invoked not in commands:
+        return {}  # status, sandbox, map: no settings to apply, none to check
+    hint = "keys are option names without the leading --, e.g. chunk-size"
+    every: _Options = {}
+    for options in commands.values():
+        every.update(options)
     for key, value in data.items():
         if isinstance(value, dict):
-            if key not in options:
+            if key not in commands:
                 raise UsageError(
                     f"{path}: [{key}] is not a command that takes settings",
-                    hint=f"tables are {', '.join(f'[{c}]' for c in options)}",
+                    hint=f"tables are {', '.join(f'[{c}]' for c in commands)}",
                 )
-            unknown = [k for k in value if k.replace("-", "_") not in options[key]]
-            if unknown:
-                raise UsageError(
-                    f"{path}: [{key}] {unknown[0]}: is not an option of {key}",
-                    hint=f"keys are option names without the leading -- ({key} --help)",
-                )
-        elif key.replace("-", "_") not in every:
-            raise UsageError(
-                f"{path}: {key}: is not an option of any command",
-                hint="keys are option names without the leading --, e.g. chunk-size",
-            )
-    shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
-    return {
-        command: {**shared, **{k.replace("-", "_"): v for k, v in data.get(command, {}).items()}}
-        for command in _COMMANDS_WITH_SETTINGS
-    }
+        elif key.replace("_", "-") not in every:
+            raise UsageError(f"{path}: {key}: is not an option of any command", hint=hint)
+    options = commands[invoked]
+    table = data.get(invoked, {})
+    for key in table:
+        if key.replace("_", "-") not in options:
+            raise UsageError(f"{path}: [{invoked}] {key}: is not an option of {invoked}", hint=hint)
+    settings: dict[str, Any] = {}
+    for key, value in [
+        *((k, v) for k, v in data.items() if not isinstance(v, dict)),
+        *table.items(),
+    ]:
+        known = options.get(key.replace("_", "-"))
+        if known is None:
+            continue  # a top-level option of another command
+        name, flipped = known
+        settings[name] = (not value) if flipped and isinstance(value, bool) else value
+    return {invoked: settings}
 
 
 def main(argv: list[str] | None = None) -> None:

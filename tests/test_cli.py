@@ -7,7 +7,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,35 +114,46 @@ def test_exit_2_for_usage_errors_before_anything_is_sent(
     assert "Traceback" not in output
 
 
-def test_outputs_that_are_not_regular_files_are_written_in_place(workdir: Path) -> None:
-    """A pipe is written to (it stays a pipe), and a symlink names the file replaced."""
-    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+def test_an_output_is_a_regular_file_and_a_symlink_names_it(workdir: Path) -> None:
+    """Written beside and renamed over: a pipe or a device would be replaced by a file, so
+    neither is taken; through a symlink, the file it names is replaced and the link kept."""
+    source = write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
     os.mkfifo(workdir / "report.fifo")
-    (workdir / "link.json").symlink_to("kept/target.json")
-    (workdir / "kept").mkdir()
-    got: list[bytes] = []
-    reader = threading.Thread(
-        target=lambda: got.append((workdir / "report.fifo").read_bytes()), daemon=True
-    )
-    reader.start()
-    code, output = invoke(
-        "load", "e.jsonl", "--sandbox", "--report", "report.fifo", "--failed-out", "link.json"
-    )
-    reader.join(timeout=30)
-    assert code == 0, output
-    assert orjson.loads(got[0])["accepted"] == 1
+    for args, says in (
+        (["--report", "report.fifo"], "is not a regular file"),
+        (["--report", "/dev/full"], "names a device or a file descriptor"),
+        (["--failed-out", "/dev/stdout"], "names a device or a file descriptor"),
+    ):
+        code, output = invoke("load", "e.jsonl", "--sandbox", *args)
+        assert code == 2 and says in output, output
     assert stat.S_ISFIFO((workdir / "report.fifo").lstat().st_mode)
+    (workdir / "kept").mkdir()
+    (workdir / "link.json").symlink_to("kept/target.json")
+    code, output = invoke("load", "e.jsonl", "--sandbox", "--failed-out", "link.json")
+    assert code == 0, output
     assert (workdir / "link.json").is_symlink()
     assert orjson.loads((workdir / "kept" / "target.json").read_bytes())["failures"] == []
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_full_disk_under_an_output_is_exit_3(workdir: Path) -> None:
-    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
-    code, output = invoke("load", "e.jsonl", "--sandbox", "--report", "/dev/full")
-    assert code == 3, output
-    assert "--report /dev/full could not be written" in output
-    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    # The source read from stdin is a file too: it is not written over.
+    with source.open("rb") as stdin:
+        redirected = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "histimport",
+                "validate",
+                "-",
+                "--format=jsonl",
+                "--failed-out=e.jsonl",
+            ],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            timeout=60,
+        )
+    assert redirected.returncode == 2, redirected.stderr
+    assert "is the source -" in redirected.stderr
+    assert orjson.loads(source.read_bytes().splitlines()[0])["sourceUuid"]
 
 
 def test_exit_3_when_the_password_is_refused(workdir: Path, guarded: RunningSandbox) -> None:

@@ -32,10 +32,22 @@ _NOT_SENT = {
 
 def check_writable(path: Path, option: str) -> None:
     """Fail before anything is read or sent if an output cannot be written where asked:
-    finding out at the end of an import would be too late."""
-    if path.is_dir():
+    finding out at the end of an import would be too late. An output is a regular file,
+    written beside and renamed over: not a pipe or a device (nor a name of one, such as
+    /dev/stdout), which would be replaced; through a symlink, the file it names."""
+    if str(path).startswith(("/dev/", "/proc/")):
+        raise UsageError(
+            f"{option} {path}: names a device or a file descriptor, not a file",
+            hint="name a file",
+        )
+    real = Path(os.path.realpath(path))
+    if real.is_dir():
         raise UsageError(f"{option} {path}: is a directory", hint="name a file")
-    parent = path.parent
+    if real.exists() and not real.is_file():
+        raise UsageError(
+            f"{option} {path}: is not a regular file (a pipe or a device)", hint="name a file"
+        )
+    parent = real.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # created when the output is written
     if not parent.is_dir():
@@ -61,24 +73,20 @@ def check_distinct(outputs: dict[str, Path], sources: Iterable[Source]) -> None:
     """No output may be written over a source of the run, or over another output."""
     taken: dict[tuple[int, int], str] = {}
     for source in sources:
-        if not source.is_stdin:
-            with suppress(OSError):
-                found = os.stat(source.path)
+        with suppress(OSError):
+            # stdin too: it may be a file redirected to it (< export.jsonl).
+            found = os.fstat(0) if source.is_stdin else os.stat(source.path)
+            if stat.S_ISREG(found.st_mode):
                 taken[found.st_dev, found.st_ino] = f"the source {source.path}"
     seen: dict[str, str] = {}
     for option, path in outputs.items():
-        info: os.stat_result | None
-        try:
+        with suppress(OSError):
             info = os.stat(path)
-        except OSError:
-            info = None
-        if info is not None and not stat.S_ISREG(info.st_mode):
-            continue  # written in place: /dev/null may take both
-        if info is not None and (info.st_dev, info.st_ino) in taken:
-            raise UsageError(
-                f"{option} {path}: is {taken[info.st_dev, info.st_ino]}",
-                hint="name another file: it would be written over",
-            )
+            if (info.st_dev, info.st_ino) in taken:
+                raise UsageError(
+                    f"{option} {path}: is {taken[info.st_dev, info.st_ino]}",
+                    hint="name another file: it would be written over",
+                )
         real = os.path.realpath(path)
         if real in seen:
             raise UsageError(f"{option} {path}: is also {seen[real]}", hint="name another file")
@@ -87,17 +95,8 @@ def check_distinct(outputs: dict[str, Path], sources: Iterable[Source]) -> None:
 
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
-    """Write to a temporary file beside `path`, then rename it over `path`. A symlink is
-    followed (the file it names is replaced, the link kept), and what exists but is not a
-    regular file (a pipe, `/dev/stdout`, a device) is written to in place."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        info = None
-    if info is not None and not stat.S_ISREG(info.st_mode):
-        with open(path, "wb") as out:
-            yield out
-        return
+    """Write to a temporary file beside `path`, then rename it over `path`; through a
+    symlink, over the file it names (the link stays)."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

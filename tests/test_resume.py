@@ -227,6 +227,14 @@ def test_a_state_dir_in_a_directory_of_ones_own_is_purged_of_its_files_only(
     assert purged.exit_code == 0, purged.output
     assert "kept the directory" in purged.output
     assert sorted(p.name for p in project.iterdir()) == ["e.jsonl", "notes.txt"]
+    # Through a symlink, the directory it names goes, then the link.
+    (workdir / "real").mkdir()
+    (workdir / "link").symlink_to("real")
+    args = ["load", "project/e.jsonl", "--base-url", server.base_url, "--state-dir", "link"]
+    assert runner.invoke(app, args, env=env).exit_code == 0
+    purged = runner.invoke(app, ["status", "--state-dir", "link", "--purge"])
+    assert purged.exit_code == 0, purged.output
+    assert not (workdir / "real").exists() and not (workdir / "link").is_symlink()
 
 
 def test_sigterm_while_staging_exits_130_with_every_staged_row_listed(tmp_path: Path) -> None:

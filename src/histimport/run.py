@@ -232,7 +232,10 @@ def open_sources(
             if named is not None and named != fmt:
                 raise UsageError(
                     f"{path}: named as {named}, but --format {fmt} applies to every source",
-                    hint="read it in a run of its own (with the same --state-dir)",
+                    hint="read it in a run of its own (with the same --state-dir)"
+                    if formats is None
+                    else "leave out --format: retry reads each source in the format its "
+                    "failed file records",
                 )
     sources = [Source(path=p, format=detect_format(p, fmt or known.get(p))) for p in paths]
     for source in sources:

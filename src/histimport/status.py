@@ -164,23 +164,24 @@ def purge(state_dir: Path, *, force: bool = False) -> bool:
             f"{state_dir}: the last run did not finish with everything accepted",
             hint="finish the import (or check failed.json), or pass --force to delete anyway",
         )
+    directory = state_dir.resolve()  # a symlink's directory; "." by its name
     try:
-        with open(state_dir / "lock", "a") as lock:
+        with open(directory / "lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 raise LedgerError(f"{state_dir} is in use by a running import") from exc
             for name in _MADE:
-                (state_dir / name).unlink(missing_ok=True)
-        (state_dir / "lock").unlink(missing_ok=True)
-        try:
-            state_dir.rmdir()
-        except OSError:
-            if any(state_dir.iterdir()):
-                return False
-            raise
+                (directory / name).unlink(missing_ok=True)
+            # Still locked: a run starting now finds no lock file to share with this one.
+            (directory / "lock").unlink()
+        if any(directory.iterdir()):
+            return False
+        directory.rmdir()
     except OSError as exc:
         raise LedgerError(f"{state_dir}: cannot delete: {exc.strerror or exc}") from exc
+    if state_dir.is_symlink():
+        state_dir.unlink()
     return True
 
 

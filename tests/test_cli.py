@@ -114,6 +114,16 @@ def test_exit_2_for_usage_errors_before_anything_is_sent(
     assert "Traceback" not in output
 
 
+def test_a_clean_validation_names_no_failed_file(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    code, output = invoke("validate", "e.jsonl")
+    assert code == 0 and "valid 3" in output, output
+    assert "failed file" not in output
+    (workdir / "bad.jsonl").write_text("{\n")
+    code, output = invoke("validate", "e.jsonl", "bad.jsonl")
+    assert code == 1 and "failed file: failed.json" in output, output
+
+
 def test_an_output_is_a_regular_file_and_a_symlink_names_it(workdir: Path) -> None:
     """Written beside and renamed over: a pipe or a device would be replaced by a file, so
     neither is taken; through a symlink, the file it names is replaced and the link kept."""

@@ -199,7 +199,9 @@ class Display:
                 markup=False,
                 soft_wrap=True,
             )
-        if report["rejected"] + report["failed"] + report["notSent"] or result.message:
+        # validate's notSent are its valid rows (a dry run sends nothing): not failures.
+        unsent = 0 if title == "validate" else report["notSent"]
+        if report["rejected"] + report["failed"] + unsent or result.message:
             self.console.print(f"failed file: {result.failed_path}", markup=False)
         if result.message:
             self.error(result.message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -21,6 +23,7 @@ from typer.testing import CliRunner
 import histimport
 from histimport import ExitStatus
 from histimport.cli import app
+from histimport.errors import LedgerError
 from histimport.ledger import Ledger
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
@@ -162,6 +165,27 @@ def test_refusals_are_carried_not_resent(tmp_path: Path) -> None:
             [tmp_path / "failed.json"], config_for(server, tmp_path), include_permanent=True
         )
         assert retried.report["requests"] > 0 and retried.counts["read"] == refused
+
+
+def test_a_lock_file_unlinked_before_it_is_locked_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status --purge` unlinks the lock file while it holds it: a run that opened the old
+    file just before could lock it once purge lets go, beside a run on a new one."""
+    state = tmp_path / "state"
+    state.mkdir()
+    flock = fcntl.flock
+
+    def purged_meanwhile(fd: Any, operation: int) -> None:
+        (state / "lock").unlink(missing_ok=True)
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", purged_meanwhile)
+    with pytest.raises(LedgerError, match="was being deleted as this run began"):
+        Ledger(state)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with Ledger(state):
+        pass  # the same command again
 
 
 def test_state_is_private(server: RunningSandbox, tmp_path: Path) -> None:

@@ -298,6 +298,16 @@ class Ledger:
                 f"state dir {state_dir} is in use by another histimport run",
                 hint="wait for it to finish, or pass another --state-dir",
             ) from exc
+        try:
+            current = os.path.samestat(os.fstat(self._lock.fileno()), os.stat(state_dir / "lock"))
+        except OSError:
+            current = False
+        if not current:  # `status --purge` unlinked it between the open and the lock
+            self._lock.close()
+            raise LedgerError(
+                f"state dir {state_dir} was being deleted as this run began",
+                hint="run the same command again",
+            )
         path = state_dir / LEDGER_FILE
         old_umask = os.umask(0o077)
         try:

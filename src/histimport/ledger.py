@@ -47,6 +47,7 @@ from .signals import deferred
 LEDGER_FILE = "ledger.sqlite3"
 JOURNAL_FILE = "journal.sqlite3"
 BODIES_FILE = "staged-bodies"
+LOCK_FILE = "lock"
 """The current run's staged message bodies, one after another; `msg` holds where each is."""
 _STAGE_BATCH = 5000
 _STAGE_BYTES = 16 << 20
@@ -284,8 +285,8 @@ class Ledger:
                 # project's own, say) keeps its mode; the files in it are private anyway.
                 state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.chmod(state_dir, 0o700)
-            self._lock = open(state_dir / "lock", "a")  # noqa: SIM115
-            os.chmod(state_dir / "lock", 0o600)
+            self._lock = open(state_dir / LOCK_FILE, "a")  # noqa: SIM115
+            os.chmod(state_dir / LOCK_FILE, 0o600)
         except OSError as exc:
             raise LedgerError(
                 f"state dir {state_dir}: {exc.strerror or exc}", hint="pass a writable --state-dir"
@@ -299,7 +300,9 @@ class Ledger:
                 hint="wait for it to finish, or pass another --state-dir",
             ) from exc
         try:
-            current = os.path.samestat(os.fstat(self._lock.fileno()), os.stat(state_dir / "lock"))
+            current = os.path.samestat(
+                os.fstat(self._lock.fileno()), os.stat(state_dir / LOCK_FILE)
+            )
         except OSError:
             current = False
         if not current:  # `status --purge` unlinked it between the open and the lock

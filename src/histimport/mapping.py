@@ -376,9 +376,7 @@ def _check_template(where: str, template: Any) -> None:
     if not isinstance(template, str):
         raise UsageError(f"{where}: template must be text")
     try:
-        fields = [
-            (f, spec) for _, f, spec, _ in string.Formatter().parse(template) if f is not None
-        ]
+        fields = [(f, spec) for _, f, spec, _ in _TEMPLATES.parse(template) if f is not None]
     except ValueError as exc:
         raise UsageError(f"{where}: bad template: {exc}") from exc
     if any(not n or not n.replace("_", "").replace(".", "").isalnum() for n, _ in fields):

@@ -69,8 +69,11 @@ def writing(path: Path, option: str) -> Iterator[None]:
         ) from exc
 
 
-def check_distinct(outputs: dict[str, Path], sources: Iterable[Source]) -> None:
-    """No output may be written over a source of the run, or over another output."""
+def check_outputs(outputs: dict[str, Path], sources: Iterable[Source]) -> None:
+    """Each output (by its option) can be written, and none over a source of the run or
+    over another output."""
+    for option, path in outputs.items():
+        check_writable(path, option)
     taken: dict[tuple[int, int], str] = {}
     for source in sources:
         with suppress(OSError):

@@ -226,12 +226,14 @@ def jsonl_lines(
                 _refuse_json_array(line, line_no, name)
             yield line_no, line.rstrip(b"\r\n")
     except READ_ERRORS as exc:
-        yield RawRow(
-            index,
-            line_no + 1,
-            None,
-            RowError("UNREADABLE", f"source cannot be read further: {exc}"),
-        )
+        yield broken_off(index, line_no + 1, exc)
+
+
+def broken_off(index: int, line: int, exc: BaseException) -> RawRow:
+    """The row in place of a source's rest, from the line it broke off at (a damaged gzip)."""
+    return RawRow(
+        index, line, None, RowError("UNREADABLE", f"source cannot be read further: {exc}")
+    )
 
 
 def _refuse_json_array(line: bytes, line_no: int, name: str) -> None:
@@ -270,19 +272,23 @@ def parse_json_line(line: bytes, index: int, line_no: int) -> RawRow:
         # orjson would have read such a number as a float: the message would not arrive
         # unchanged. Python's parser, which reads it exactly, stops at fewer levels.
         try:
-            problem = (
+            huge = _has_huge_int(json.loads(line))
+        except RecursionError:
+            return RawRow(
+                index,
+                line_no,
+                None,
+                RowError("TOO_DEEP", "line is nested too deeply for its numbers to be checked"),
+            )
+        if huge:
+            return RawRow(
+                index,
+                line_no,
+                None,
                 RowError(
                     "NUMBER_TOO_LARGE", "a number does not fit in 64 bits and would be altered"
-                )
-                if _has_huge_int(json.loads(line))
-                else None
+                ),
             )
-        except RecursionError:
-            problem = RowError(
-                "TOO_DEEP", "line is nested too deeply for its numbers to be checked"
-            )
-        if problem is not None:
-            return RawRow(index, line_no, None, problem)
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "null"
         kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number"}.get(

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from .errors import SourceError
-from .read import READ_ERRORS, RawRow, RowError, skip_rest_of_line
+from .read import READ_ERRORS, RawRow, RowError, broken_off, skip_rest_of_line
 
 _DELIMITERS = (",", ";", "\t", "|")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -144,12 +144,7 @@ def read_csv(
         except _READ_ERRORS as exc:  # a damaged gzip source: what was read before counts
             if header is None:
                 raise _unreadable(name, exc) from exc
-            yield RawRow(
-                index,
-                start,  # the record being read when the source broke off
-                None,
-                RowError("UNREADABLE", f"source cannot be read further: {exc}"),
-            )
+            yield broken_off(index, start, exc)  # the record being read when it broke off
             return
         except csv.Error as exc:
             if header is None:
@@ -172,12 +167,7 @@ def read_csv(
                 RowError("INVALID_CSV", f"record is not valid CSV: {_plain(exc)}"),
             )
             if broken is not None:  # a damaged source, broken off inside that cell
-                yield RawRow(
-                    index,
-                    lines.count + 1,
-                    None,
-                    RowError("UNREADABLE", f"source cannot be read further: {broken}"),
-                )
+                yield broken_off(index, lines.count + 1, broken)
                 return
             continue
         if not cells:
@@ -279,13 +269,11 @@ class _Lines:
         inside = self._last_inside  # the cell may have begun on that line
         while line is not None:
             quotes = _Quotes(self.sep, inside=inside)
-            inside = True
             quotes.feed(line)
             if not quotes.end():
                 return
-            line = self._pending.pop() if self._pending else self._next_line(inside=True)
-            if line is not None:
-                self.count += 1
+            line = next(self, None)  # as the csv module asks: a line inside the cell
+            inside = True
 
     def _next_line(self, *, inside: bool) -> str | None:
         number = self.count + len(self._pending) + 1

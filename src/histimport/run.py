@@ -32,8 +32,7 @@ from .mapping import Mapper, Mapping
 from .outputs import (
     REPORT_FORMAT,
     FailedEntry,
-    check_distinct,
-    check_writable,
+    check_outputs,
     write_failed,
     write_report,
     writing,
@@ -301,12 +300,10 @@ class Run:
     ) -> RunResult:
         config = self.config
         sources = open_sources(paths, config.format, formats)
-        check_writable(config.failed_out, "--failed-out")
         outputs = {"--failed-out": config.failed_out}
         if config.report is not None:
-            check_writable(config.report, "--report")
             outputs["--report"] = config.report
-        check_distinct(outputs, sources)
+        check_outputs(outputs, sources)
         started = time.monotonic()
         with ExitStack() as stack:
             # SIGTERM interrupts as Ctrl-C does, instead of killing the process outright.
@@ -319,18 +316,14 @@ class Run:
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
             deliverer = None
-            if not config.dry_run:
-                assert base_url is not None
-                # Made before anything is read: a --ca-bundle or a proxy setting that cannot
-                # be used is told at once, not once a large export has been staged.
-                try:
-                    deliverer = self._deliverer(ledger, base_url)
-                except UsageError:
-                    ledger.finish_run("usage", {})
-                    raise
             try:
+                if not config.dry_run:
+                    assert base_url is not None
+                    # Made before anything is read: a --ca-bundle or a proxy setting that
+                    # cannot be used is told at once, not once a large export was staged.
+                    deliverer = self._deliverer(ledger, base_url)
                 self._stage(ledger, sources)
-            except UsageError:  # a source found unreadable as a whole: nothing is sent
+            except UsageError:  # or a source found unreadable as a whole: nothing is sent
                 ledger.finish_run("usage", {})
                 raise
             if not self.interrupted:

@@ -76,8 +76,8 @@ def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) ->
 
     def restore() -> None:
         # asyncio puts back the defaults (SIGTERM's kills the process), not what was there.
-        for sig, handler in previous.items():
+        for sig, before in previous.items():
             loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
+            signal.signal(sig, before)
 
     return restore

@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 
 from .errors import LedgerError, UsageError
-from .ledger import BODIES_FILE, JOURNAL_FILE, LATEST_WORDS, LEDGER_FILE, State, has_table
+from .ledger import (
+    BODIES_FILE,
+    JOURNAL_FILE,
+    LATEST_WORDS,
+    LEDGER_FILE,
+    LOCK_FILE,
+    State,
+    has_table,
+)
 
 _COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
 _STATE_NAMES = {
@@ -166,7 +174,7 @@ def purge(state_dir: Path, *, force: bool = False) -> bool:
         )
     directory = state_dir.resolve()  # a symlink's directory; "." by its name
     try:
-        with open(directory / "lock", "a") as lock:
+        with open(directory / LOCK_FILE, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -174,7 +182,7 @@ def purge(state_dir: Path, *, force: bool = False) -> bool:
             for name in _MADE:
                 (directory / name).unlink(missing_ok=True)
             # Still locked: a run starting now finds no lock file to share with this one.
-            (directory / "lock").unlink()
+            (directory / LOCK_FILE).unlink()
         if any(directory.iterdir()):
             return False
         directory.rmdir()

@@ -443,6 +443,21 @@ def test_a_quiet_load_imports_only_what_it_uses(tmp_path: Path, server: RunningS
     assert run.stdout == "['httpx'] 0\n", run.stderr
 
 
+def test_a_profiler_still_writes_its_results(tmp_path: Path) -> None:
+    """The command leaves without the interpreter's teardown, but not under a profiler or
+    tracer, which writes its results then (cProfile -o, coverage)."""
+    import pstats
+
+    write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    argv = [sys.executable, "-m", "cProfile", "-o", "out.prof", "-m", "histimport"]
+    run = subprocess.run(
+        [*argv, "validate", "e.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    stats = pstats.Stats(str(tmp_path / "out.prof"))
+    assert any(name == "validate" for _, _, name in stats.stats)
+
+
 def test_an_output_that_cannot_be_written_at_the_end_says_so(
     tmp_path: Path, server: RunningSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

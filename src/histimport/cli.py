@@ -582,9 +582,12 @@ def _exit(done: SystemExit) -> None:
     """Leave without tearing the interpreter down, as mypy does: freeing every module and
     object takes about 0.15 s that nothing needs, once the command has written and closed
     everything (its temporary directories, ledger and outputs are closed by the commands
-    themselves). Only with no other thread left; otherwise the usual exit follows."""
+    themselves). Only with no other thread left, and no profiler or tracer that writes its
+    results at exit (cProfile, coverage); otherwise the usual exit follows."""
     code = done.code
     if threading.active_count() > 1 or not (code is None or isinstance(code, int)):
+        return
+    if sys.getprofile() is not None or sys.gettrace() is not None:
         return
     try:
         sys.stdout.flush()

@@ -296,6 +296,36 @@ def test_a_setting_that_is_no_option_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ('no-notify = "yes"\n', "histimport.toml: no-notify: must be true or false, not 'yes'"),
+        ('[validate]\nchunk-size = "100"\n', "[validate] chunk-size: must be an integer"),
+        ("[validate]\nstrict = 1\n", "[validate] strict: must be true or false, not 1"),
+        ("report = 3\n", "report: must be a string, not 3"),
+        ("[validate]\nmax-line-bytes = 2048.5\n", "max-line-bytes: must be an integer, not 2048.5"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_a_usage_error(
+    workdir: Path, settings: str, says: str
+) -> None:
+    """TOML values are typed: a quoted number, or a yes for a flag, is a mistake to point at
+    (`no-notify = "yes"` read as a string would turn notifications on)."""
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    (workdir / "histimport.toml").write_text(settings)
+    code, output = invoke("validate", "e.jsonl")
+    assert code == 2 and says in output, output
+
+
+def test_numbers_and_flags_in_settings_are_taken_as_typed(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", 1)])
+    (workdir / "histimport.toml").write_text(
+        "timeout = 5\nrate = 2\n[validate]\nmax-line-bytes = 2048\nquiet = true\n"
+    )
+    code, output = invoke("validate", "e.jsonl")
+    assert code == 0 and output == "", output
+
+
+@pytest.mark.parametrize(
     ("url", "same"),
     [
         ("HTTP://LOCALHOST:{port}/communications/", True),

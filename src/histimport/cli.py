@@ -494,9 +494,17 @@ def _root(
         raise typer.Exit(exc.exit_status) from exc
 
 
-_Options = dict[str, tuple[str, bool]]
+_Options = dict[str, tuple[str, bool, type | None]]
 """A command's settings: option name (`chunk-size`, `no-notify`) -> (its parameter, whether
-the value is flipped: `no-notify = true` is `notify = false`)."""
+the value is flipped: `no-notify = true` is `notify = false`, the type its value must have
+in TOML: bool, int, float or str; None for a list)."""
+_TOML_TYPES: dict[type, tuple[type | tuple[type, ...], str]] = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    str: (str, "a string"),
+    Path: (str, "a string"),
+}
 
 
 def _option_names(ctx: typer.Context) -> dict[str, _Options]:
@@ -507,16 +515,26 @@ def _option_names(ctx: typer.Context) -> dict[str, _Options]:
         if name not in commands:
             continue
         options: _Options = {}
+        signature = inspect.signature(commands[name].callback)
         for param in commands[name].params:
             if param.param_type_name != "option" or not param.name:
                 continue
-            options[param.name.replace("_", "-")] = (param.name, False)
+            kind = _value_type(signature.parameters[param.name].annotation)
+            options[param.name.replace("_", "-")] = (param.name, False, kind)
             for opt in param.opts:
-                options[opt.lstrip("-")] = (param.name, False)
+                options[opt.lstrip("-")] = (param.name, False, kind)
             for opt in param.secondary_opts:
-                options[opt.lstrip("-")] = (param.name, True)
+                options[opt.lstrip("-")] = (param.name, True, kind)
         found[name] = options
     return found
+
+
+def _value_type(annotation: Any) -> type | None:
+    """The plain type of an option's value, from `Annotated[int | None, ...]`: int."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in _TOML_TYPES else None
 
 
 def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) -> dict[str, Any]:
@@ -552,15 +570,20 @@ def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) ->
         if key.replace("_", "-") not in options:
             raise UsageError(f"{path}: [{invoked}] {key}: is not an option of {invoked}", hint=hint)
     settings: dict[str, Any] = {}
-    for key, value in [
-        *((k, v) for k, v in data.items() if not isinstance(v, dict)),
-        *table.items(),
+    for where, key, value in [
+        *(("", k, v) for k, v in data.items() if not isinstance(v, dict)),
+        *((f"[{invoked}] ", k, v) for k, v in table.items()),
     ]:
         known = options.get(key.replace("_", "-"))
         if known is None:
             continue  # a top-level option of another command
-        name, flipped = known
-        settings[name] = (not value) if flipped and isinstance(value, bool) else value
+        name, flipped, kind = known
+        if kind is not None:
+            # As TOML types it: "8" is no number, and `no-notify = "yes"` no yes or no.
+            wanted, says = _TOML_TYPES[kind]
+            if not isinstance(value, wanted) or (kind is not bool and isinstance(value, bool)):
+                raise UsageError(f"{path}: {where}{key}: must be {says}, not {value!r}")
+        settings[name] = (not value) if flipped else value
     return {invoked: settings}
 
 

@@ -177,6 +177,76 @@ def test_401_aborts_with_few_requests_and_nothing_accepted(staged: Any) -> None:
     assert ledger.counts()["notSent"] == 200
 
 
+def test_after_a_401_no_request_leaves_not_even_one_waiting_for_its_turn(staged: Any) -> None:
+    """503s halve the requests in flight allowed, so that workers wait for a turn; the 401
+    that comes then stops them all where they wait."""
+    ledger = staged(list(interleaved(customers=40, per_customer=2)))
+    aborted_at: list[int] = []
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls <= 8:
+            return httpx.Response(503)
+        await asyncio.sleep(0.02)
+        if not aborted_at:
+            aborted_at.append(calls)
+        return httpx.Response(401)
+
+    stats = deliver(ledger, handler, concurrency=8)
+    assert stats.aborted is not None
+    # The four allowed after the 503s were under way when the first 401 came: no more.
+    assert calls == 8 + 4, calls
+    assert ledger.counts()["notSent"] == 80
+
+
+def test_a_401_while_a_chunk_is_split_leaves_its_other_half_simply_not_sent(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=4)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        messages = orjson.loads(request.content)["saveMessageRequestList"]
+        return httpx.Response(413 if len(messages) > 2 else 401)
+
+    stats = deliver(ledger, handler)
+    assert stats.aborted is not None and stats.splits == 1
+    failures = list(ledger.failures())
+    assert len(failures) == 4 and {f.stage for f in failures} == {"notSent"}
+    assert not any(f.errors for f in failures)  # no HELD_BACK: nothing more was sent at all
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 413])
+def test_an_oversized_error_answer_is_told_by_its_status(staged: Any, status: int) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=1)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=b"<html>" + b"x" * 200_000 + b"</html>")
+
+    stats = deliver(ledger, handler, max_response_bytes=64 * 1024)
+    assert stats.requests == 1 and stats.statuses[str(status)] == 1
+    if status in (401, 403):
+        assert stats.aborted is not None and ledger.counts()["notSent"] == 1
+    else:
+        (failure,) = ledger.failures()
+        assert failure.http_status == status and not failure.retryable
+
+
+@pytest.mark.parametrize("status", [202, 204])
+def test_a_success_without_a_body_confirms_nothing_and_is_not_sent_again(
+    staged: Any, status: int
+) -> None:
+    ledger = staged(list(interleaved(customers=1, per_customer=3)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status)
+
+    stats = deliver(ledger, handler)
+    assert stats.requests == 1
+    failures = list(ledger.failures())
+    assert [f.errors[0]["errorCode"] for f in failures] == ["UNCONFIRMED"] * 3
+    assert all(f.retryable and f.http_status == status for f in failures)
+
+
 def test_503_with_one_attempt_fails_retryable_with_its_status(staged: Any) -> None:
     ledger = staged(list(interleaved(customers=1, per_customer=3)))
 

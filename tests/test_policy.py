@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -39,6 +40,26 @@ def test_a_garbled_200_is_retried_as_an_unknown_outcome(content: bytes) -> None:
         "GARBLED_RESPONSE",
         True,
     )
+
+
+def test_an_answer_after_a_byte_order_mark_is_read() -> None:
+    decision = decide(200, b"\xef\xbb\xbf" + OK_BODY)
+    assert decision.action is Action.ACCEPT
+    assert decision.body is not None and decision.body["succesfullySubmittedSourceUuids"] == ["a"]
+
+
+def test_a_proxy_that_wants_credentials_stops_the_run() -> None:
+    decision = decide(407, b"<html>Proxy Authentication Required</html>")
+    assert (decision.action, decision.code) == (Action.ABORT, "PROXY_AUTH_REQUIRED")
+
+
+def test_an_error_that_says_nothing_refuses_no_message() -> None:
+    body = read_answer(
+        b'{"succesfullySubmittedSourceUuids": ["a"], "saveMessageResponse": '
+        b'[{"sourceUuid": "a", "messageUuid": "m", "errors": [{"errorCode": null}]}]}'
+    )
+    (outcome,) = settle([Pending(1, "a", b"{}")], 200, body)
+    assert (outcome.state, outcome.errors, outcome.message_uuid) == (State.ACCEPTED, (), "m")
 
 
 def test_a_documented_200_is_read() -> None:
@@ -112,6 +133,24 @@ def test_retry_after_in_both_forms() -> None:
     assert parse_retry_after(date, now) == pytest.approx(30.0, abs=1.0)
     assert parse_retry_after("soon", now) is None
     assert decide(429, **{"retry-after": "3"}).retry_after == 3.0
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Tokyo"])
+def test_a_retry_after_date_in_the_asctime_form_is_gmt(
+    monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    """The obsolete forms carry no zone; RFC 9110 says they are GMT, whatever the local
+    time zone of the machine."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        now = 1_000_000.0
+        later = datetime.fromtimestamp(now, UTC) + timedelta(seconds=30)
+        for form in ("%a %b %d %H:%M:%S %Y", "%A, %d-%b-%y %H:%M:%S GMT"):
+            assert parse_retry_after(later.strftime(form), now) == pytest.approx(30.0, abs=1.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_backoff_has_full_jitter_under_a_cap() -> None:

@@ -151,7 +151,9 @@ def test_behind_nginx_nothing_is_lost_duplicated_or_reordered(
     assert (report["accepted"], report["failed"]) == (len(stored), len(listed))
     assert report["splits"] > 0 and report["statusCodes"].get("413", 0) > 0
     assert at_proxy["444"] > 0 and at_proxy["413"] > 0 and at_proxy["429"] > 0
-    assert report["statusCodes"]["error"] >= at_proxy["444"]
+    # nginx's 444 closes the connection without an answer: on a kept-alive connection, as a
+    # server's idle timeout would, the request goes again at once on a new one.
+    assert report["statusCodes"].get("error", 0) + report["reconnects"] >= at_proxy["444"]
 
 
 def test_behind_nginx_a_refused_password_stops_at_once(tmp_path: Path) -> None:

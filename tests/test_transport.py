@@ -261,6 +261,58 @@ def test_an_answer_sent_before_a_reset_is_still_read() -> None:
         asyncio.run(main(url))
 
 
+def test_a_kept_connection_closed_as_the_request_went_out_is_retried_once_on_a_new_one() -> None:
+    """A server's idle timeout may close a kept connection just as the next request leaves:
+    no byte of an answer comes. The request goes once more on a new connection, and does
+    not fail; on a new connection, the same is the request's failure."""
+    seen: list[bytes] = []
+
+    async def answer_once_then_drop(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        seen.append(await read_request(reader))
+        writer.write(OK)  # kept alive, as far as the client can tell
+        await writer.drain()
+        seen.append(await read_request(reader))  # read, and closed without an answer
+
+    async def drop_every_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+
+    async def main() -> None:
+        async with serving(answer_once_then_drop) as (url, connections), sending() as http:
+            for n in range(3):
+                assert (await http.put(f"{url}/x", f"[{n}]".encode()))[::2] == (200, b"{}")
+            # 0 on the first; 1 lost on it and sent again on the second; 2 lost likewise.
+            assert [r.rpartition(b"\r\n")[2] for r in seen] == [
+                b"[0]",
+                b"[1]",
+                b"[1]",
+                b"[2]",
+                b"[2]",
+            ]
+            assert len(connections) == 3
+        seen.clear()
+        async with serving(drop_every_one) as (url, connections), sending() as http:
+            with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+                await http.put(f"{url}/x", b"[1]")
+            assert len(seen) == len(connections) == 1
+
+    asyncio.run(main())
+
+
+def test_a_connection_with_bytes_past_the_answer_is_not_kept() -> None:
+    """A stray line end after an answer would be read as the start of the next one."""
+
+    async def main() -> None:
+        answer = answering(OK + b"\r\n")
+        async with serving(answer) as (url, connections), sending() as http:
+            for _ in range(3):
+                assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
+            assert len(connections) == 3
+
+    asyncio.run(main())
+
+
 def test_an_expired_connection_is_replaced() -> None:
     async def main() -> None:
         async with serving(answer_each) as (url, connections):

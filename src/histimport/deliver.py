@@ -46,6 +46,7 @@ class DeliveryStats:
     retries: int = 0
     unknown_outcomes: int = 0
     splits: int = 0
+    reconnects: int = 0
     server_warnings: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
@@ -174,6 +175,9 @@ def basic_auth(username: str, password: str) -> str:
 class Sender(Protocol):
     """One worker's way to the endpoint."""
 
+    resent: int
+    """Requests sent again at once on a new connection: a kept one ended without an answer."""
+
     async def put(self, url: str, body: bytes) -> Reply: ...
 
     async def aclose(self) -> None: ...
@@ -183,6 +187,8 @@ class DirectSender:
     """Requests handed straight to an httpx transport the Deliverer was given (such as
     httpx.MockTransport), without httpx.AsyncClient: redirects are not followed, cookies
     not kept, and the Authorization header is the same every time, as with Http11Sender."""
+
+    resent = 0
 
     def __init__(
         self,
@@ -217,6 +223,8 @@ class DirectSender:
 
 class ClientSender:
     """Requests through httpx.AsyncClient, which sets up the proxies of the environment."""
+
+    resent = 0
 
     def __init__(self, client: httpx.AsyncClient, bound: int) -> None:
         self._client = client
@@ -312,6 +320,7 @@ class Deliverer:
             for sender in senders:
                 stack.push_async_callback(sender.aclose)
             await asyncio.gather(*(self._worker(units, sender) for sender in senders))
+        self.stats.reconnects = sum(sender.resent for sender in senders)
         self.stats.final_concurrency = self._limit.current
         return self.stats
 
@@ -413,6 +422,9 @@ class Deliverer:
             if self.stopping:
                 return False
             await self._limit.acquire()
+            if self.stopping:  # stopped while it waited for its turn: nothing more goes out
+                await self._limit.release(pressure=False)
+                return False
             if attempt == throttled == 0:
                 self.ledger.mark_in_flight(chunk.messages)
             decision = Decision(Action.RETRY)
@@ -468,7 +480,8 @@ class Deliverer:
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
         first, second = chunk.halves()
         if not await self._send(first, sender):
-            self._hold_back([second])
+            if not self.stopping:
+                self._hold_back([second])
             return False
         return await self._send(second, sender)
 
@@ -511,6 +524,9 @@ class Deliverer:
             self.stats.statuses["error"] += 1
             return classify_error(exc)
         self.stats.statuses[str(status)] += 1
+        if content is None and not 200 <= status < 300:
+            # An error's body only describes it: the status decides (a 401 still stops).
+            return classify(status, headers, b"", time.time())
         if content is None:
             return Decision(
                 Action.RETRY,

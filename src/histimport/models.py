@@ -243,6 +243,9 @@ answer left them out; lists hold dicts (entries, errors, warnings) and strings (
 _answer_adapter: TypeAdapter[Answer] | None = None
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_answer(content: bytes) -> Answer:
     """Read a 200 answer; ValidationError when it is not the documented JSON object.
 
@@ -251,6 +254,8 @@ def read_answer(content: bytes) -> Answer:
     detail in it (a warning that is not an object, an id that is a number) fails that strict
     reading, and the lenient model reads the answer instead, dropping what it cannot use."""
     global _answer_adapter
+    if content.startswith(_BOM):
+        content = content[len(_BOM) :]  # JSON parsers may ignore one (RFC 8259); most do
     if _answer_adapter is None:
         _answer_adapter = TypeAdapter(_typed_dict(SaveMessageResponseBody, {}))
     try:

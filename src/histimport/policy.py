@@ -5,13 +5,16 @@ in one table that the rest of the tool obeys:
 
 - retry: connection failures, timeouts, 408 425 429 500 502 503 504, a garbled 200;
 - split: 413 (the body was too large for someone on the way);
-- abort: 401 403 (the credentials were refused: sending more only locks the account), and
-  a server certificate that cannot be verified;
+- abort: 401 403 (the credentials were refused: sending more only locks the account), 407
+  (a proxy on the way wants credentials of its own), and a server certificate that cannot
+  be verified;
 - fail: everything else, with the status and what the body says.
 
 A timeout after the body was sent, a 5xx or a garbled 200 leave the outcome *unknown*: the
 server may have stored the messages. They are retried all the same (the platform keys
-messages by sourceUuid) and counted as unknown outcomes.
+messages by sourceUuid) and counted as unknown outcomes. Another success with no body (a
+202 or 204) is read as an empty answer: it confirms no message, and each is listed as
+UNCONFIRMED, for `retry`, instead of being sent again at once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
@@ -100,8 +104,14 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError, IndexError, OverflowError):
+            date = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if date.tzinfo is None:  # the asctime form, which is in GMT (RFC 9110)
+            date = date.replace(tzinfo=UTC)
+        try:
+            seconds = date.timestamp() - now
+        except (ValueError, OverflowError):
             return None
     if not math.isfinite(seconds):
         return None
@@ -142,6 +152,8 @@ def classify_error(exc: httpx.HTTPError) -> Decision:
 def classify(status: int, headers: httpx.Headers, content: bytes, now: float) -> Decision:
     """An answer: its status, headers and (bounded) body."""
     if 200 <= status < 300:
+        if status != 200 and not content.strip():
+            return Decision(Action.ACCEPT, status, body={})
         try:
             body = read_answer(content)
         except ValidationError:
@@ -157,6 +169,14 @@ def classify(status: int, headers: httpx.Headers, content: bytes, now: float) ->
     if status in (401, 403):
         return Decision(
             Action.ABORT, status, "AUTH_REFUSED", f"HTTP {status}: the credentials were refused"
+        )
+    if status == 407:
+        return Decision(
+            Action.ABORT,
+            status,
+            "PROXY_AUTH_REQUIRED",
+            "HTTP 407: a proxy on the way wants credentials: check HTTP_PROXY / HTTPS_PROXY "
+            "(user:password@host) or NO_PROXY",
         )
     if status == 413:
         return Decision(Action.SPLIT, status, "REQUEST_TOO_LARGE", f"HTTP 413: {_excerpt(content)}")
@@ -269,8 +289,10 @@ def server_warnings(body: Answer) -> int:
 
 
 def _dump(errors: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...]:
-    """The contract's errors, without the fields the answer left empty."""
-    return tuple({k: v for k, v in e.items() if v is not None} for e in errors or ())
+    """The contract's errors, without the fields the answer left empty, nor the errors that
+    say nothing at all (`{"errorCode": null}` refuses no message)."""
+    said = ({k: v for k, v in e.items() if v is not None} for e in errors or ())
+    return tuple(e for e in said if e)
 
 
 def _error(code: str, description: str) -> dict[str, Any]:

@@ -615,6 +615,7 @@ class Run:
             "retries": delivered.retries,
             "unknownOutcomes": delivered.unknown_outcomes,
             "splits": delivered.splits,
+            "reconnects": delivered.reconnects,
             "statusCodes": dict(sorted(delivered.statuses.items())),
             "finalConcurrency": delivered.final_concurrency,
             "elapsedSeconds": round(elapsed, 3),

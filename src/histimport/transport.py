@@ -51,6 +51,8 @@ class _Connection:
         self.writer = writer
         self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=_HEAD_BYTES)
         self.idle_since = time.monotonic()
+        self.answered = 0  # exchanges completed on it
+        self.received = 0  # bytes of the current answer received so far
 
     def reusable(self, origin: tuple[str, str, int], expiry: float) -> bool:
         """Whether the next request may go out on it. Anything the server sent while it was
@@ -104,6 +106,7 @@ class Http11Sender:
         self._connection: _Connection | None = None
         self._busy = False
         self._origins: dict[str, tuple[str, str, int]] = {}
+        self.resent = 0
 
     async def put(self, url: str, body: bytes) -> Reply:
         if self._busy:
@@ -114,8 +117,24 @@ class Http11Sender:
             connection = await self._ready(origin)
             try:
                 return await self._exchange(connection, target, body)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                self._forget(connection)
+                if not connection.answered or connection.received:
+                    raise
             except BaseException:
                 # Cut short (an error, a cancellation): its state is unknown, never reused.
+                self._forget(connection)
+                raise
+            # A kept connection ended with no byte of an answer: the server closed it
+            # as the request went out (its idle timeout). Once more on a new connection, as
+            # browsers, curl and Go's client do for a request that may be repeated (a PUT:
+            # the platform keys messages by sourceUuid); a new connection that fails alike
+            # is the request's failure.
+            self.resent += 1
+            connection = await self._ready(origin)
+            try:
+                return await self._exchange(connection, target, body)
+            except BaseException:
                 self._forget(connection)
                 raise
         finally:
@@ -174,6 +193,7 @@ class Http11Sender:
 
     async def _exchange(self, connection: _Connection, target: str, body: bytes) -> Reply:
         http = connection.http
+        connection.received = 0
         headers = [
             ("host", connection.authority),
             *self._headers,
@@ -210,11 +230,18 @@ class Http11Sender:
                 self._forget(connection)  # the rest of the answer is left unread
                 return status, answer_headers, None
             parts.append(event.data)
-        if http.our_state is h11.DONE and http.their_state is h11.DONE:
+        connection.answered += 1
+        if (
+            http.our_state is h11.DONE
+            and http.their_state is h11.DONE
+            and not any(http.trailing_data)
+        ):
             http.start_next_cycle()
             connection.idle_since = time.monotonic()
         else:
-            self._forget(connection)  # "Connection: close", or an HTTP/1.0 answer
+            # "Connection: close", an HTTP/1.0 answer, or bytes past the answer (a stray
+            # line end): the next answer could not be told from them.
+            self._forget(connection)
         content = b"".join(parts)
         coding = answer_headers.get("content-encoding")
         if coding is None or not content:
@@ -249,6 +276,7 @@ class Http11Sender:
                     raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
             if not data and http.their_state is h11.SEND_RESPONSE:
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            connection.received += len(data)
             http.receive_data(data)
 
     def _forget(self, connection: _Connection) -> None:

@@ -359,6 +359,33 @@ def test_retry_of_overlapping_failed_files_lists_each_message_once(tmp_path: Pat
     assert result.exit_status is ExitStatus.INCOMPLETE  # refused for good: still not accepted
 
 
+def test_retry_reads_a_source_once_however_its_failed_files_spell_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shards' runs, one given the path relative to where it ran, the other absolute."""
+    rows = list(interleaved(customers=8, per_customer=5))
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    with sandbox(SandboxConfig(port=0, fail_rate=1.0)) as down:
+        for shard, path in ((0, "./export.jsonl"), (1, str(source))):
+            config = config_for(down, tmp_path, max_attempts=1, shard=(shard, 2))
+            failed_out = tmp_path / f"shard{shard}.json"
+            histimport.load([path], replace(config, failed_out=failed_out))
+    spelt = [orjson.loads((tmp_path / f"shard{n}.json").read_bytes()) for n in (0, 1)]
+    assert [f["sources"][0]["path"] for f in spelt] == ["./export.jsonl", str(source)]
+    assert sum(len(f["failures"]) for f in spelt) == len(rows)
+    with sandbox(SandboxConfig(port=0)) as healed:
+        result = histimport.retry(
+            [tmp_path / "shard0.json", tmp_path / "shard1.json"],
+            replace(config_for(healed, tmp_path), failed_out=tmp_path / "again.json"),
+        )
+        assert healed.store.count() == len(rows) and healed.store.duplicate_receipts() == 0
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert (result.report["read"], result.report["accepted"]) == (len(rows), len(rows))
+    again = orjson.loads((tmp_path / "again.json").read_bytes())
+    assert again["failures"] == [] and [s["path"] for s in again["sources"]] == ["./export.jsonl"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_the_outputs_are_written_waits_for_them(
     tmp_path: Path, server: RunningSandbox, sig: signal.Signals

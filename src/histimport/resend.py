@@ -71,6 +71,11 @@ def _broke_off(entry: FailedEntry) -> bool:
     return any(e.get("errorCode") == "UNREADABLE" for e in entry.errors)
 
 
+def _same_file(path: str) -> str:
+    """What tells one source from another: the file a path leads to (stdin is itself)."""
+    return path if path == "-" else os.path.realpath(path)
+
+
 def _key(entry: FailedEntry) -> tuple[str | int, ...]:
     """One message, or one row without a sourceUuid, however many failed files list it."""
     return (entry.sourceUuid,) if entry.sourceUuid else (entry.source, entry.line)
@@ -93,17 +98,24 @@ def retry(
     formats: dict[str, str] = {}
     maps: set[str] = set()
     base_url: str | None = None
+    spelt: dict[str, str] = {}  # a source's path as first met, by the file it names
     for failed_file in failed_files:
         document = read_failed_file(Path(failed_file))
         base_url = base_url or document.baseUrl
         for source in document.sources:
-            if source.path not in paths:
-                paths.append(source.path)
+            # One file named two ways (./p.jsonl by one run, /data/p.jsonl by another) is
+            # read once: twice, its rows would be repeats of themselves.
+            path = spelt.setdefault(_same_file(source.path), source.path)
+            if path not in paths:
+                paths.append(path)
                 if source.format is not None:
-                    formats[source.path] = source.format
+                    formats[path] = source.format
             if source.map:
                 maps.add(source.map)
         for entry in document.failures:
+            path = spelt.get(_same_file(entry.source), entry.source)
+            if path != entry.source:
+                entry = entry.model_copy(update={"source": path})
             entries[_key(entry)] = entry  # a later file's word on a message is the latest
     for entry in entries.values():
         if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:

@@ -357,6 +357,8 @@ def test_retry_of_overlapping_failed_files_lists_each_message_once(tmp_path: Pat
     assert sorted(uuids) == sorted(r["sourceUuid"] for r in rows)  # refused: carried, once
     assert again["counts"]["failed"] == len(rows)
     assert result.exit_status is ExitStatus.INCOMPLETE  # refused for good: still not accepted
+    # The file counts its entries; the run's own counts, and its error codes, its own rows.
+    assert (result.report["failed"], result.report["errorCodes"]) == (0, {})
 
 
 def test_retry_reads_a_source_once_however_its_failed_files_spell_its_path(

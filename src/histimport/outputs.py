@@ -198,7 +198,9 @@ def write_failed(
 ) -> None:
     """Stream every failure into the failed file; tally error codes and keep a short preview
     of the rejected rows for the summary on the way. `carried` entries (those of an earlier
-    failed file that a retry did not send) are listed again as they were."""
+    failed file that a retry did not send) are listed again as they were, and counted in
+    the file's counts (which count its entries), not in the tally (the run's own rows, as
+    the report's counts)."""
     counts = dict(counts)
     for kept in carried:
         counts[kept.stage] += 1
@@ -236,8 +238,6 @@ def write_failed(
             out.write((b",\n" if written else b"\n") + orjson.dumps(entry))
             written += 1
         for kept in carried:
-            for error in kept.errors:
-                error_codes[str(error.get("errorCode"))] += 1
             out.write((b",\n" if written else b"\n") + kept.model_dump_json().encode())
             written += 1
         out.write(b"\n]}\n")

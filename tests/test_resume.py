@@ -261,7 +261,9 @@ def test_a_state_dir_in_a_directory_of_ones_own_is_purged_of_its_files_only(
     assert not (workdir / "real").exists() and not (workdir / "link").is_symlink()
 
 
-def test_sigterm_while_staging_exits_130_with_every_staged_row_listed(tmp_path: Path) -> None:
+def test_sigterm_while_staging_exits_130_and_retry_reads_on_from_there(tmp_path: Path) -> None:
+    """Every staged row is listed, and one entry says where the rows not read begin: the
+    retry of the failed file sends them all, and the staged ones, once."""
     rows = list(interleaved(customers=500, per_customer=200))
     source = write_jsonl(tmp_path / "export.jsonl", rows)
     with sandbox(SandboxConfig(port=0)) as server:
@@ -275,12 +277,30 @@ def test_sigterm_while_staging_exits_130_with_every_staged_row_listed(tmp_path: 
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 130, stderr
+        assert b"where the rows not read begin" in stderr
         assert server.app.stats()["requests"] == 0
-    report = orjson.loads((tmp_path / "report.json").read_bytes())
-    failed = orjson.loads((tmp_path / "failed.json").read_bytes())
-    assert 0 < report["read"] < 100_000
-    assert report["read"] == report["notSent"] == failed["counts"]["notSent"]
-    assert len(failed["failures"]) == report["read"]
+        report = orjson.loads((tmp_path / "report.json").read_bytes())
+        failed = orjson.loads((tmp_path / "failed.json").read_bytes())
+        read = report["read"]
+        assert 0 < read < 100_000
+        assert read == report["notSent"] == failed["counts"]["notSent"] - 1
+        *staged, rest = failed["failures"]
+        assert [f["line"] for f in staged] == list(range(1, read + 1))
+        assert (rest["line"], rest["sourceUuid"], rest["stage"], rest["retryable"]) == (
+            read + 1,
+            None,
+            "notSent",
+            True,
+        )
+        assert [e["errorCode"] for e in rest["errors"]] == ["NOT_READ"]
+
+        result = histimport.retry(
+            [tmp_path / "failed.json"],
+            config_for(server, tmp_path, failed_out=tmp_path / "again.json"),
+        )
+        assert result.exit_status is ExitStatus.OK, result.message
+        assert server.store.count() == len(rows) and server.store.duplicate_receipts() == 0
+    assert orjson.loads((tmp_path / "again.json").read_bytes())["failures"] == []
 
 
 def _limit_file_size() -> None:
@@ -306,6 +326,32 @@ def test_a_full_disk_stops_the_run_with_a_clear_error(
     assert "cannot write" in process.stderr and "run the same command again" in process.stderr
     assert "Traceback" not in process.stderr
     assert server.app.stats()["requests"] == 0
+
+
+def test_a_load_stopped_before_its_last_batch_was_staged_lists_each_source_s_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: RunningSandbox
+) -> None:
+    """Both sources read to their end, but the batch that held their rows never staged:
+    each is listed from its first line, and the retry of the failed file sends them all."""
+    first = write_jsonl(tmp_path / "a.jsonl", [message("d", "c", n) for n in range(3)])
+    second = write_jsonl(tmp_path / "b.jsonl", [message("d", "e", n) for n in range(4)])
+
+    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "_flush", interrupted)
+        result = histimport.load([first, second], config_for(server, tmp_path))
+    assert result.exit_status is ExitStatus.INTERRUPTED and server.store.count() == 0
+    failed = orjson.loads((tmp_path / "failed.json").read_bytes())
+    assert [(f["source"], f["line"], f["errors"][0]["errorCode"]) for f in failed["failures"]] == [
+        (str(first), 1, "NOT_READ"),
+        (str(second), 1, "NOT_READ"),
+    ]
+    again = histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    assert again.exit_status is ExitStatus.OK and server.store.count() == 7
 
 
 def test_a_retry_interrupted_while_staging_lists_every_entry_it_did_not_send(

@@ -550,6 +550,16 @@ class Ledger:
             db.execute("DROP TABLE temp.want_line")
         return met_uuids, met_lines
 
+    def last_lines(self) -> dict[int, int]:
+        """The last line staged of each source, by index."""
+        return {
+            int(src): int(line)
+            for src, line in self._db.execute(
+                "SELECT src, MAX(line) FROM (SELECT src, line FROM msg "
+                "UNION ALL SELECT src, line FROM rejected) GROUP BY src"
+            )
+        }
+
     def staged_rows(self) -> int:
         """Rows of this run in the ledger, whatever became of them."""
         (n,) = self._db.execute(

@@ -24,6 +24,8 @@ from .read import Source
 
 FAILED_FORMAT = "histimport.failed/v1"
 REPORT_FORMAT = "histimport.report/v1"
+NOT_READ = "NOT_READ"
+"""The error code of the entry that stands for a source's rest, not read: the run stopped."""
 _NOT_SENT = {
     "errorCode": "NOT_SENT",
     "errorDescription": "the run stopped before this message was sent or confirmed",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config
-from .outputs import FailedEntry, read_failed_file
+from .outputs import NOT_READ, FailedEntry, read_failed_file
 from .read import RawRow
 from .run import Observer, Run, RunResult
 
@@ -67,8 +67,9 @@ class Selection:
 
 
 def _broke_off(entry: FailedEntry) -> bool:
-    """The entry of a source that could not be read past its line."""
-    return any(e.get("errorCode") == "UNREADABLE" for e in entry.errors)
+    """The entry of a source that was not read past its line: it could not be (UNREADABLE),
+    or the run was stopped there (NOT_READ)."""
+    return any(e.get("errorCode") in ("UNREADABLE", NOT_READ) for e in entry.errors)
 
 
 def _same_file(path: str) -> str:

@@ -30,6 +30,7 @@ from .fanout import Fanout
 from .ledger import Ledger
 from .mapping import Mapper, Mapping
 from .outputs import (
+    NOT_READ,
     REPORT_FORMAT,
     FailedEntry,
     check_outputs,
@@ -292,6 +293,8 @@ class Run:
         self.read = 0
         self.interrupted = False
         self.read_whole = True  # every row of the sources was read and staged
+        self.yielded: dict[int, int] = {}  # by source index: the last line handed on
+        self.read_through: set[int] = set()  # the sources read to their end
         self.warning_count = 0
         self.warnings: list[dict[str, Any]] = []
 
@@ -390,6 +393,35 @@ class Run:
             uuids, {(sources[i].path, n) for i, n in lines}, read_whole=self.read_whole
         )
 
+    def _unread(self, ledger: Ledger, sources: list[Source]) -> list[FailedEntry]:
+        """`load` stopped while reading: an entry for where each source's unstaged rest
+        begins (after its last row staged: a source's rows are staged in order, and the
+        last batch handed on may not have been), which `retry` reads on from. Without it,
+        those rows would stand in no failed file, and a retry would find nothing left."""
+        if self.read_whole or self.selection is not None or self.config.dry_run:
+            return []
+        reached = ledger.last_lines()
+        unread = []
+        for index, source in enumerate(sources):
+            staged = reached.get(index, 0)
+            if index in self.read_through and self.yielded.get(index, 0) <= staged:
+                continue
+            error = {
+                "errorCode": NOT_READ,
+                "errorDescription": "the run was stopped before this line was read: retry "
+                "reads on from here (or run the same command again)",
+            }
+            unread.append(
+                FailedEntry(
+                    source=source.path,
+                    line=staged + 1,
+                    stage="notSent",
+                    retryable=True,
+                    errors=[error],
+                )
+            )
+        return unread
+
     def _check_unchanged(self, ledger: Ledger, sources: list[Source], command: str) -> None:
         """Resuming a load over a source whose content changed would mix two imports."""
         if command != "load" or self.config.fresh or self.config.dry_run:
@@ -438,6 +470,7 @@ class Run:
         check = partial(
             check_row, notify=config.notify, strict=config.strict, now=now, max_body=max_body
         )
+        yielded = self.yielded
         for index, source in enumerate(sources):
             self.observer.staging(source.path)
             source.map = str(config.map_file) if config.map_file is not None else None
@@ -457,9 +490,11 @@ class Run:
                     if not self._owns(checked):
                         continue
                     self.read += 1
+                    yielded[index] = checked.line
                     if isinstance(checked, Valid) and checked.warnings:
                         self._warn(source.path, checked)
                     yield checked
+                self.read_through.add(index)
                 # Drain, so that size and sha256 cover the whole source (what can be read
                 # of a damaged one: its last row already says where reading stopped).
                 with suppress(*READ_ERRORS):
@@ -594,7 +629,7 @@ class Run:
             )
         error_codes: Counter[str] = Counter()
         preview: list[str] = []
-        carried = self._unmet(ledger, sources)
+        carried = self._unmet(ledger, sources) + self._unread(ledger, sources)
         with writing(config.failed_out, "--failed-out"):
             write_failed(
                 config.failed_out,
@@ -640,8 +675,8 @@ class Run:
             message = f"interrupted while reading, after {self.read} rows: nothing was sent"
             if self.selection is None:
                 message += (
-                    ", and the rows not read are in no failed file: run the same command again "
-                    "to go on"
+                    "; the failed file says where the rows not read begin: run the same "
+                    "command again, or retry the failed file, to go on"
                 )
             else:
                 message += "; the new failed file lists again what the failed files listed"

@@ -378,7 +378,7 @@ def test_status_reads_a_state_dir_whose_name_needs_quoting(tmp_path: Path) -> No
     [
         lambda ledger: ledger.forget_refusals(),
         lambda ledger: ledger.record_sources([(0, "e.jsonl", "jsonl", 1, "00", None)]),
-        lambda ledger: ledger.staged_among(["u"], [(0, 1)]),
+        lambda ledger: ledger.staged_among(["u"], [(0, 1, None)]),
     ],
 )
 def test_a_write_the_ledger_cannot_make_is_a_ledger_error(tmp_path: Path, write: Any) -> None:

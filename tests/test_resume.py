@@ -569,6 +569,50 @@ def test_a_retry_meets_a_listed_message_by_its_source_uuid_not_by_its_old_line(
     assert rows[2]["sourceUuid"] in {f["sourceUuid"] for f in again}
 
 
+def test_a_reject_fixed_under_another_source_uuid_is_met_by_its_line(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    rows = [message("d", "c", n) for n in range(3)]
+    rows[1]["sentOn"] = "yesterday"
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    histimport.load([source], config_for(server, tmp_path))
+    fixed = dict(rows[1], sentOn="2024-01-02T00:00:00Z", sourceUuid="d.c.renamed")
+    write_jsonl(source, [rows[0], fixed, rows[2]])
+    result = histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert orjson.loads((tmp_path / "r.json").read_bytes())["failures"] == []
+    assert "d.c.renamed" in {m.source_uuid for m in server.store.messages()}
+
+
+def test_a_listed_line_that_now_holds_a_message_accepted_before_is_not_met(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    """A line deleted above two listed rejects moves other rows, accepted long ago, to their
+    lines: those are not the rows listed, which stay listed (the fixed one would otherwise
+    be lost: it is at another line now, and never read)."""
+    rows = [message("d", "c", n) for n in range(6)]
+    junk = {"departmentUUID": "d", "customerUUID": "c", "note": "junk"}
+    no_id = {k: v for k, v in rows[4].items() if k != "sourceUuid"}
+    source = write_jsonl(tmp_path / "e.jsonl", [rows[0], junk, rows[2], rows[3], no_id, rows[5]])
+    histimport.load([source], config_for(server, tmp_path))
+    listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert [(f["line"], f["sourceUuid"]) for f in listed] == [(2, None), (5, None)]
+    write_jsonl(source, [rows[0], rows[2], rows[3], rows[4], rows[5]])  # junk gone, id added
+    result = histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    assert result.exit_status is ExitStatus.INCOMPLETE
+    again = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
+    assert [(f["line"], f["sourceUuid"]) for f in again] == [(2, None), (5, None)]
+    # A load of the edited source (--fresh: it changed) sends the fixed row, and it alone.
+    histimport.load(
+        [source], config_for(server, tmp_path, failed_out=tmp_path / "l.json", fresh=True)
+    )
+    assert server.store.count() == 5 and server.store.duplicate_receipts() == 0
+
+
 def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(
     tmp_path: Path, server: RunningSandbox
 ) -> None:

@@ -515,19 +515,22 @@ class Ledger:
 
     @_writes
     def staged_among(
-        self, uuids: Iterable[str], lines: Iterable[tuple[int, int]]
+        self, uuids: Iterable[str], lines: Iterable[tuple[int, int, str | None]]
     ) -> tuple[set[str], set[tuple[int, int]]]:
         """Which of these sourceUuids and (source, line) pairs this run staged, as messages
-        or as rejected rows."""
+        or as rejected rows. A line's third item, when given, is when the failed file that
+        lists it was written: a line that now holds a message the platform accepted before
+        then holds another row than the one listed (lines moved: one was deleted above it),
+        and is not met by it."""
         db = self._db
         db.execute("CREATE TEMP TABLE want_uuid(u TEXT PRIMARY KEY) WITHOUT ROWID")
         db.execute(
-            "CREATE TEMP TABLE want_line(src INTEGER, line INTEGER, PRIMARY KEY (src, line)) "
-            "WITHOUT ROWID"
+            "CREATE TEMP TABLE want_line(src INTEGER, line INTEGER, since TEXT, "
+            "PRIMARY KEY (src, line)) WITHOUT ROWID"
         )
         try:
             db.executemany("INSERT OR IGNORE INTO want_uuid VALUES (?)", ((u,) for u in uuids))
-            db.executemany("INSERT OR IGNORE INTO want_line VALUES (?, ?)", lines)
+            db.executemany("INSERT OR IGNORE INTO want_line VALUES (?, ?, ?)", lines)
             met_uuids = {
                 str(u)
                 for (u,) in db.execute(
@@ -540,9 +543,12 @@ class Ledger:
                 # One pass over each table, each row looked up among the wanted ones.
                 for src, line in db.execute(
                     "SELECT w.src, w.line FROM msg m CROSS JOIN want_line w "
-                    "ON w.src = m.src AND w.line = m.line UNION "
-                    "SELECT w.src, w.line FROM rejected r CROSS JOIN want_line w "
-                    "ON w.src = r.src AND w.line = r.line"
+                    "ON w.src = m.src AND w.line = m.line "
+                    "WHERE m.state != ? OR w.since IS NULL OR EXISTS (SELECT 1 FROM accepted a "
+                    "WHERE a.target = ? AND a.source_uuid = m.source_uuid AND a.at > w.since) "
+                    "UNION SELECT w.src, w.line FROM rejected r CROSS JOIN want_line w "
+                    "ON w.src = r.src AND w.line = r.line",
+                    (State.ALREADY_ACCEPTED, self.target),
                 )
             }
         finally:

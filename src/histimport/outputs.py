@@ -165,6 +165,7 @@ class FailedFile(BaseModel):
     model_config = ConfigDict(defer_build=True)
 
     format: Literal["histimport.failed/v1"]
+    createdAt: str | None = None
     baseUrl: str | None = None
     sources: list[FailedSource]
     failures: list[FailedEntry]

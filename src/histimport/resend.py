@@ -24,8 +24,12 @@ class Selection:
     carried: list[FailedEntry] = field(default_factory=list)
     rest_from: dict[str, int] = field(default_factory=dict)
     """Sources that could not be read past a line: every row from it on is wanted."""
+    created: dict[int, str] = field(default_factory=dict)
+    """When the failed file that lists an entry was written, by id of the entry."""
 
-    def add(self, entry: FailedEntry) -> None:
+    def add(self, entry: FailedEntry, created: str | None = None) -> None:
+        if created is not None:
+            self.created[id(entry)] = created
         if entry.sourceUuid:
             self.uuids[entry.sourceUuid] = entry
         if entry.stage == "rejected" or not entry.sourceUuid:
@@ -54,9 +58,13 @@ class Selection:
             if id(entry) in seen:
                 continue
             seen.add(id(entry))
-            # A message is met by its sourceUuid; its line may hold another row by now.
+            # A message is met by its sourceUuid; its line may hold another row by now. A
+            # rejected row is met by its line, too: fixed, its sourceUuid may have changed
+            # (or, with --generate-source-uuid, been derived from what changed).
             if entry.sourceUuid:
-                met = entry.sourceUuid in staged_uuids
+                met = entry.sourceUuid in staged_uuids or (
+                    entry.stage == "rejected" and (entry.source, entry.line) in staged_lines
+                )
             elif _broke_off(entry):
                 met = read_whole
             else:
@@ -94,7 +102,7 @@ def retry(
     also the messages the platform refused."""
     cfg = config or Config()
     selection = Selection()
-    entries: dict[tuple[str | int, ...], FailedEntry] = {}
+    entries: dict[tuple[str | int, ...], tuple[FailedEntry, str | None]] = {}
     paths: list[str] = []
     formats: dict[str, str] = {}
     maps: set[str] = set()
@@ -117,10 +125,11 @@ def retry(
             path = spelt.get(_same_file(entry.source), entry.source)
             if path != entry.source:
                 entry = entry.model_copy(update={"source": path})
-            entries[_key(entry)] = entry  # a later file's word on a message is the latest
-    for entry in entries.values():
+            # A later file's word on a message is the latest.
+            entries[_key(entry)] = (entry, document.createdAt)
+    for entry, created in entries.values():
         if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:
-            selection.add(entry)
+            selection.add(entry, created)
         else:
             # Not sent again, but still not accepted: the new failed file lists it too.
             selection.carried.append(entry)

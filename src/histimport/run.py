@@ -383,10 +383,11 @@ class Run:
         if self.selection is None:
             return []
         index = {s.path: i for i, s in enumerate(sources)}
-        wanted_lines = [  # a message is met by its sourceUuid, a row without one by its line
-            (index[p], n)
+        created = self.selection.created
+        wanted_lines = [  # a message is met by its sourceUuid; a reject by its line, too
+            (index[p], n, created.get(id(entry)))
             for (p, n), entry in self.selection.lines.items()
-            if not entry.sourceUuid and p in index
+            if p in index
         ]
         uuids, lines = ledger.staged_among(self.selection.uuids, wanted_lines)
         return self.selection.unmet(

@@ -86,6 +86,24 @@ def test_hostile_jsonl_validate_names_exactly_the_bad_lines(tmp_path: Path) -> N
     assert result.counts["read"] == len(HOSTILE) - 2  # blank lines are not counted
 
 
+def test_a_repeat_of_a_rejected_row_s_source_uuid_is_a_duplicate(tmp_path: Path) -> None:
+    """The first row with a sourceUuid is the one it names, valid or not: a later valid row
+    with it is not sent in its place (which of the two was meant is the user's call)."""
+    bad = "31/02/2024 10:00"
+    lines = [good(1, sentOn=bad), good(1), good(2), good(2, sentOn=bad)]
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = histimport.validate([path], Config(failed_out=tmp_path / "failed.json"))
+    failures = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert {f["line"]: f["errors"][0]["errorCode"] for f in failures} == {
+        1: "INVALID_TIMESTAMP",
+        2: "DUPLICATE_SOURCE_UUID",
+        4: "INVALID_TIMESTAMP",
+    }
+    assert failures[1]["errors"][0]["errorDescription"].endswith("already read at line 1")
+    assert (result.counts["read"], result.counts["rejected"]) == (4, 3)
+
+
 def test_hostile_jsonl_load_sends_only_good_rows_to_the_endpoint(tmp_path: Path) -> None:
     path, _ = hostile_file(tmp_path)
     journal = tmp_path / "journal.jsonl"

@@ -584,10 +584,17 @@ class Ledger:
         with db:
             db.execute("BEGIN")
             try:
-                # Usually no sourceUuid repeats: the index proves it as it is built.
+                # Usually no sourceUuid repeats: the index proves it as it is built, and
+                # a rejected row rarely has one of the messages' (looked up in it).
                 db.execute("CREATE UNIQUE INDEX msg_uuid ON msg(source_uuid)")
+                repeats = db.execute(
+                    "SELECT 1 FROM rejected r WHERE r.source_uuid IS NOT NULL AND EXISTS "
+                    "(SELECT 1 FROM msg m WHERE m.source_uuid = r.source_uuid) LIMIT 1"
+                ).fetchone()
             except sqlite3.IntegrityError:
                 db.execute("CREATE INDEX msg_uuid ON msg(source_uuid, id)")
+                repeats = True
+            if repeats:
                 self._reject_repeats()
             db.execute(
                 "UPDATE msg SET state=? WHERE source_uuid IN "
@@ -604,19 +611,24 @@ class Ledger:
             db.execute("CREATE INDEX msg_key ON msg(key_id, id)")
 
     def _reject_repeats(self) -> None:
-        """Every staged row whose sourceUuid an earlier row has: rejected, not sent."""
+        """Every staged message whose sourceUuid an earlier row has, valid or rejected (the
+        first row with a sourceUuid is the one it names): rejected, not sent."""
         db = self._db
         db.execute(
             # Staged customer by customer, rows are in input order by (src, line), not by id.
             """CREATE TEMP TABLE dup AS
                SELECT id, src, line, key_id, source_uuid, first_src, first_line FROM (
-                 SELECT id, src, line, key_id, source_uuid,
+                 SELECT id, src, line, key_id, source_uuid, staged,
                         FIRST_VALUE(src) OVER w AS first_src,
                         FIRST_VALUE(line) OVER w AS first_line, ROW_NUMBER() OVER w AS n
-                   FROM msg WHERE source_uuid IN
+                   FROM (SELECT id, src, line, key_id, source_uuid, 1 AS staged FROM msg
+                         UNION ALL SELECT id, src, line, NULL, source_uuid, 0 FROM rejected
+                          WHERE source_uuid IN (SELECT source_uuid FROM msg))
+                  WHERE source_uuid IN
                         (SELECT source_uuid FROM msg GROUP BY source_uuid HAVING COUNT(*) > 1)
+                     OR source_uuid IN (SELECT source_uuid FROM rejected)
                  WINDOW w AS (PARTITION BY source_uuid ORDER BY src, line))
-               WHERE n > 1"""
+               WHERE n > 1 AND staged"""
         )
         db.execute(
             # In another source than its repeat's, the first one is named by its path.

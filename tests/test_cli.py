@@ -232,6 +232,38 @@ def test_exit_130_on_sigint_then_the_same_command_finishes(tmp_path: Path) -> No
         assert server.store.duplicate_receipts() == 0
 
 
+def test_a_second_sigint_abandons_the_requests_in_flight_and_still_writes_the_outputs(
+    tmp_path: Path,
+) -> None:
+    """The first Ctrl-C waits for the answers in flight (here, 5 s away); the second stops
+    waiting: none of them is taken as accepted, and the failed file and the report are this
+    run's, not what an earlier run left."""
+    rows = list(interleaved(customers=10, per_customer=3))
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    (tmp_path / "failed.json").write_text("stale")
+    command = [
+        *(sys.executable, "-m", "histimport", "load", str(source), "--concurrency", "2"),
+        *("--state-dir", str(tmp_path / "state"), "--failed-out", str(tmp_path / "failed.json")),
+        *("--report", str(tmp_path / "report.json")),
+    ]
+    with sandbox(SandboxConfig(port=0, latency_ms=5000)) as server:
+        env = {**os.environ, **CREDENTIALS, "HISTIMPORT_BASE_URL": server.base_url}
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while server.app.stats()["requests"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted twice" in stderr and "Traceback" not in stderr
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert (report["accepted"], report["notSent"]) == (0, len(rows))
+    failed = orjson.loads((tmp_path / "failed.json").read_bytes())
+    assert failed["counts"]["notSent"] == len(rows)
+
+
 def test_retry_reads_stdin_again_in_the_format_the_failed_file_records(workdir: Path) -> None:
     bad = '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "s1", "sentOn": "yesterday"}'
     fixed = bad.replace('"yesterday"', '"2024-01-01T00:00:00Z"')

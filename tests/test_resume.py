@@ -540,7 +540,7 @@ def test_after_sending_the_signal_handlers_are_those_from_before() -> None:
         before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
         async def sending() -> None:
-            install_async_signals(lambda: None, lambda: None)()
+            install_async_signals(lambda: None, lambda: None, lambda: None)()
 
         asyncio.run(sending())
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -48,6 +48,7 @@ class DeliveryStats:
     splits: int = 0
     reconnects: int = 0
     server_warnings: int = 0
+    hurried: bool = False  # a second Ctrl-C abandoned the requests in flight
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
     aborted: str | None = None
@@ -287,6 +288,7 @@ class Deliverer:
         self._transport = transport
         self._backoff = Backoff(base=config.backoff_base, cap=config.backoff_cap)
         self._stopping = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
         self._resume_at = 0.0
         self._limit = AdaptiveLimit(config.concurrency)
         self._rate = AdaptiveRate(config.rate)
@@ -298,6 +300,15 @@ class Deliverer:
     def stop(self) -> None:
         """Take no new work; requests in flight settle and are recorded."""
         self._stopping.set()
+
+    def hurry(self) -> None:
+        """Stop, and abandon the requests in flight: no answer is waited for, and their
+        messages stay unsent as far as the ledger knows (the platform may have stored them:
+        sent again later, they are known to it by sourceUuid)."""
+        self.stop()
+        self.stats.hurried = True
+        for worker in self._workers:
+            worker.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -319,7 +330,15 @@ class Deliverer:
             senders = [self._new_sender() for _ in range(workers)]
             for sender in senders:
                 stack.push_async_callback(sender.aclose)
-            await asyncio.gather(*(self._worker(units, sender) for sender in senders))
+            self._workers = [
+                asyncio.ensure_future(self._worker(units, sender)) for sender in senders
+            ]
+            try:
+                await asyncio.gather(*self._workers)
+            except asyncio.CancelledError:
+                if not self.stats.hurried:
+                    raise
+                await asyncio.wait(self._workers)  # each one's cancellation run to its end
         self.stats.reconnects = sum(sender.resent for sender in senders)
         self.stats.final_concurrency = self._limit.current
         return self.stats

@@ -598,7 +598,7 @@ class Run:
         self.observer.sending(ledger.to_send())
 
         async def main() -> None:
-            restore = install_async_signals(deliverer.stop, self._mark_interrupted)
+            restore = install_async_signals(deliverer.stop, self._mark_interrupted, deliverer.hurry)
             try:
                 await deliverer.run()
             finally:
@@ -684,6 +684,12 @@ class Run:
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"
+            if delivered.hurried:
+                message = (
+                    "interrupted twice: requests in flight were abandoned; their messages and "
+                    "the rest are listed as notSent (the platform may have stored the "
+                    "abandoned ones: sent again, it knows them by sourceUuid)"
+                )
         elif counts["rejected"] or (not config.dry_run and counts["failed"] + counts["notSent"]):
             status = ExitStatus.INCOMPLETE
         elif carried:

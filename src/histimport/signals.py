@@ -1,4 +1,5 @@
-"""Signals: Ctrl-C and SIGTERM stop a run gracefully; a second one stops it at once."""
+"""Signals: Ctrl-C and SIGTERM stop a run gracefully; a second one stops it sooner, a third
+at once."""
 
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ def deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) -> Callable[[], None]:
-    """First Ctrl-C or SIGTERM: stop taking work, settle what is in flight. Second: leave now
-    (the ledger commits per answer, so it stays consistent). Returns the undo."""
+def install_async_signals(
+    stop: Callable[[], None], mark: Callable[[], None], hurry: Callable[[], None]
+) -> Callable[[], None]:
+    """First Ctrl-C or SIGTERM: stop taking work, settle what is in flight. Second: abandon
+    what is in flight (the outputs are still written). Third: leave now, without them (the
+    ledger commits per answer, so it stays consistent). Returns the undo."""
     if not _in_main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
@@ -65,11 +69,14 @@ def install_async_signals(stop: Callable[[], None], mark: Callable[[], None]) ->
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler() -> None:
-        if seen:
-            os._exit(ExitStatus.INTERRUPTED)
         seen.append(True)
-        mark()
-        stop()
+        if len(seen) == 1:
+            mark()
+            stop()
+        elif len(seen) == 2:
+            hurry()
+        else:
+            os._exit(ExitStatus.INTERRUPTED)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handler)

@@ -104,6 +104,22 @@ def test_a_repeat_of_a_rejected_row_s_source_uuid_is_a_duplicate(tmp_path: Path)
     assert (result.counts["read"], result.counts["rejected"]) == (4, 3)
 
 
+def test_validate_stopped_while_reading_says_nothing_of_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histimport.ledger import Ledger
+
+    path = write_jsonl(tmp_path / "e.jsonl", list(interleaved(customers=5, per_customer=8)))
+
+    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "_flush", interrupted)
+    result = histimport.validate([path], Config(failed_out=tmp_path / "failed.json"))
+    assert result.exit_status is ExitStatus.INTERRUPTED
+    assert result.message is not None and "retry" not in result.message
+
+
 def test_hostile_jsonl_load_sends_only_good_rows_to_the_endpoint(tmp_path: Path) -> None:
     path, _ = hostile_file(tmp_path)
     journal = tmp_path / "journal.jsonl"

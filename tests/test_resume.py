@@ -613,6 +613,107 @@ def test_a_listed_line_that_now_holds_a_message_accepted_before_is_not_met(
     assert server.store.count() == 5 and server.store.duplicate_receipts() == 0
 
 
+def test_a_listed_line_that_now_holds_another_listed_message_is_not_met(
+    tmp_path: Path,
+) -> None:
+    """A row added at the top moves every row down: line 2, listed as a reject, now holds
+    the message listed at line 1. The reject stays listed (its fixed row, at line 3 now, is
+    wanted by nothing), rather than being taken as done."""
+    rows = [message("d", "c", n) for n in range(3)]
+    rows[1]["sentOn"] = "yesterday"
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, fail_rate=1.0)) as down:
+        histimport.load([source], config_for(down, tmp_path, max_attempts=1))
+    fixed = dict(rows[1], sentOn="2024-01-02T00:00:00Z", sourceUuid="d.c.fixed")
+    write_jsonl(source, [message("d", "c", 99), rows[0], fixed, rows[2]])
+    with sandbox(SandboxConfig(port=0)) as server:
+        result = histimport.retry(
+            [tmp_path / "failed.json"],
+            config_for(server, tmp_path, failed_out=tmp_path / "r.json"),
+        )
+    assert result.exit_status is ExitStatus.INCOMPLETE
+    again = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
+    assert [(f["line"], f["stage"]) for f in again] == [(2, "rejected")]
+
+
+def test_two_rejects_with_one_source_uuid_are_both_read_again(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    """An invalid row, then a valid repeat of its sourceUuid (a duplicate, not sent in its
+    place): the invalid one, fixed under another sourceUuid, is sent by the retry."""
+    rows = [message("d", "c", n) for n in range(4)]
+    rows[1]["sentOn"] = "yesterday"
+    rows[3]["sourceUuid"] = rows[1]["sourceUuid"]
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    histimport.load([source], config_for(server, tmp_path))
+    listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert [(f["line"], f["errors"][0]["errorCode"]) for f in listed] == [
+        (2, "INVALID_TIMESTAMP"),
+        (4, "DUPLICATE_SOURCE_UUID"),
+    ]
+    fixed = dict(rows[1], sentOn="2024-01-02T00:00:00Z", sourceUuid="d.c.fixed")
+    write_jsonl(source, [rows[0], fixed, rows[2], rows[3]])
+    result = histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    assert result.exit_status is ExitStatus.OK, result.message
+    stored = {m.source_uuid for m in server.store.messages()}
+    assert {"d.c.fixed", rows[3]["sourceUuid"]} <= stored and len(stored) == 4
+
+
+def test_a_shard_stopped_while_reading_is_retried_with_its_own_rows_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: RunningSandbox
+) -> None:
+    rows = list(interleaved(customers=10, per_customer=10))
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    histimport.load(
+        [source], config_for(server, tmp_path, shard=(0, 2), failed_out=tmp_path / "s0.json")
+    )
+    shard_0 = server.store.count()
+    stage = Ledger.stage
+
+    def stopped_after_20_rows(self: Ledger, rows: Any) -> None:
+        def some() -> Any:
+            for n, row in enumerate(rows):
+                if n == 20:
+                    raise KeyboardInterrupt
+                yield row
+
+        stage(self, some())
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "stage", stopped_after_20_rows)
+        config = config_for(server, tmp_path, shard=(1, 2), failed_out=tmp_path / "s1.json")
+        histimport.load([source], replace(config, state_dir=tmp_path / "state1"))
+    (rest,) = [
+        f
+        for f in orjson.loads((tmp_path / "s1.json").read_bytes())["failures"]
+        if f["sourceUuid"] is None
+    ]
+    assert (rest["errors"][0]["errorCode"], rest["shard"]) == ("NOT_READ", "1/2")
+    result = histimport.retry(
+        [tmp_path / "s0.json", tmp_path / "s1.json"],
+        config_for(server, tmp_path, state_dir=tmp_path / "state2", failed_out=tmp_path / "r.json"),
+    )
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert result.counts["read"] == len(rows) - shard_0  # shard 1's rows, and none of shard 0's
+    assert server.store.count() == len(rows) and server.store.duplicate_receipts() == 0
+
+
+def test_a_platform_error_code_that_reads_like_ours_does_not_read_a_source_on() -> None:
+    """Only an entry that stands for no message (no sourceUuid) says where reading stopped."""
+    from histimport.outputs import FailedEntry
+    from histimport.resend import Selection
+
+    selection = Selection()
+    error = {"errorCode": "NOT_READ", "errorDescription": "the platform's own words"}
+    entry = FailedEntry(
+        sourceUuid="u", source="e.jsonl", line=3, stage="failed", retryable=True, errors=[error]
+    )
+    selection.add(entry)
+    assert selection.rest_from == {} and selection.uuids == {"u": entry}
+
+
 def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(
     tmp_path: Path, server: RunningSandbox
 ) -> None:

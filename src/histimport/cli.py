@@ -610,7 +610,7 @@ def _exit(done: SystemExit) -> None:
     code = done.code
     if threading.active_count() > 1 or not (code is None or isinstance(code, int)):
         return
-    if sys.getprofile() is not None or sys.gettrace() is not None:
+    if sys.getprofile() is not None or sys.gettrace() is not None or _monitored():
         return
     try:
         sys.stdout.flush()
@@ -618,6 +618,15 @@ def _exit(done: SystemExit) -> None:
     except (OSError, ValueError):
         return  # a closed or broken stream: let the usual exit report it
     os._exit(code or 0)
+
+
+def _monitored() -> bool:
+    """Whether a tool watches the run through sys.monitoring (Python 3.12 on: cProfile and
+    coverage may, with sys.getprofile() and sys.gettrace() left None)."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:
+        return False
+    return any(monitoring.get_tool(tool) is not None for tool in range(6))
 
 
 def _report_error(message: str, hint: str | None) -> None:

@@ -48,7 +48,7 @@ class DeliveryStats:
     splits: int = 0
     reconnects: int = 0
     server_warnings: int = 0
-    hurried: bool = False  # a second Ctrl-C abandoned the requests in flight
+    hurried: bool = False  # a second Ctrl-C abandoned requests in flight
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
     aborted: str | None = None
@@ -68,6 +68,10 @@ class AdaptiveLimit:
     @property
     def current(self) -> int:
         return max(1, int(self.limit))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     async def acquire(self) -> None:
         async with self._changed:
@@ -289,6 +293,7 @@ class Deliverer:
         self._backoff = Backoff(base=config.backoff_base, cap=config.backoff_cap)
         self._stopping = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        self._hurried = False
         self._resume_at = 0.0
         self._limit = AdaptiveLimit(config.concurrency)
         self._rate = AdaptiveRate(config.rate)
@@ -306,7 +311,8 @@ class Deliverer:
         messages stay unsent as far as the ledger knows (the platform may have stored them:
         sent again later, they are known to it by sourceUuid)."""
         self.stop()
-        self.stats.hurried = True
+        self._hurried = True
+        self.stats.hurried = self._limit.in_flight > 0
         for worker in self._workers:
             worker.cancel()
 
@@ -336,9 +342,14 @@ class Deliverer:
             try:
                 await asyncio.gather(*self._workers)
             except asyncio.CancelledError:
-                if not self.stats.hurried:
+                if not self._hurried:
                     raise
                 await asyncio.wait(self._workers)  # each one's cancellation run to its end
+            for worker in self._workers:
+                # One stopped by an error before the others were cancelled: the run's error.
+                error = None if worker.cancelled() else worker.exception()
+                if error is not None:
+                    raise error
         self.stats.reconnects = sum(sender.resent for sender in senders)
         self.stats.final_concurrency = self._limit.current
         return self.stats

@@ -518,10 +518,11 @@ class Ledger:
         self, uuids: Iterable[str], lines: Iterable[tuple[int, int, str | None]]
     ) -> tuple[set[str], set[tuple[int, int]]]:
         """Which of these sourceUuids and (source, line) pairs this run staged, as messages
-        or as rejected rows. A line's third item, when given, is when the failed file that
-        lists it was written: a line that now holds a message the platform accepted before
-        then holds another row than the one listed (lines moved: one was deleted above it),
-        and is not met by it."""
+        or as rejected rows. A line is not met by a row that is another one than the row
+        listed there, moved to it (a line was deleted or added above): a row whose
+        sourceUuid is among the wanted ones (listed itself), or, the line's third item
+        given (when the failed file that lists it was written), a message the platform
+        accepted before then."""
         db = self._db
         db.execute("CREATE TEMP TABLE want_uuid(u TEXT PRIMARY KEY) WITHOUT ROWID")
         db.execute(
@@ -544,10 +545,12 @@ class Ledger:
                 for src, line in db.execute(
                     "SELECT w.src, w.line FROM msg m CROSS JOIN want_line w "
                     "ON w.src = m.src AND w.line = m.line "
-                    "WHERE m.state != ? OR w.since IS NULL OR EXISTS (SELECT 1 FROM accepted a "
-                    "WHERE a.target = ? AND a.source_uuid = m.source_uuid AND a.at > w.since) "
+                    "WHERE m.source_uuid NOT IN (SELECT u FROM want_uuid) AND (m.state != ? "
+                    "OR w.since IS NULL OR EXISTS (SELECT 1 FROM accepted a WHERE a.target = ? "
+                    "AND a.source_uuid = m.source_uuid AND a.at > w.since)) "
                     "UNION SELECT w.src, w.line FROM rejected r CROSS JOIN want_line w "
-                    "ON w.src = r.src AND w.line = r.line",
+                    "ON w.src = r.src AND w.line = r.line "
+                    "WHERE r.source_uuid IS NULL OR r.source_uuid NOT IN (SELECT u FROM want_uuid)",
                     (State.ALREADY_ACCEPTED, self.target),
                 )
             }

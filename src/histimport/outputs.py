@@ -157,6 +157,9 @@ class FailedEntry(BaseModel):
     retryable: bool = False
     httpStatus: int | None = None
     errors: list[dict[str, Any]] = []
+    shard: str | None = None
+    """On a NOT_READ entry of a run with --shard K/N: the rest of the source is that
+    shard's rows only."""
 
 
 class FailedFile(BaseModel):
@@ -241,7 +244,8 @@ def write_failed(
             out.write((b",\n" if written else b"\n") + orjson.dumps(entry))
             written += 1
         for kept in carried:
-            out.write((b",\n" if written else b"\n") + kept.model_dump_json().encode())
+            entry_json = kept.model_dump_json(exclude=None if kept.shard else {"shard"})
+            out.write((b",\n" if written else b"\n") + entry_json.encode())
             written += 1
         out.write(b"\n]}\n")
 

@@ -11,6 +11,7 @@ from .config import Config
 from .outputs import NOT_READ, FailedEntry, read_failed_file
 from .read import RawRow
 from .run import Observer, Run, RunResult
+from .shard import parse_shard, shard_of
 
 
 @dataclass
@@ -22,26 +23,35 @@ class Selection:
     uuids: dict[str, FailedEntry] = field(default_factory=dict)
     lines: dict[tuple[str, int], FailedEntry] = field(default_factory=dict)
     carried: list[FailedEntry] = field(default_factory=list)
-    rest_from: dict[str, int] = field(default_factory=dict)
-    """Sources that could not be read past a line: every row from it on is wanted."""
+    rest_from: dict[str, list[tuple[int, tuple[int, int] | None]]] = field(default_factory=dict)
+    """Sources that were not read past a line: every row from it on is wanted (with a
+    shard, K of N: every row of that shard)."""
     created: dict[int, str] = field(default_factory=dict)
     """When the failed file that lists an entry was written, by id of the entry."""
+
+    read_on: list[FailedEntry] = field(default_factory=list)
+    """The entries behind `rest_from`."""
 
     def add(self, entry: FailedEntry, created: str | None = None) -> None:
         if created is not None:
             self.created[id(entry)] = created
+        if _broke_off(entry):
+            # Its line too is wanted through `rest_from`, which alone knows the shard.
+            shard = parse_shard(entry.shard, None) if entry.shard else None
+            self.rest_from.setdefault(entry.source, []).append((entry.line, shard))
+            self.read_on.append(entry)
+            return
         if entry.sourceUuid:
             self.uuids[entry.sourceUuid] = entry
         if entry.stage == "rejected" or not entry.sourceUuid:
             self.lines[(entry.source, entry.line)] = entry
-        if _broke_off(entry):
-            self.rest_from[entry.source] = min(
-                self.rest_from.get(entry.source, entry.line), entry.line
-            )
 
     def wants(self, path: str, row: RawRow) -> bool:
-        if (path, row.line) in self.lines or row.line >= self.rest_from.get(path, row.line + 1):
+        if (path, row.line) in self.lines:
             return True
+        for line, shard in self.rest_from.get(path, ()):
+            if row.line >= line and (shard is None or _in_shard(row, shard)):
+                return True
         uuid = row.data.get("sourceUuid") if row.data is not None else None
         return isinstance(uuid, str) and uuid in self.uuids
 
@@ -54,7 +64,7 @@ class Selection:
         which the new failed file then says)."""
         out = list(self.carried)
         seen: set[int] = set()
-        for entry in [*self.uuids.values(), *self.lines.values()]:
+        for entry in [*self.uuids.values(), *self.lines.values(), *self.read_on]:
             if id(entry) in seen:
                 continue
             seen.add(id(entry))
@@ -76,8 +86,20 @@ class Selection:
 
 def _broke_off(entry: FailedEntry) -> bool:
     """The entry of a source that was not read past its line: it could not be (UNREADABLE),
-    or the run was stopped there (NOT_READ)."""
-    return any(e.get("errorCode") in ("UNREADABLE", NOT_READ) for e in entry.errors)
+    or the run was stopped there (NOT_READ). Such an entry stands for no message (none
+    has a sourceUuid): a platform's error code that happens to read alike is not one."""
+    return entry.sourceUuid is None and any(
+        e.get("errorCode") in ("UNREADABLE", NOT_READ) for e in entry.errors
+    )
+
+
+def _in_shard(row: RawRow, shard: tuple[int, int]) -> bool:
+    """As `load --shard` takes rows: by their two ids; a row without them is shard 0's."""
+    data = row.data or {}
+    department, customer = data.get("departmentUUID"), data.get("customerUUID")
+    if not (isinstance(department, str) and isinstance(customer, str)):
+        return shard[0] == 0
+    return shard_of(department, customer, shard[1]) == shard[0]
 
 
 def _same_file(path: str) -> str:
@@ -103,6 +125,7 @@ def retry(
     cfg = config or Config()
     selection = Selection()
     entries: dict[tuple[str | int, ...], tuple[FailedEntry, str | None]] = {}
+    displaced: list[tuple[FailedEntry, str | None]] = []
     paths: list[str] = []
     formats: dict[str, str] = {}
     maps: set[str] = set()
@@ -126,13 +149,28 @@ def retry(
             if path != entry.source:
                 entry = entry.model_copy(update={"source": path})
             # A later file's word on a message is the latest.
-            entries[_key(entry)] = (entry, document.createdAt)
+            key = _key(entry)
+            earlier = entries.get(key)
+            if (
+                earlier is not None
+                and earlier[0].stage == "rejected"
+                and (earlier[0].source, earlier[0].line) != (entry.source, entry.line)
+            ):
+                displaced.append(earlier)  # another row's, not the same row's earlier word
+            entries[key] = (entry, document.createdAt)
     for entry, created in entries.values():
         if entry.stage in ("rejected", "notSent") or entry.retryable or include_permanent:
             selection.add(entry, created)
         else:
             # Not sent again, but still not accepted: the new failed file lists it too.
             selection.carried.append(entry)
+    for entry, created in displaced:
+        # Another row rejected with the same sourceUuid (the repeat of an invalid row, say):
+        # its line is still wanted, fixed since maybe, under another sourceUuid.
+        if (entry.source, entry.line) not in selection.lines:
+            selection.lines[(entry.source, entry.line)] = entry
+            if created is not None:
+                selection.created[id(entry)] = created
     if cfg.base_url is None and not cfg.sandbox and base_url is not None:
         cfg = replace(cfg, base_url=base_url)
     if cfg.map_file is None and len(maps) == 1:

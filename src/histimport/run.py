@@ -402,6 +402,7 @@ class Run:
         if self.read_whole or self.selection is not None or self.config.dry_run:
             return []
         reached = ledger.last_lines()
+        shard = self.config.shard
         unread = []
         for index, source in enumerate(sources):
             staged = reached.get(index, 0)
@@ -419,6 +420,7 @@ class Run:
                     stage="notSent",
                     retryable=True,
                     errors=[error],
+                    shard=None if shard is None else f"{shard[0]}/{shard[1]}",
                 )
             )
         return unread
@@ -674,7 +676,9 @@ class Run:
         elif self.interrupted and not self.read_whole:
             status = ExitStatus.INTERRUPTED
             message = f"interrupted while reading, after {self.read} rows: nothing was sent"
-            if self.selection is None:
+            if config.dry_run:
+                message = f"interrupted while reading, after {self.read} rows"
+            elif self.selection is None:
                 message += (
                     "; the failed file says where the rows not read begin: run the same "
                     "command again, or retry the failed file, to go on"

@@ -48,7 +48,7 @@ class DeliveryStats:
     splits: int = 0
     reconnects: int = 0
     server_warnings: int = 0
-    hurried: bool = False  # a second Ctrl-C abandoned requests in flight
+    abandoned: bool = False  # a second Ctrl-C abandoned requests in flight
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
     aborted: str | None = None
@@ -312,7 +312,7 @@ class Deliverer:
         sent again later, they are known to it by sourceUuid)."""
         self.stop()
         self._hurried = True
-        self.stats.hurried = self._limit.in_flight > 0
+        self.stats.abandoned = self._limit.in_flight > 0
         for worker in self._workers:
             worker.cancel()
 

@@ -131,13 +131,14 @@ def retry(
     maps: set[str] = set()
     base_url: str | None = None
     spelt: dict[str, str] = {}  # a source's path as first met, by the file it names
+    chosen: dict[str, str] = {}  # that path, by each way the failed files spell it
     for failed_file in failed_files:
         document = read_failed_file(Path(failed_file))
         base_url = base_url or document.baseUrl
         for source in document.sources:
             # One file named two ways (./p.jsonl by one run, /data/p.jsonl by another) is
             # read once: twice, its rows would be repeats of themselves.
-            path = spelt.setdefault(_same_file(source.path), source.path)
+            path = chosen[source.path] = spelt.setdefault(_same_file(source.path), source.path)
             if path not in paths:
                 paths.append(path)
                 if source.format is not None:
@@ -145,7 +146,7 @@ def retry(
             if source.map:
                 maps.add(source.map)
         for entry in document.failures:
-            path = spelt.get(_same_file(entry.source), entry.source)
+            path = chosen.get(entry.source, entry.source)  # not a listed source: left alone
             if path != entry.source:
                 entry = entry.model_copy(update={"source": path})
             # A later file's word on a message is the latest.

@@ -688,7 +688,7 @@ class Run:
         elif self.interrupted:
             status = ExitStatus.INTERRUPTED
             message = "interrupted: requests in flight were settled; the rest is listed as notSent"
-            if delivered.hurried:
+            if delivered.abandoned:
                 message = (
                     "interrupted twice: requests in flight were abandoned; their messages and "
                     "the rest are listed as notSent (the platform may have stored the "

@@ -700,6 +700,48 @@ def test_a_shard_stopped_while_reading_is_retried_with_its_own_rows_only(
     assert server.store.count() == len(rows) and server.store.duplicate_receipts() == 0
 
 
+def test_two_shards_stopped_at_the_same_line_are_both_read_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: RunningSandbox
+) -> None:
+    rows = list(interleaved(customers=10, per_customer=5))
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+
+    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "_flush", interrupted)
+        for k in (0, 1):
+            config = config_for(server, tmp_path, shard=(k, 2), failed_out=tmp_path / f"s{k}.json")
+            histimport.load([source], config)
+    result = histimport.retry(
+        [tmp_path / "s0.json", tmp_path / "s1.json"], config_for(server, tmp_path)
+    )
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert server.store.count() == len(rows)
+
+
+def test_a_row_with_an_empty_id_is_shard_0_s_in_a_retry_as_in_a_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: RunningSandbox
+) -> None:
+    rows: list[dict[str, Any]] = [message("d", f"k{n}", n) for n in range(8)]
+    rows[5]["departmentUUID"] = ""
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+
+    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "_flush", interrupted)
+        histimport.load([source], config_for(server, tmp_path, shard=(0, 2)))
+    result = histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    again = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
+    assert [(f["line"], f["errors"][0]["errorCode"]) for f in again] == [(6, "INVALID_ID")]
+    assert result.exit_status is ExitStatus.INCOMPLETE
+
+
 def test_a_platform_error_code_that_reads_like_ours_does_not_read_a_source_on() -> None:
     """Only an entry that stands for no message (no sourceUuid) says where reading stopped."""
     from histimport.outputs import FailedEntry
@@ -712,6 +754,102 @@ def test_a_platform_error_code_that_reads_like_ours_does_not_read_a_source_on() 
     )
     selection.add(entry)
     assert selection.rest_from == {} and selection.uuids == {"u": entry}
+
+
+def test_a_row_listed_by_its_line_and_later_by_its_source_uuid_is_met_once(
+    tmp_path: Path,
+) -> None:
+    """A reject without a sourceUuid, given one by the user, then failed under it by a
+    retry against a platform that was down: both failed files list one row."""
+    rows = [message("d", "c", n) for n in range(4)]
+    no_id = {k: v for k, v in rows[2].items() if k != "sourceUuid"}
+    source = write_jsonl(tmp_path / "e.jsonl", [rows[0], rows[1], no_id, rows[3]])
+    with sandbox(SandboxConfig(port=0)) as server:
+        histimport.load([source], config_for(server, tmp_path, failed_out=tmp_path / "f1.json"))
+    write_jsonl(source, rows)
+    with sandbox(SandboxConfig(port=0, fail_rate=1.0)) as down:
+        config = config_for(down, tmp_path, failed_out=tmp_path / "f2.json", max_attempts=1)
+        histimport.retry([tmp_path / "f1.json"], config)
+    with sandbox(SandboxConfig(port=0)) as server:
+        config = config_for(server, tmp_path, failed_out=tmp_path / "f3.json")
+        result = histimport.retry([tmp_path / "f1.json", tmp_path / "f2.json"], config)
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert orjson.loads((tmp_path / "f3.json").read_bytes())["failures"] == []
+
+
+def test_a_load_stopped_while_reading_then_edited_above_is_read_again_whole(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    """Lines move when the user deletes a listed row; the retry of a load stopped while
+    reading reads the source from its first line, so that no row is left behind."""
+    rows = [message("d", "c", n) for n in range(6)]
+    junk = {"departmentUUID": "d", "customerUUID": "c", "note": "junk"}
+    source = write_jsonl(tmp_path / "e.jsonl", [rows[0], junk, *rows[1:]])
+    stage = Ledger.stage
+
+    def stopped_after_3_rows(self: Ledger, checked: Any) -> None:
+        def some() -> Any:
+            for n, row in enumerate(checked):
+                if n == 3:
+                    raise KeyboardInterrupt
+                yield row
+
+        stage(self, some())
+
+    Ledger.stage = stopped_after_3_rows  # type: ignore[method-assign]
+    try:
+        histimport.load([source], config_for(server, tmp_path))
+    finally:
+        Ledger.stage = stage  # type: ignore[method-assign]
+    listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    assert (listed[-1]["line"], listed[-1]["errors"][0]["errorCode"]) == (4, "NOT_READ")
+    write_jsonl(source, rows)  # the junk line deleted: every row below it one line up
+    histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    assert server.store.count() == len(rows) and server.store.duplicate_receipts() == 0
+    # The junk's line holds a row listed at another line: deleted or moved, it cannot be
+    # told, so its entry stays listed rather than be taken as done.
+    again = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
+    assert [(f["line"], f["stage"]) for f in again] == [(2, "rejected")]
+
+
+def test_each_shard_of_a_source_that_breaks_off_lists_and_retries_its_own_rest(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
+    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    source = tmp_path / "e.jsonl.gz"
+    source.write_bytes(packed[: len(packed) // 2])
+    for k in (0, 1):
+        config = config_for(server, tmp_path, shard=(k, 2), failed_out=tmp_path / f"s{k}.json")
+        result = histimport.load([source], replace(config, state_dir=tmp_path / f"state{k}"))
+        assert result.exit_status is ExitStatus.INCOMPLETE  # shard 1 too read no further
+        (entry,) = orjson.loads((tmp_path / f"s{k}.json").read_bytes())["failures"]
+        assert (entry["errors"][0]["errorCode"], entry["shard"]) == ("UNREADABLE", f"{k}/2")
+    source.write_bytes(packed)  # fetched again, whole
+    config = config_for(server, tmp_path, state_dir=tmp_path / "state2")
+    result = histimport.retry([tmp_path / "s0.json", tmp_path / "s1.json"], config)
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert server.store.count() == len(rows) and server.store.duplicate_receipts() == 0
+
+
+def test_a_source_that_breaks_off_earlier_than_it_did_says_so_again(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
+    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    source = tmp_path / "e.jsonl.gz"
+    source.write_bytes(packed[: len(packed) // 2])
+    histimport.load([source], config_for(server, tmp_path))
+    (first,) = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
+    source.write_bytes(packed[: len(packed) // 4])  # fetched again, and cut shorter
+    result = histimport.retry(
+        [tmp_path / "failed.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+    )
+    assert result.exit_status is ExitStatus.INCOMPLETE
+    (again,) = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
+    assert again["errors"][0]["errorCode"] == "UNREADABLE" and again["line"] < first["line"]
 
 
 def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(

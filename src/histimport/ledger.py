@@ -516,13 +516,12 @@ class Ledger:
     @_writes
     def staged_among(
         self, uuids: Iterable[str], lines: Iterable[tuple[int, int, str | None]]
-    ) -> tuple[set[str], set[tuple[int, int]]]:
-        """Which of these sourceUuids and (source, line) pairs this run staged, as messages
-        or as rejected rows. A line is not met by a row that is another one than the row
-        listed there, moved to it (a line was deleted or added above): a row whose
-        sourceUuid is among the wanted ones (listed itself), or, the line's third item
-        given (when the failed file that lists it was written), a message the platform
-        accepted before then."""
+    ) -> tuple[set[str], dict[tuple[int, int], str | None]]:
+        """Which of these sourceUuids this run staged, as messages or as rejected rows; and
+        of these (source, line) pairs, those it staged a row at, with that row's sourceUuid,
+        unless the row is a message the platform accepted before the line's third item
+        (when the failed file that lists the line was written, if known): such a row is
+        another one than the row listed there, moved to it (a line above was deleted)."""
         db = self._db
         db.execute("CREATE TEMP TABLE want_uuid(u TEXT PRIMARY KEY) WITHOUT ROWID")
         db.execute(
@@ -540,17 +539,15 @@ class Ledger:
                 )
             }
             met_lines = {
-                (int(src), int(line))
+                (int(src), int(line)): uuid
                 # One pass over each table, each row looked up among the wanted ones.
-                for src, line in db.execute(
-                    "SELECT w.src, w.line FROM msg m CROSS JOIN want_line w "
+                for src, line, uuid in db.execute(
+                    "SELECT w.src, w.line, m.source_uuid FROM msg m CROSS JOIN want_line w "
                     "ON w.src = m.src AND w.line = m.line "
-                    "WHERE m.source_uuid NOT IN (SELECT u FROM want_uuid) AND (m.state != ? "
-                    "OR w.since IS NULL OR EXISTS (SELECT 1 FROM accepted a WHERE a.target = ? "
-                    "AND a.source_uuid = m.source_uuid AND a.at > w.since)) "
-                    "UNION SELECT w.src, w.line FROM rejected r CROSS JOIN want_line w "
-                    "ON w.src = r.src AND w.line = r.line "
-                    "WHERE r.source_uuid IS NULL OR r.source_uuid NOT IN (SELECT u FROM want_uuid)",
+                    "WHERE m.state != ? OR w.since IS NULL OR EXISTS (SELECT 1 FROM accepted a "
+                    "WHERE a.target = ? AND a.source_uuid = m.source_uuid AND a.at > w.since) "
+                    "UNION ALL SELECT w.src, w.line, r.source_uuid FROM rejected r "
+                    "CROSS JOIN want_line w ON w.src = r.src AND w.line = r.line",
                     (State.ALREADY_ACCEPTED, self.target),
                 )
             }

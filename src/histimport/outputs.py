@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import OutputError, UsageError
 from .ledger import Failure
-from .read import Source
+from .read import UNREADABLE, Source
 
 FAILED_FORMAT = "histimport.failed/v1"
 REPORT_FORMAT = "histimport.report/v1"
@@ -201,12 +201,14 @@ def write_failed(
     preview: list[str],
     carried: Sequence[FailedEntry] = (),
     preview_size: int = 20,
+    shard: str | None = None,
 ) -> None:
     """Stream every failure into the failed file; tally error codes and keep a short preview
     of the rejected rows for the summary on the way. `carried` entries (those of an earlier
     failed file that a retry did not send) are listed again as they were, and counted in
     the file's counts (which count its entries), not in the tally (the run's own rows, as
-    the report's counts)."""
+    the report's counts). `shard`: the run's --shard, which an UNREADABLE entry records
+    (the rest of its source is that shard's rows only)."""
     counts = dict(counts)
     for kept in carried:
         counts[kept.stage] += 1
@@ -241,6 +243,8 @@ def write_failed(
                 "httpStatus": failure.http_status,
                 "errors": errors,
             }
+            if shard is not None and failure.source_uuid is None and _broke_off(errors):
+                entry["shard"] = shard
             out.write((b",\n" if written else b"\n") + orjson.dumps(entry))
             written += 1
         for kept in carried:
@@ -248,6 +252,10 @@ def write_failed(
             out.write((b",\n" if written else b"\n") + entry_json.encode())
             written += 1
         out.write(b"\n]}\n")
+
+
+def _broke_off(errors: Sequence[dict[str, Any]]) -> bool:
+    return any(e.get("errorCode") == UNREADABLE for e in errors)
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

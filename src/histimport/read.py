@@ -229,11 +229,13 @@ def jsonl_lines(
         yield broken_off(index, line_no + 1, exc)
 
 
+UNREADABLE = "UNREADABLE"
+"""The error code of the row that stands for the rest of a source that breaks off."""
+
+
 def broken_off(index: int, line: int, exc: BaseException) -> RawRow:
     """The row in place of a source's rest, from the line it broke off at (a damaged gzip)."""
-    return RawRow(
-        index, line, None, RowError("UNREADABLE", f"source cannot be read further: {exc}")
-    )
+    return RawRow(index, line, None, RowError(UNREADABLE, f"source cannot be read further: {exc}"))
 
 
 def _refuse_json_array(line: bytes, line_no: int, name: str) -> None:

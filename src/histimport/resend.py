@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import Config
 from .outputs import NOT_READ, FailedEntry, read_failed_file
-from .read import RawRow
+from .read import UNREADABLE, RawRow
 from .run import Observer, Run, RunResult
 from .shard import parse_shard, shard_of
 
@@ -36,9 +36,14 @@ class Selection:
         if created is not None:
             self.created[id(entry)] = created
         if _broke_off(entry):
-            # Its line too is wanted through `rest_from`, which alone knows the shard.
+            # Its line too is wanted through `rest_from`, which alone knows the shard. A
+            # load stopped while reading sent nothing and listed every row it had staged:
+            # its source is read again from the top, as lines may have moved since (the
+            # user fixing a listed row above may delete one); what it had staged is
+            # listed anyway, and what the ledger holds as accepted is not sent again.
             shard = parse_shard(entry.shard, None) if entry.shard else None
-            self.rest_from.setdefault(entry.source, []).append((entry.line, shard))
+            line = 1 if _stopped(entry) else entry.line
+            self.rest_from.setdefault(entry.source, []).append((line, shard))
             self.read_on.append(entry)
             return
         if entry.sourceUuid:
@@ -47,7 +52,10 @@ class Selection:
             self.lines[(entry.source, entry.line)] = entry
 
     def wants(self, path: str, row: RawRow) -> bool:
-        if (path, row.line) in self.lines:
+        if (path, row.line) in self.lines or (
+            row.error is not None and row.error.code == UNREADABLE
+        ):
+            # A source that breaks off now, earlier than it did, says so in the new file.
             return True
         for line, shard in self.rest_from.get(path, ()):
             if row.line >= line and (shard is None or _in_shard(row, shard)):
@@ -56,12 +64,17 @@ class Selection:
         return isinstance(uuid, str) and uuid in self.uuids
 
     def unmet(
-        self, staged_uuids: set[str], staged_lines: set[tuple[str, int]], *, read_whole: bool
+        self,
+        staged_uuids: set[str],
+        staged_lines: dict[tuple[str, int], str | None],
+        *,
+        read_whole: bool,
     ) -> list[FailedEntry]:
         """The carried entries, then the wanted ones whose row this run did not stage: what
         the ledger holds, not what was read, so that an interruption loses none. A source
         that broke off is met once read whole (to its end, or to where it breaks off now,
-        which the new failed file then says)."""
+        which the new failed file then says). `staged_lines`: the sourceUuid of the row
+        staged at each wanted line (the ledger leaves out old messages moved there)."""
         out = list(self.carried)
         seen: set[int] = set()
         for entry in [*self.uuids.values(), *self.lines.values(), *self.read_on]:
@@ -73,15 +86,25 @@ class Selection:
             # (or, with --generate-source-uuid, been derived from what changed).
             if entry.sourceUuid:
                 met = entry.sourceUuid in staged_uuids or (
-                    entry.stage == "rejected" and (entry.source, entry.line) in staged_lines
+                    entry.stage == "rejected" and self._row_at(entry, staged_lines)
                 )
             elif _broke_off(entry):
                 met = read_whole
             else:
-                met = (entry.source, entry.line) in staged_lines
+                met = self._row_at(entry, staged_lines)
             if not met:
                 out.append(entry)
         return out
+
+    def _row_at(self, entry: FailedEntry, staged_lines: dict[tuple[str, int], str | None]) -> bool:
+        """Whether the row staged at the entry's line is the one listed there: not one that
+        the failed files list at another line (moved there: a line above was deleted)."""
+        place = (entry.source, entry.line)
+        if place not in staged_lines:
+            return False
+        uuid = staged_lines[place]
+        listed = self.uuids.get(uuid) if uuid is not None else None
+        return listed is None or (listed.source, listed.line) == place
 
 
 def _broke_off(entry: FailedEntry) -> bool:
@@ -89,16 +112,20 @@ def _broke_off(entry: FailedEntry) -> bool:
     or the run was stopped there (NOT_READ). Such an entry stands for no message (none
     has a sourceUuid): a platform's error code that happens to read alike is not one."""
     return entry.sourceUuid is None and any(
-        e.get("errorCode") in ("UNREADABLE", NOT_READ) for e in entry.errors
+        e.get("errorCode") in (UNREADABLE, NOT_READ) for e in entry.errors
     )
+
+
+def _stopped(entry: FailedEntry) -> bool:
+    return any(e.get("errorCode") == NOT_READ for e in entry.errors)
 
 
 def _in_shard(row: RawRow, shard: tuple[int, int]) -> bool:
     """As `load --shard` takes rows: by their two ids; a row without them is shard 0's."""
     data = row.data or {}
     department, customer = data.get("departmentUUID"), data.get("customerUUID")
-    if not (isinstance(department, str) and isinstance(customer, str)):
-        return shard[0] == 0
+    if not (isinstance(department, str) and department and isinstance(customer, str) and customer):
+        return shard[0] == 0  # ids missing, or not strings, or empty: as the check reads them
     return shard_of(department, customer, shard[1]) == shard[0]
 
 
@@ -108,8 +135,11 @@ def _same_file(path: str) -> str:
 
 
 def _key(entry: FailedEntry) -> tuple[str | int, ...]:
-    """One message, or one row without a sourceUuid, however many failed files list it."""
-    return (entry.sourceUuid,) if entry.sourceUuid else (entry.source, entry.line)
+    """One message, or one row without a sourceUuid (or one shard's rest of a source),
+    however many failed files list it."""
+    if entry.sourceUuid:
+        return (entry.sourceUuid,)
+    return (entry.source, entry.line, entry.shard or "")
 
 
 def retry(

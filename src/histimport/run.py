@@ -40,6 +40,7 @@ from .outputs import (
 )
 from .read import (
     READ_ERRORS,
+    UNREADABLE,
     RawRow,
     Source,
     as_row,
@@ -201,6 +202,10 @@ def _batches(lines: Iterator[tuple[int, bytes] | RawRow]) -> Iterator[list[Any]]
 
 _READING_EVERY = 4096
 """Rows between two reports of how much of a source was read."""
+
+
+def _broke_off(row: Rejected) -> bool:
+    return row.source_uuid is None and any(p.code == UNREADABLE for p in row.problems)
 
 
 def _file_size(path: str) -> int | None:
@@ -391,7 +396,9 @@ class Run:
         ]
         uuids, lines = ledger.staged_among(self.selection.uuids, wanted_lines)
         return self.selection.unmet(
-            uuids, {(sources[i].path, n) for i, n in lines}, read_whole=self.read_whole
+            uuids,
+            {(sources[i].path, n): uuid for (i, n), uuid in lines.items()},
+            read_whole=self.read_whole,
         )
 
     def _unread(self, ledger: Ledger, sources: list[Source]) -> list[FailedEntry]:
@@ -546,12 +553,15 @@ class Run:
 
     def _owns(self, row: Valid | Rejected) -> bool:
         """With --shard K/N, a row is this shard's when its key hashes to K; a row whose ids
-        could not be read is shard 0's, so that every rejected row is reported once."""
+        could not be read is shard 0's, so that every rejected row is reported once (all
+        but one)."""
         shard = self.config.shard
         if shard is None:
             return True
         if row.department is None or row.customer is None:
-            return shard[0] == 0
+            # The row for the rest of a source that breaks off is every shard's: each one
+            # read no further, and a retry of each shard's failed file reads on from there.
+            return shard[0] == 0 or (isinstance(row, Rejected) and _broke_off(row))
         return shard_of(row.department, row.customer, shard[1]) == shard[0]
 
     def _rows(self, source: Source, stream: IO[bytes], index: int) -> Iterator[RawRow]:
@@ -643,6 +653,7 @@ class Run:
                 error_codes=error_codes,
                 preview=preview,
                 carried=carried,
+                shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
             )
         elapsed = time.monotonic() - started
         report: dict[str, Any] = {

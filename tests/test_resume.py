@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -850,6 +852,93 @@ def test_a_source_that_breaks_off_earlier_than_it_did_says_so_again(
     assert result.exit_status is ExitStatus.INCOMPLETE
     (again,) = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
     assert again["errors"][0]["errorCode"] == "UNREADABLE" and again["line"] < first["line"]
+
+
+@contextmanager
+def stopped_after(rows: int) -> Iterator[None]:
+    """Staging is interrupted (as by Ctrl-C) once `rows` rows were handed to the ledger."""
+    stage = Ledger.stage
+
+    def interrupted(self: Ledger, checked: Any) -> None:
+        def some() -> Any:
+            for n, row in enumerate(checked):
+                if n == rows:
+                    raise KeyboardInterrupt
+                yield row
+
+        stage(self, some())
+
+    Ledger.stage = interrupted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Ledger.stage = stage  # type: ignore[method-assign]
+
+
+def test_a_refused_message_read_again_from_the_top_is_listed_once(tmp_path: Path) -> None:
+    rows = [message("d", f"c{n % 3}", n) for n in range(30)]
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, reject_rate=0.2)) as server:
+        histimport.load([source], config_for(server, tmp_path, failed_out=tmp_path / "f1.json"))
+        refused = len(orjson.loads((tmp_path / "f1.json").read_bytes())["failures"])
+        with stopped_after(15):
+            histimport.load([source], config_for(server, tmp_path, failed_out=tmp_path / "f2.json"))
+        histimport.retry(
+            [tmp_path / "f2.json"], config_for(server, tmp_path, failed_out=tmp_path / "r.json")
+        )
+    listed = orjson.loads((tmp_path / "r.json").read_bytes())
+    places = [(f["source"], f["line"]) for f in listed["failures"]]
+    assert 0 < len(places) == len(set(places)) == refused == listed["counts"]["failed"]
+
+
+def test_a_fixed_repeat_is_not_taken_as_done_by_a_retry_stopped_before_it(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    rows = [message("d", "c", n) for n in range(10)]
+    rows[6] = dict(rows[6], sourceUuid=rows[2]["sourceUuid"])  # line 7 repeats line 3's
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    histimport.load([source], config_for(server, tmp_path, failed_out=tmp_path / "f1.json"))
+    rows[6] = dict(rows[6], sourceUuid="d.c.fixed")
+    write_jsonl(source, rows)
+    with stopped_after(1):
+        histimport.retry(
+            [tmp_path / "f1.json"], config_for(server, tmp_path, failed_out=tmp_path / "f2.json")
+        )
+    listed = orjson.loads((tmp_path / "f2.json").read_bytes())["failures"]
+    assert [f["line"] for f in listed] == [7]
+    histimport.retry(
+        [tmp_path / "f2.json"], config_for(server, tmp_path, failed_out=tmp_path / "f3.json")
+    )
+    assert server.store.count() == len(rows)
+
+
+def test_a_source_that_breaks_off_again_is_listed_once_with_its_shard(
+    tmp_path: Path, server: RunningSandbox
+) -> None:
+    """A retry stopped after the row for the break was staged; then a retry without --shard
+    of a shard's failed file: the entry keeps the shard its rows were read for."""
+    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
+    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    source = tmp_path / "e.jsonl.gz"
+    source.write_bytes(packed[: len(packed) // 2])
+    other = write_jsonl(tmp_path / "b.jsonl", [message("d", "b", n) for n in range(20)])
+    config = config_for(server, tmp_path, shard=(0, 2), failed_out=tmp_path / "s0.json")
+    histimport.load([source, other], config)
+    (entry,) = orjson.loads((tmp_path / "s0.json").read_bytes())["failures"]
+    with stopped_after(30):
+        histimport.retry(
+            [tmp_path / "s0.json"], config_for(server, tmp_path, failed_out=tmp_path / "r1.json")
+        )
+    histimport.retry(
+        [tmp_path / "s0.json"], config_for(server, tmp_path, failed_out=tmp_path / "r2.json")
+    )
+    for name in ("r1.json", "r2.json"):
+        broke = [
+            f
+            for f in orjson.loads((tmp_path / name).read_bytes())["failures"]
+            if f["errors"][0]["errorCode"] == "UNREADABLE"
+        ]
+        assert [(f["line"], f["shard"]) for f in broke] == [(entry["line"], "0/2")], name
 
 
 def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(

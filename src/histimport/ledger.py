@@ -42,6 +42,7 @@ import orjson
 
 from .check import Rejected, Valid
 from .errors import LedgerError
+from .read import UNREADABLE
 from .signals import deferred
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -555,6 +556,17 @@ class Ledger:
             db.execute("DROP TABLE temp.want_uuid")
             db.execute("DROP TABLE temp.want_line")
         return met_uuids, met_lines
+
+    def broken_lines(self) -> set[tuple[int, int]]:
+        """(source, line) of the rows standing for a source that breaks off there."""
+        return {
+            (int(src), int(line))
+            for src, line in self._db.execute(
+                "SELECT src, line FROM rejected WHERE source_uuid IS NULL "
+                "AND json_extract(errors, '$[0].errorCode') = ?",
+                (UNREADABLE,),
+            )
+        }
 
     def last_lines(self) -> dict[int, int]:
         """The last line staged of each source, by index."""

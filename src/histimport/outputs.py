@@ -201,14 +201,15 @@ def write_failed(
     preview: list[str],
     carried: Sequence[FailedEntry] = (),
     preview_size: int = 20,
-    shard: str | None = None,
+    shards: dict[int, str] | None = None,
 ) -> None:
     """Stream every failure into the failed file; tally error codes and keep a short preview
     of the rejected rows for the summary on the way. `carried` entries (those of an earlier
     failed file that a retry did not send) are listed again as they were, and counted in
     the file's counts (which count its entries), not in the tally (the run's own rows, as
-    the report's counts). `shard`: the run's --shard, which an UNREADABLE entry records
-    (the rest of its source is that shard's rows only)."""
+    the report's counts). `shards`: by source index, the shard (K/N) whose rows alone
+    were read of it, which an UNREADABLE entry records (the rest of its source is that
+    shard's rows only)."""
     counts = dict(counts)
     for kept in carried:
         counts[kept.stage] += 1
@@ -243,6 +244,7 @@ def write_failed(
                 "httpStatus": failure.http_status,
                 "errors": errors,
             }
+            shard = shards.get(failure.source) if shards else None
             if shard is not None and failure.source_uuid is None and _broke_off(errors):
                 entry["shard"] = shard
             out.write((b",\n" if written else b"\n") + orjson.dumps(entry))

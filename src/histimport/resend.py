@@ -67,15 +67,18 @@ class Selection:
         self,
         staged_uuids: set[str],
         staged_lines: dict[tuple[str, int], str | None],
+        broken: set[tuple[str, int]],
         *,
         read_whole: bool,
     ) -> list[FailedEntry]:
-        """The carried entries, then the wanted ones whose row this run did not stage: what
-        the ledger holds, not what was read, so that an interruption loses none. A source
-        that broke off is met once read whole (to its end, or to where it breaks off now,
-        which the new failed file then says). `staged_lines`: the sourceUuid of the row
-        staged at each wanted line (the ledger leaves out old messages moved there)."""
-        out = list(self.carried)
+        """The carried entries (but those the run read again, which the ledger lists), then
+        the wanted ones whose row this run did not stage: what the ledger holds, not what
+        was read, so that an interruption loses none. A source that broke off is met once
+        read whole (to its end, or to where it breaks off now, which the new failed file
+        then says), or once it broke off at the same line again (`broken`).
+        `staged_lines`: the sourceUuid of the row staged at each wanted line (the ledger
+        leaves out old messages moved there)."""
+        out = [e for e in self.carried if not (e.sourceUuid and e.sourceUuid in staged_uuids)]
         seen: set[int] = set()
         for entry in [*self.uuids.values(), *self.lines.values(), *self.read_on]:
             if id(entry) in seen:
@@ -84,12 +87,17 @@ class Selection:
             # A message is met by its sourceUuid; its line may hold another row by now. A
             # rejected row is met by its line, too: fixed, its sourceUuid may have changed
             # (or, with --generate-source-uuid, been derived from what changed).
-            if entry.sourceUuid:
-                met = entry.sourceUuid in staged_uuids or (
-                    entry.stage == "rejected" and self._row_at(entry, staged_lines)
+            if entry.sourceUuid and entry.stage != "rejected":
+                met = entry.sourceUuid in staged_uuids
+            elif entry.sourceUuid:
+                # Its sourceUuid staged is not enough: another row has it (this one was its
+                # repeat), or had it (this one was fixed under another), unless the row at
+                # the line is this one, or the whole source was read (it moved elsewhere).
+                met = self._row_at(entry, staged_lines) or (
+                    read_whole and entry.sourceUuid in staged_uuids
                 )
             elif _broke_off(entry):
-                met = read_whole
+                met = read_whole or (entry.source, entry.line) in broken
             else:
                 met = self._row_at(entry, staged_lines)
             if not met:

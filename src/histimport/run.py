@@ -387,19 +387,40 @@ class Run:
         """`retry`: the entries it lists again, from what the ledger staged."""
         if self.selection is None:
             return []
+        selection = self.selection
         index = {s.path: i for i, s in enumerate(sources)}
-        created = self.selection.created
         wanted_lines = [  # a message is met by its sourceUuid; a reject by its line, too
-            (index[p], n, created.get(id(entry)))
-            for (p, n), entry in self.selection.lines.items()
+            (index[p], n, selection.created.get(id(entry)))
+            for (p, n), entry in selection.lines.items()
             if p in index
         ]
-        uuids, lines = ledger.staged_among(self.selection.uuids, wanted_lines)
-        return self.selection.unmet(
+        # Carried messages too: read again all the same (a source read on from a line),
+        # they are the ledger's to list.
+        carried = (e.sourceUuid for e in selection.carried if e.sourceUuid)
+        uuids, lines = ledger.staged_among([*selection.uuids, *carried], wanted_lines)
+        broken = {(sources[i].path, n) for i, n in ledger.broken_lines()}
+        return selection.unmet(
             uuids,
             {(sources[i].path, n): uuid for (i, n), uuid in lines.items()},
+            broken,
             read_whole=self.read_whole,
         )
+
+    def _shards(self, sources: list[Source]) -> dict[int, str]:
+        """By source index, the shard whose rows alone were read of it (K/N): this run's
+        --shard, or, for a retry without one, the shard of the entries it read on from
+        (one shard's alone); an UNREADABLE entry records it."""
+        shard = self.config.shard
+        if shard is not None:
+            return dict.fromkeys(range(len(sources)), f"{shard[0]}/{shard[1]}")
+        if self.selection is None:
+            return {}
+        out = {}
+        for i, source in enumerate(sources):
+            found = {e.shard for e in self.selection.read_on if e.source == source.path}
+            if len(found) == 1 and None not in found:
+                out[i] = str(found.pop())
+        return out
 
     def _unread(self, ledger: Ledger, sources: list[Source]) -> list[FailedEntry]:
         """`load` stopped while reading: an entry for where each source's unstaged rest
@@ -653,7 +674,7 @@ class Run:
                 error_codes=error_codes,
                 preview=preview,
                 carried=carried,
-                shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
+                shards=self._shards(sources),
             )
         elapsed = time.monotonic() - started
         report: dict[str, Any] = {

@@ -90,11 +90,11 @@ class Selection:
             if entry.sourceUuid and entry.stage != "rejected":
                 met = entry.sourceUuid in staged_uuids
             elif entry.sourceUuid:
-                # Its sourceUuid staged is not enough: another row has it (this one was its
-                # repeat), or had it (this one was fixed under another), unless the row at
-                # the line is this one, or the whole source was read (it moved elsewhere).
+                # A rejected row: met by the row at its line (fixed, perhaps under another
+                # sourceUuid), or by its sourceUuid staged (moved elsewhere); for the repeat
+                # of another row's, that is the other row's, unless every row was read.
                 met = self._row_at(entry, staged_lines) or (
-                    read_whole and entry.sourceUuid in staged_uuids
+                    entry.sourceUuid in staged_uuids and (read_whole or not _repeat(entry))
                 )
             elif _broke_off(entry):
                 met = read_whole or (entry.source, entry.line) in broken
@@ -122,6 +122,10 @@ def _broke_off(entry: FailedEntry) -> bool:
     return entry.sourceUuid is None and any(
         e.get("errorCode") in (UNREADABLE, NOT_READ) for e in entry.errors
     )
+
+
+def _repeat(entry: FailedEntry) -> bool:
+    return any(e.get("errorCode") == "DUPLICATE_SOURCE_UUID" for e in entry.errors)
 
 
 def _stopped(entry: FailedEntry) -> bool:

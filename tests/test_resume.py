@@ -67,6 +67,37 @@ def environment(server: RunningSandbox) -> dict[str, str]:
     }
 
 
+@contextmanager
+def stopped_after(rows: int) -> Iterator[None]:
+    """Staging is interrupted (as by Ctrl-C) once `rows` rows were handed to the ledger."""
+    stage = Ledger.stage
+
+    def interrupted(self: Ledger, checked: Any) -> None:
+        def some() -> Any:
+            for n, row in enumerate(checked):
+                if n == rows:
+                    raise KeyboardInterrupt
+                yield row
+
+        stage(self, some())
+
+    Ledger.stage = interrupted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Ledger.stage = stage  # type: ignore[method-assign]
+
+
+def cut_off_gzip(tmp_path: Path) -> tuple[Path, bytes, list[dict[str, Any]]]:
+    """A gzipped export of 3,000 messages whose file holds the first half only, as a
+    transfer cut short leaves it; with the whole compressed bytes and the rows."""
+    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
+    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    source = tmp_path / "e.jsonl.gz"
+    source.write_bytes(packed[: len(packed) // 2])
+    return source, packed, rows
+
+
 def kill_when(server: RunningSandbox, process: subprocess.Popen[bytes], stored: int) -> None:
     """SIGKILL the import once the server holds at least `stored` messages."""
     deadline = time.monotonic() + 60
@@ -672,19 +703,7 @@ def test_a_shard_stopped_while_reading_is_retried_with_its_own_rows_only(
         [source], config_for(server, tmp_path, shard=(0, 2), failed_out=tmp_path / "s0.json")
     )
     shard_0 = server.store.count()
-    stage = Ledger.stage
-
-    def stopped_after_20_rows(self: Ledger, rows: Any) -> None:
-        def some() -> Any:
-            for n, row in enumerate(rows):
-                if n == 20:
-                    raise KeyboardInterrupt
-                yield row
-
-        stage(self, some())
-
-    with monkeypatch.context() as patched:
-        patched.setattr(Ledger, "stage", stopped_after_20_rows)
+    with stopped_after(20):
         config = config_for(server, tmp_path, shard=(1, 2), failed_out=tmp_path / "s1.json")
         histimport.load([source], replace(config, state_dir=tmp_path / "state1"))
     (rest,) = [
@@ -787,22 +806,8 @@ def test_a_load_stopped_while_reading_then_edited_above_is_read_again_whole(
     rows = [message("d", "c", n) for n in range(6)]
     junk = {"departmentUUID": "d", "customerUUID": "c", "note": "junk"}
     source = write_jsonl(tmp_path / "e.jsonl", [rows[0], junk, *rows[1:]])
-    stage = Ledger.stage
-
-    def stopped_after_3_rows(self: Ledger, checked: Any) -> None:
-        def some() -> Any:
-            for n, row in enumerate(checked):
-                if n == 3:
-                    raise KeyboardInterrupt
-                yield row
-
-        stage(self, some())
-
-    Ledger.stage = stopped_after_3_rows  # type: ignore[method-assign]
-    try:
+    with stopped_after(3):
         histimport.load([source], config_for(server, tmp_path))
-    finally:
-        Ledger.stage = stage  # type: ignore[method-assign]
     listed = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
     assert (listed[-1]["line"], listed[-1]["errors"][0]["errorCode"]) == (4, "NOT_READ")
     write_jsonl(source, rows)  # the junk line deleted: every row below it one line up
@@ -819,10 +824,7 @@ def test_a_load_stopped_while_reading_then_edited_above_is_read_again_whole(
 def test_each_shard_of_a_source_that_breaks_off_lists_and_retries_its_own_rest(
     tmp_path: Path, server: RunningSandbox
 ) -> None:
-    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
-    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    source = tmp_path / "e.jsonl.gz"
-    source.write_bytes(packed[: len(packed) // 2])
+    source, packed, rows = cut_off_gzip(tmp_path)
     for k in (0, 1):
         config = config_for(server, tmp_path, shard=(k, 2), failed_out=tmp_path / f"s{k}.json")
         result = histimport.load([source], replace(config, state_dir=tmp_path / f"state{k}"))
@@ -839,10 +841,7 @@ def test_each_shard_of_a_source_that_breaks_off_lists_and_retries_its_own_rest(
 def test_a_source_that_breaks_off_earlier_than_it_did_says_so_again(
     tmp_path: Path, server: RunningSandbox
 ) -> None:
-    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
-    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    source = tmp_path / "e.jsonl.gz"
-    source.write_bytes(packed[: len(packed) // 2])
+    source, packed, _ = cut_off_gzip(tmp_path)
     histimport.load([source], config_for(server, tmp_path))
     (first,) = orjson.loads((tmp_path / "failed.json").read_bytes())["failures"]
     source.write_bytes(packed[: len(packed) // 4])  # fetched again, and cut shorter
@@ -852,27 +851,6 @@ def test_a_source_that_breaks_off_earlier_than_it_did_says_so_again(
     assert result.exit_status is ExitStatus.INCOMPLETE
     (again,) = orjson.loads((tmp_path / "r.json").read_bytes())["failures"]
     assert again["errors"][0]["errorCode"] == "UNREADABLE" and again["line"] < first["line"]
-
-
-@contextmanager
-def stopped_after(rows: int) -> Iterator[None]:
-    """Staging is interrupted (as by Ctrl-C) once `rows` rows were handed to the ledger."""
-    stage = Ledger.stage
-
-    def interrupted(self: Ledger, checked: Any) -> None:
-        def some() -> Any:
-            for n, row in enumerate(checked):
-                if n == rows:
-                    raise KeyboardInterrupt
-                yield row
-
-        stage(self, some())
-
-    Ledger.stage = interrupted  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Ledger.stage = stage  # type: ignore[method-assign]
 
 
 def test_a_refused_message_read_again_from_the_top_is_listed_once(tmp_path: Path) -> None:
@@ -917,10 +895,7 @@ def test_a_source_that_breaks_off_again_is_listed_once_with_its_shard(
 ) -> None:
     """A retry stopped after the row for the break was staged; then a retry without --shard
     of a shard's failed file: the entry keeps the shard its rows were read for."""
-    rows = [message("d", f"c{n % 7}", n) for n in range(3000)]
-    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    source = tmp_path / "e.jsonl.gz"
-    source.write_bytes(packed[: len(packed) // 2])
+    source, _, _ = cut_off_gzip(tmp_path)
     other = write_jsonl(tmp_path / "b.jsonl", [message("d", "b", n) for n in range(20)])
     config = config_for(server, tmp_path, shard=(0, 2), failed_out=tmp_path / "s0.json")
     histimport.load([source, other], config)

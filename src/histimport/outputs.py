@@ -158,8 +158,8 @@ class FailedEntry(BaseModel):
     httpStatus: int | None = None
     errors: list[dict[str, Any]] = []
     shard: str | None = None
-    """On a NOT_READ entry of a run with --shard K/N: the rest of the source is that
-    shard's rows only."""
+    """On a NOT_READ or UNREADABLE entry of a run that read one shard's rows (K/N) of its
+    source: the rest of the source is that shard's rows only."""
 
 
 class FailedFile(BaseModel):
@@ -245,7 +245,7 @@ def write_failed(
                 "errors": errors,
             }
             shard = shards.get(failure.source) if shards else None
-            if shard is not None and failure.source_uuid is None and _broke_off(errors):
+            if shard is not None and failure.source_uuid is None and has_error(errors, UNREADABLE):
                 entry["shard"] = shard
             out.write((b",\n" if written else b"\n") + orjson.dumps(entry))
             written += 1
@@ -256,8 +256,9 @@ def write_failed(
         out.write(b"\n]}\n")
 
 
-def _broke_off(errors: Sequence[dict[str, Any]]) -> bool:
-    return any(e.get("errorCode") == UNREADABLE for e in errors)
+def has_error(errors: Iterable[dict[str, Any]], *codes: str) -> bool:
+    """Whether one of these errors (the contract's shape) has one of these codes."""
+    return any(e.get("errorCode") in codes for e in errors)
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

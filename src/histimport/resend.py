@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config
-from .outputs import NOT_READ, FailedEntry, read_failed_file
+from .outputs import NOT_READ, FailedEntry, has_error, read_failed_file
 from .read import UNREADABLE, RawRow
 from .run import Observer, Run, RunResult
 from .shard import parse_shard, shard_of
@@ -26,11 +26,10 @@ class Selection:
     rest_from: dict[str, list[tuple[int, tuple[int, int] | None]]] = field(default_factory=dict)
     """Sources that were not read past a line: every row from it on is wanted (with a
     shard, K of N: every row of that shard)."""
-    created: dict[int, str] = field(default_factory=dict)
-    """When the failed file that lists an entry was written, by id of the entry."""
-
     read_on: list[FailedEntry] = field(default_factory=list)
     """The entries behind `rest_from`."""
+    created: dict[int, str] = field(default_factory=dict)
+    """When the failed file that lists an entry was written, by id of the entry."""
 
     def add(self, entry: FailedEntry, created: str | None = None) -> None:
         if created is not None:
@@ -42,7 +41,7 @@ class Selection:
             # user fixing a listed row above may delete one); what it had staged is
             # listed anyway, and what the ledger holds as accepted is not sent again.
             shard = parse_shard(entry.shard, None) if entry.shard else None
-            line = 1 if _stopped(entry) else entry.line
+            line = 1 if has_error(entry.errors, NOT_READ) else entry.line
             self.rest_from.setdefault(entry.source, []).append((line, shard))
             self.read_on.append(entry)
             return
@@ -94,7 +93,8 @@ class Selection:
                 # sourceUuid), or by its sourceUuid staged (moved elsewhere); for the repeat
                 # of another row's, that is the other row's, unless every row was read.
                 met = self._row_at(entry, staged_lines) or (
-                    entry.sourceUuid in staged_uuids and (read_whole or not _repeat(entry))
+                    entry.sourceUuid in staged_uuids
+                    and (read_whole or not has_error(entry.errors, "DUPLICATE_SOURCE_UUID"))
                 )
             elif _broke_off(entry):
                 met = read_whole or (entry.source, entry.line) in broken
@@ -119,17 +119,7 @@ def _broke_off(entry: FailedEntry) -> bool:
     """The entry of a source that was not read past its line: it could not be (UNREADABLE),
     or the run was stopped there (NOT_READ). Such an entry stands for no message (none
     has a sourceUuid): a platform's error code that happens to read alike is not one."""
-    return entry.sourceUuid is None and any(
-        e.get("errorCode") in (UNREADABLE, NOT_READ) for e in entry.errors
-    )
-
-
-def _repeat(entry: FailedEntry) -> bool:
-    return any(e.get("errorCode") == "DUPLICATE_SOURCE_UUID" for e in entry.errors)
-
-
-def _stopped(entry: FailedEntry) -> bool:
-    return any(e.get("errorCode") == NOT_READ for e in entry.errors)
+    return entry.sourceUuid is None and has_error(entry.errors, UNREADABLE, NOT_READ)
 
 
 def _in_shard(row: RawRow, shard: tuple[int, int]) -> bool:

@@ -430,7 +430,7 @@ class Run:
         if self.read_whole or self.selection is not None or self.config.dry_run:
             return []
         reached = ledger.last_lines()
-        shard = self.config.shard
+        shards = self._shards(sources)
         unread = []
         for index, source in enumerate(sources):
             staged = reached.get(index, 0)
@@ -439,7 +439,7 @@ class Run:
             error = {
                 "errorCode": NOT_READ,
                 "errorDescription": "the run was stopped before this line was read: retry "
-                "reads on from here (or run the same command again)",
+                "reads this source again (or run the same command again)",
             }
             unread.append(
                 FailedEntry(
@@ -448,7 +448,7 @@ class Run:
                     stage="notSent",
                     retryable=True,
                     errors=[error],
-                    shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+                    shard=shards.get(index),
                 )
             )
         return unread

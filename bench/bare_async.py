@@ -5,7 +5,7 @@
 Reads the whole file, groups it by (department, customer), cuts chunks of 100 per customer
 and keeps 8 requests in flight with `httpx.AsyncClient`. No validation, no ledger, no order
 between a customer's chunks, no retries except the least a rate-limited server needs: on a
-429, sleep Retry-After and send the same request again. Credentials come from
+429 or a 503, sleep Retry-After (or a second) and send the same request again. Credentials come from
 HISTIMPORT_USERNAME and HISTIMPORT_PASSWORD. Prints one JSON line of counts on stdout.
 """
 
@@ -18,8 +18,6 @@ import os
 import sys
 
 import httpx
-
-CHUNK = 100
 
 
 async def send_all(base_url: str, chunks: list[tuple[str, str, list[dict]]], width: int) -> dict:
@@ -34,7 +32,7 @@ async def send_all(base_url: str, chunks: list[tuple[str, str, list[dict]]], wid
             while True:
                 counts["requests"] += 1
                 response = await client.put(url, json={"saveMessageRequestList": messages})
-                if response.status_code != 429:
+                if response.status_code not in (429, 503):
                     break
                 counts["throttled"] += 1
                 await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
@@ -53,7 +51,9 @@ def main() -> int:
     parser.add_argument("source")
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--chunk-size", type=int, default=100)
     args = parser.parse_args()
+    chunk = args.chunk_size
 
     with open(args.source, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -62,9 +62,9 @@ def main() -> int:
         key = (row.pop("departmentUUID"), row.pop("customerUUID"))
         groups.setdefault(key, []).append(row)
     chunks = [
-        (department, customer, messages[i : i + CHUNK])
+        (department, customer, messages[i : i + chunk])
         for (department, customer), messages in groups.items()
-        for i in range(0, len(messages), CHUNK)
+        for i in range(0, len(messages), chunk)
     ]
 
     counts = asyncio.run(send_all(args.base_url, chunks, args.concurrency))

@@ -124,9 +124,11 @@ class Result:
 class Server:
     """bench/server.py in its own process, with a profile's latency and rate limit."""
 
-    def __init__(self, profile: Profile, store: str, log: Path) -> None:
+    def __init__(
+        self, profile: Profile, store: str, log: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         argv = [sys.executable, str(BENCH / "server.py"), "--latency", str(profile.latency_ms)]
-        argv += ["--store", store]
+        argv += ["--store", store, *extra]
         if profile.rate_limit:
             argv += ["--rate-limit", str(profile.rate_limit)]
         self._log_path = log

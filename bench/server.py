@@ -1,7 +1,8 @@
 """The benchmark's server: the bundled sandbox application (same routes, answers, latency and
 429 rate limit as `histimport sandbox`), in its own process, with two additions.
 
-    python bench/server.py [--latency MS] [--rate-limit N] [--store memory|sqlite]
+    python bench/server.py [--latency MS] [--rate-limit N] [--rate-window bucket|fixed]
+                           [--rate-burst N] [--no-retry-after] [--store memory|sqlite]
 
 - `--store memory` (the default) keeps only the sourceUuids it accepted, in a dict, instead
   of writing every message to SQLite. The sandbox's SQLite store costs about 80 µs of server
@@ -37,6 +38,7 @@ from histimport.sandbox import (
     SandboxStore,
     SaveResult,
 )
+from histimport.sandbox.limits import LimiterShape
 from histimport.sandbox.store import new_uuid, new_uuids
 
 API_PREFIX = "/communications/"
@@ -185,11 +187,28 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--latency", type=float, default=0.0, help="milliseconds per answer")
     parser.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+    parser.add_argument("--rate-window", choices=("bucket", "fixed"), default="bucket")
+    parser.add_argument("--rate-burst", type=float, default=None, help="the bucket's burst")
+    parser.add_argument("--no-retry-after", action="store_true", help="bare 429s")
+    parser.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of requests answered 503"
+    )
+    parser.add_argument(
+        "--error-rate", type=float, default=0.0, help="share answered 500 (after storing)"
+    )
     parser.add_argument("--store", choices=("memory", "sqlite"), default="memory")
     args = parser.parse_args()
 
     config = SandboxConfig(
-        host=args.host, port=0, latency_ms=args.latency, rate_limit=args.rate_limit
+        host=args.host,
+        port=0,
+        latency_ms=args.latency,
+        rate_limit=args.rate_limit,
+        rate_window=LimiterShape(args.rate_window),
+        rate_burst=args.rate_burst,
+        rate_retry_after=not args.no_retry_after,
+        fail_rate=args.fail_rate,
+        error_after_store_rate=args.error_rate,
     )
     with tempfile.TemporaryDirectory(prefix="histimport-bench-") as tmp:
         store: Any = (

@@ -53,6 +53,8 @@ class ProxyRules:
     burst: int = 10
     #: client_max_body_size, in bytes: larger bodies get nginx's own 413 page.
     max_body_bytes: int = 48 * 1024
+    #: limit_req_status: what a request over the rate is answered (nginx's default is 503).
+    limit_status: int = 429
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ http {{
 {drop}        * 0;
     }}
     limit_req_zone $server_port zone=importer:1m rate={rules.rate}r/s;
-    limit_req_status 429;
+    limit_req_status {rules.limit_status};
     server {{
         listen 127.0.0.1:{port};
         location / {{

@@ -88,7 +88,10 @@ def test_exit_1_lists_bad_rows_with_their_lines(workdir: Path) -> None:
         (["load", "e.jsonl", "--sandbox", "--failed-out", "."], "is a directory"),
         (["load", "e.jsonl", "--sandbox", "--report", "e.jsonl/r.json"], "is not a directory"),
         (["load", "e.jsonl", "--sandbox", "--failed-out", "e.jsonl"], "is the source e.jsonl"),
-        (["validate", "e.jsonl", "--report", "failed.json"], "is also the --failed-out"),
+        (
+            ["validate", "e.jsonl", "--report", "out.json", "--failed-out", "out.json"],
+            "is also the --failed-out",
+        ),
         (["validate", "e.jsonl", "-", "--format", "csv"], "--format csv applies to every source"),
         (["load", "e.jsonl", "--base-url", "https://api.example.com/c"], "no credentials"),
     ],
@@ -121,6 +124,8 @@ def test_a_clean_validation_names_no_failed_file(workdir: Path) -> None:
     assert "failed file" not in output
     (workdir / "bad.jsonl").write_text("{\n")
     code, output = invoke("validate", "e.jsonl", "bad.jsonl")
+    assert code == 1 and "failed file" not in output, output  # none was asked for
+    code, output = invoke("validate", "e.jsonl", "bad.jsonl", "--failed-out", "failed.json")
     assert code == 1 and "failed file: failed.json" in output, output
 
 
@@ -178,6 +183,56 @@ def test_exit_3_when_the_password_is_refused(workdir: Path, guarded: RunningSand
     failed = orjson.loads((workdir / "failed.json").read_bytes())
     assert failed["counts"]["notSent"] == 90 and len(failed["failures"]) == 90
     assert "wrong-password" not in (workdir / "failed.json").read_text()
+
+
+def test_exit_1_when_the_platform_fails_for_longer_than_give_up_after(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", list(interleaved(customers=20, per_customer=3)))
+    failing = SandboxConfig(port=0, error_after_store_rate=1.0)  # a 500 to every request
+    with sandbox(failing) as running:
+        code, output = invoke(
+            "load",
+            "e.jsonl",
+            "--base-url",
+            running.base_url,
+            "--give-up-after",
+            "0.5",
+            "--max-attempts",
+            "1000",
+            env=CREDENTIALS,
+        )
+    assert code == 1, output
+    assert "the platform was failing since" in output and "HTTP 500" in output
+    failed = orjson.loads((workdir / "failed.json").read_bytes())
+    assert failed["counts"]["notSent"] == 60 and len(failed["failures"]) == 60
+    assert all(entry["retryable"] for entry in failed["failures"])
+
+
+def test_pauses_are_logged_with_their_cause_and_counted_in_the_report(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", list(interleaved(customers=60, per_customer=2)))
+    limited = SandboxConfig(port=0, rate_limit=50, rate_burst=5)
+    with sandbox(limited) as running:
+        code, output = invoke(
+            "load",
+            "e.jsonl",
+            "--base-url",
+            running.base_url,
+            "--chunk-size",
+            "1",
+            "--log-format",
+            "json",
+            "--report",
+            "report.json",
+            env=CREDENTIALS,
+        )
+    assert code == 0, output
+    events = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
+    pauses = [e for e in events if e["event"] == "pause"]
+    assert pauses and all(e["cause"].startswith("429 Retry-After: ") for e in pauses)
+    assert all(e["rate"] is not None and e["rate"] > 0 for e in pauses)
+    pacing = orjson.loads((workdir / "report.json").read_bytes())["pacing"]
+    assert sum(pacing["pushBacks"].values()) == len(pauses)
+    assert pacing["rate"] is not None and pacing["limitEstimate"] is not None
+    assert pacing["pausedSeconds"] == pytest.approx(sum(e["waitSeconds"] for e in pauses), abs=0.01)
 
 
 def test_password_from_stdin(workdir: Path, guarded: RunningSandbox) -> None:
@@ -414,7 +469,7 @@ def test_a_hand_edited_failed_file_is_a_usage_error(workdir: Path, edit: Any) ->
     (workdir / "e.jsonl").write_text(
         '{"departmentUUID": "d", "customerUUID": "c/x", "sourceUuid": "s1"}\n'
     )
-    assert invoke("validate", "e.jsonl")[0] == 1
+    assert invoke("validate", "e.jsonl", "--failed-out", "failed.json")[0] == 1
     document = orjson.loads((workdir / "failed.json").read_bytes())
     edit(document)
     (workdir / "failed.json").write_bytes(orjson.dumps(document))
@@ -545,3 +600,22 @@ def test_an_output_that_cannot_be_written_at_the_end_says_so(
     again = histimport.load([tmp_path / "e.jsonl"], config)
     assert again.counts["alreadyAccepted"] == 3 and again.report["requests"] == 0
     assert (tmp_path / "failed.json").exists()
+
+
+def test_validate_after_load_leaves_the_failed_file_byte_for_byte(workdir: Path) -> None:
+    rows = [orjson.dumps(message("d", "c", n)).decode() for n in range(3)]
+    rows.append('{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "bad", "sentOn": "x"}')
+    (workdir / "e.jsonl").write_text("\n".join(rows) + "\n")
+    code, output = invoke("load", "e.jsonl", "--sandbox")
+    assert code == 1, output
+    written = (workdir / "failed.json").read_bytes()
+    for args in ([], ["--output", "json"], ["--output", "github"]):
+        code, output = invoke("validate", "e.jsonl", *args)
+        assert code == 1, output
+        assert (workdir / "failed.json").read_bytes() == written
+    assert "failed file" not in invoke("validate", "e.jsonl")[1]
+    # Asked for, it writes one.
+    code, output = invoke("validate", "e.jsonl", "--failed-out", "checked.json")
+    assert "failed file: checked.json" in output
+    (entry,) = orjson.loads((workdir / "checked.json").read_bytes())["failures"]
+    assert entry["sourceUuid"] == "bad" and entry["stage"] == "rejected"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -178,26 +177,26 @@ def test_401_aborts_with_few_requests_and_nothing_accepted(staged: Any) -> None:
 
 
 def test_after_a_401_no_request_leaves_not_even_one_waiting_for_its_turn(staged: Any) -> None:
-    """503s halve the requests in flight allowed, so that workers wait for a turn; the 401
-    that comes then stops them all where they wait."""
+    """503s make the run pace its requests, so that workers wait for a turn; the 401 that
+    comes then stops them all where they wait."""
     ledger = staged(list(interleaved(customers=40, per_customer=2)))
-    aborted_at: list[int] = []
     calls = 0
+    after_401 = 0
+    refused = False
 
     async def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
+        nonlocal calls, after_401, refused
         calls += 1
+        after_401 += refused
         if calls <= 8:
             return httpx.Response(503)
         await asyncio.sleep(0.02)
-        if not aborted_at:
-            aborted_at.append(calls)
+        refused = True
         return httpx.Response(401)
 
     stats = deliver(ledger, handler, concurrency=8)
-    assert stats.aborted is not None
-    # The four allowed after the 503s were under way when the first 401 came: no more.
-    assert calls == 8 + 4, calls
+    assert stats.aborted is not None and stats.pace.rate is not None
+    assert calls > 8 and after_401 == 0, (calls, after_401)
     assert ledger.counts()["notSent"] == 80
 
 
@@ -301,7 +300,8 @@ def test_a_429_pauses_and_is_not_given_up_on(staged: Any) -> None:
     stats = deliver(ledger, handler, max_attempts=2)
     assert ledger.counts()["accepted"] == 3
     assert stats.statuses["429"] == 8
-    assert stats.final_concurrency < 8
+    assert stats.push_backs == {"429 Retry-After: 0": 8}
+    assert stats.pace.rate is not None  # paced from the first push-back on
 
 
 def test_a_redirect_is_not_followed(staged: Any) -> None:
@@ -357,55 +357,6 @@ def test_a_429_without_retry_after_does_not_use_up_the_attempts(staged: Any) -> 
     stats = deliver(ledger, handler, max_attempts=2)
     assert ledger.counts()["accepted"] == 2
     assert stats.statuses["429"] == 5
-
-
-def test_push_back_caps_the_rate_then_lets_it_grow() -> None:
-    from histimport.deliver import AdaptiveRate
-
-    async def scenario() -> tuple[float | None, float | None, float | None]:
-        rate = AdaptiveRate(ceiling=None)
-        for _ in range(40):
-            await rate.take()
-        uncapped = rate.cap
-        rate.pushed_back()
-        cut = rate.cap
-        for _ in range(10):
-            rate.succeeded()
-        return uncapped, cut, rate.cap
-
-    uncapped, cut, grown = asyncio.run(scenario())
-    assert uncapped is None
-    assert cut is not None and grown is not None and 1.0 <= cut < grown
-    capped = AdaptiveRate(ceiling=5.0)
-    for _ in range(1000):
-        capped.succeeded()
-    assert capped.cap == 5.0
-
-
-def test_the_token_bucket_spaces_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--rate R: at most R requests a second, after a burst of one second's worth."""
-    from histimport import deliver as module
-
-    clock = [100.0]
-
-    async def fake_sleep(delay: float) -> None:
-        clock[0] += delay
-
-    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(module.asyncio, "sleep", fake_sleep)
-
-    async def take(n: int) -> list[float]:
-        bucket = module.TokenBucket(4.0)
-        moments = []
-        for _ in range(n):
-            await bucket.take()
-            moments.append(clock[0])
-        return moments
-
-    moments = asyncio.run(take(9))
-    assert moments[0] == 100.0
-    gaps = [round(b - a, 6) for a, b in itertools.pairwise(moments)]
-    assert all(gap <= 0.25 for gap in gaps) and round(moments[-1] - 100.0, 6) == 2.0
 
 
 def test_after_a_retryable_failure_the_customer_is_held_back(staged: Any) -> None:
@@ -494,3 +445,107 @@ def test_timeout_bounds_the_whole_request(staged: Any) -> None:
     assert [f.errors[0]["errorCode"] for f in failures] == ["TIMEOUT", "TIMEOUT"]
     assert "twice --timeout (0.4 s)" in failures[0].errors[0]["errorDescription"]
     assert all(f.retryable for f in failures)
+
+
+@pytest.mark.parametrize(
+    ("events", "at", "gives_up"),
+    [
+        # (seconds, what came back) since the start, with --give-up-after 100 and 10 s for
+        # a platform that never answered.
+        ([(1, "connect")], 9.0, False),
+        ([(1, "connect")], 10.5, True),  # never answered: a wrong URL, most likely
+        ([(1, "answer"), (2, "connect")], 50.0, False),  # answered once: an outage, waited
+        ([(1, "answer"), (2, "5xx")], 101.5, True),
+        ([(1, "answer"), (2, "5xx"), (90, "answer")], 150.0, False),  # back in time
+        ([(1, "answer")], 500.0, False),  # idle, nothing failing: nothing to give up on
+    ],
+)
+def test_when_a_dead_platform_is_given_up_on(
+    events: list[tuple[float, str]], at: float, gives_up: bool
+) -> None:
+    from histimport.deliver import Health
+
+    health = Health(100.0, 0.0, first_contact=10.0)
+    for moment, what in events:
+        if what == "answer":
+            health.alive(moment)
+        else:
+            health.failing(moment, f"{what} error", answered=what == "5xx")
+    verdict = health.verdict(at)
+    assert (verdict is not None) == gives_up, verdict
+    if verdict is not None:
+        assert "error" in verdict and "--give-up-after" in verdict
+
+
+def test_a_platform_answering_500_to_everything_ends_the_run(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=30, per_customer=5)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.005)
+        return httpx.Response(500, text="boom")
+
+    stats = deliver(ledger, handler, give_up_after=0.4, max_attempts=10_000, chunk_size=2)
+    assert stats.gave_up is not None and "failing" in stats.gave_up and "HTTP 500" in stats.gave_up
+    counts = ledger.counts()
+    assert counts["accepted"] == 0 and counts["notSent"] == 150
+    ledger.settle()
+    failures = list(ledger.failures())
+    assert len(failures) == 150 and all(f.retryable for f in failures)
+    # The chunks that were being retried carry the error they were waiting out.
+    assert any(f.errors and f.errors[0]["errorCode"] == "HTTP_500" for f in failures)
+
+
+def test_a_closed_port_before_any_answer_ends_the_run_within_seconds(
+    staged: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histimport import deliver as module
+
+    monkeypatch.setattr(module, "FIRST_CONTACT_SECONDS", 0.3)
+    ledger = staged(list(interleaved(customers=5, per_customer=2)))
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.005)
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    stats = deliver(ledger, handler, give_up_after=120, max_attempts=10_000)
+    assert stats.gave_up is not None and "unreachable" in stats.gave_up
+    assert ledger.counts()["notSent"] == 10 and calls > 1
+
+
+def test_an_outage_shorter_than_give_up_after_is_waited_out(staged: Any) -> None:
+    ledger = staged(list(interleaved(customers=20, per_customer=4)))
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.005)
+        if 5 < calls <= 60:  # a restart: a while of nothing but 502s
+            return httpx.Response(502)
+        return accept_all(request)
+
+    stats = deliver(ledger, handler, give_up_after=5, max_attempts=10_000, chunk_size=1)
+    assert stats.gave_up is None and ledger.counts()["accepted"] == 80
+
+
+def test_one_customer_failing_does_not_end_the_run(staged: Any) -> None:
+    """Its 500s go on for longer than --give-up-after, but the others' answers show the
+    platform alive meanwhile."""
+    ledger = staged(list(interleaved(customers=200, per_customer=1)))
+    failing = 0.0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal failing
+        if customer_of(request) == "cust-00000":
+            await asyncio.sleep(0.05)
+            failing += 0.05
+            return httpx.Response(500, text="poisoned")
+        await asyncio.sleep(0.01)
+        return accept_all(request)
+
+    stats = deliver(ledger, handler, give_up_after=0.2, max_attempts=8, concurrency=2)
+    assert stats.gave_up is None and failing > 0.35
+    assert ledger.counts()["accepted"] == 199 and ledger.counts()["failed"] == 1

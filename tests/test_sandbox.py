@@ -29,6 +29,7 @@ from histimport.sandbox import (
     sandbox,
     start_sandbox,
 )
+from histimport.sandbox.limits import FixedWindow, TokenBucket
 from histimport.sandbox.store import new_uuid, new_uuids
 
 from .conftest import contract_schema
@@ -357,6 +358,29 @@ def test_rate_limit_answers_429_with_retry_after(client: httpx.Client) -> None:
         assert stats(client, running)["statuses"] == {"200": 1, "429": 1}
 
 
+def test_a_bare_429_when_told_not_to_say_when(client: httpx.Client) -> None:
+    config = SandboxConfig(port=0, rate_limit=0.5, rate_retry_after=False)
+    with sandbox(config) as running:
+        put(client, running, [msg("b-1")])
+        refused = put(client, running, [msg("b-2")])
+        assert refused.status_code == 429 and "retry-after" not in refused.headers
+
+
+def test_a_token_bucket_lets_its_burst_through_then_its_rate() -> None:
+    bucket = TokenBucket(100.0, burst=10)
+    at_once = [bucket.take(50.0) for _ in range(12)]
+    assert at_once[:10] == [None] * 10 and at_once[10] == pytest.approx(0.01)
+    assert bucket.take(50.011) is None  # one token back after 10 ms
+
+
+def test_a_fixed_window_refuses_until_the_next_second_of_the_clock() -> None:
+    window = FixedWindow(3.0)
+    assert [window.take(7.2), window.take(7.5), window.take(7.6)] == [None] * 3
+    assert window.take(7.75) == pytest.approx(0.25)
+    assert window.take(7.99) is not None
+    assert window.take(8.0) is None
+
+
 def test_latency_delays_answers(client: httpx.Client) -> None:
     with sandbox(SandboxConfig(port=0, latency_ms=150)) as running:
         started = time.monotonic()
@@ -500,6 +524,7 @@ def test_unopenable_database_is_a_sandbox_error(tmp_path: Path) -> None:
         {"fail_rate": 0.6, "garble_rate": 0.6},
         {"port": 70000},
         {"rate_limit": 0},
+        {"rate_burst": 0.5},
         {"max_request_bytes": 0},
         {"latency_ms": float("nan")},
     ],

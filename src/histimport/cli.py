@@ -8,6 +8,7 @@ Exit codes are decided in one place, `@_exits`, from the library's result or exc
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import getpass
 import inspect
@@ -74,6 +75,14 @@ _RUN_OPTIONS: dict[str, Any] = {
         int, _opt("--max-attempts", help="Attempts per request for retryable outcomes.")
     ],
     "timeout": Annotated[float, _opt("--timeout", help="Seconds per request.")],
+    "give_up_after": Annotated[
+        float,
+        _opt(
+            "--give-up-after",
+            help="Seconds of nothing but connection errors, timeouts and 5xx before the run "
+            "stops (exit 1; the same command resumes).",
+        ),
+    ],
     "callback_url": Annotated[
         str | None, _opt("--callback-url", help="Sent as callBackPathUrl of every request.")
     ],
@@ -300,24 +309,46 @@ def retry(
 @_exits
 @_run_options
 def validate(
+    ctx: typer.Context,
     sources: Annotated[list[str], _SOURCES],
     output: Annotated[
         str, typer.Option("--output", help="text, json (one document on stdout) or github.")
     ] = "text",
     **options: Any,
 ) -> int:
-    """Check sources offline, for CI: no network, no credentials (= load --dry-run)."""
+    """Check sources offline, for CI: no network, no credentials (= load --dry-run).
+
+    It writes a failed file only when --failed-out asks for one: checking an export never
+    replaces the failed file a load wrote."""
+    import tempfile
+
     from . import run
     from .outputs import render_validation
 
     if output not in ("text", "json", "github"):
         raise UsageError("--output must be text, json or github")
+    # Asked for on the command line, in HISTIMPORT_FAILED_OUT or in histimport.toml.
+    source = ctx.get_parameter_source("failed_out")
+    asked = source is not None and source.name != "DEFAULT"
     display = _display({**options, "quiet": options["quiet"] or output != "text"})
-    result = run.validate(sources, _config(options, dry_run=True), observer=display)
-    if output == "text":
-        return _finish(result, display, "validate")
-    sys.stdout.write(render_validation(result, output, shards=options["shards"]))
-    return int(result.exit_status)
+    with tempfile.TemporaryDirectory(prefix="histimport-validate-") as scratch:
+        if not asked:
+            options = {**options, "failed_out": Path(scratch) / "failed.json"}
+        result = run.validate(sources, _config(options, dry_run=True), observer=display)
+        if output != "text":
+            sys.stdout.write(render_validation(result, output, shards=options["shards"]))
+            return int(result.exit_status)
+    if not asked:
+        result = dataclasses.replace(result, failed_path=None)
+    return _finish(result, display, "validate")
+
+
+class _RateWindow(enum.StrEnum):
+    """The sandbox's limiter shapes (`sandbox.limits.LimiterShape`), named here so that the
+    command line does not import the sandbox until it runs."""
+
+    BUCKET = "bucket"
+    FIXED = "fixed"
 
 
 @app.command()
@@ -340,6 +371,22 @@ def sandbox(
     rate_limit: Annotated[
         float | None, typer.Option("--rate-limit", help="Requests per second, then 429.")
     ] = None,
+    rate_window: Annotated[
+        _RateWindow,
+        typer.Option(
+            "--rate-window", help="The limiter: a token bucket, or a fixed window per second."
+        ),
+    ] = _RateWindow.BUCKET,
+    rate_burst: Annotated[
+        float | None,
+        typer.Option("--rate-burst", help="The token bucket's burst (default: --rate-limit)."),
+    ] = None,
+    retry_after_429: Annotated[
+        bool,
+        typer.Option(
+            "--retry-after-429/--no-retry-after", help="Whether a 429 carries Retry-After."
+        ),
+    ] = True,
     latency: Annotated[float, typer.Option("--latency", help="Milliseconds per answer.")] = 0.0,
     max_request_bytes: Annotated[
         int | None, typer.Option("--max-request-bytes", help="Larger bodies get 413.")
@@ -375,6 +422,7 @@ def sandbox(
     import os
 
     from .sandbox import SandboxConfig, serve
+    from .sandbox.limits import LimiterShape
 
     password = os.environ.get("HISTIMPORT_SANDBOX_PASSWORD") if username else None
     if username and not password:
@@ -388,6 +436,9 @@ def sandbox(
         fail_rate=fail_rate,
         reject_rate=reject_rate,
         rate_limit=rate_limit,
+        rate_window=LimiterShape(rate_window.value),
+        rate_burst=rate_burst,
+        rate_retry_after=retry_after_429,
         latency_ms=latency,
         max_request_bytes=max_request_bytes,
         seed=seed,

@@ -26,6 +26,7 @@ class Config:
     rate: float | None = None
     max_attempts: int = 6
     timeout: float = 30.0
+    give_up_after: float = 120.0
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     callback_url: str | None = None
@@ -65,6 +66,7 @@ class Config:
             (self.rate is None or self.rate > 0, "--rate must be positive"),
             (self.max_attempts >= 1, "--max-attempts must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
+            (self.give_up_after > 0, "--give-up-after must be positive"),
             (self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024"),
             (
                 self.check_workers is None or 0 <= self.check_workers <= 64,

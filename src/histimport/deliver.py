@@ -1,5 +1,5 @@
-"""Deliver staged messages: httpx async, one retry policy, global back-pressure, adaptive
-concurrency, a rate cap.
+"""Deliver staged messages: one retry policy, requests paced to the rate the platform
+accepts (`pace`), and a run that gives up on a platform that stays dead.
 
 One request is in flight per customer (unless `unordered`): a customer's next chunk waits
 for the final outcome of the previous one, through retries and splits, so the platform
@@ -16,9 +16,10 @@ import itertools
 import ssl
 import time
 import urllib.request
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 import httpx
@@ -28,14 +29,20 @@ from .batch import Chunk, Envelope, chunks
 from .config import Config
 from .errors import UsageError
 from .ledger import Ledger, Outcome, Pending, State
+from .pace import Pacer, PaceState
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
 from .transport import Http11Sender, Reply
 
 # A 429 is the server (or a proxy) pacing us, not failing: it draws on its own, larger
 # budget, so that a rate limit never makes the tool give up on a healthy message.
 _THROTTLE_ATTEMPTS = 50
-# On back-pressure the request rate is capped at this share of the rate just before it.
-_RATE_CUT = 0.85
+# Workers per request in flight: a worker whose chunk waits out a Retry-After holds no
+# slot, and another customer's chunk takes it.
+_WORKERS_PER_SLOT = 4
+# Before the platform has answered anything, a connection that cannot be made is most
+# likely a wrong URL: the run gives up after this many seconds, not --give-up-after.
+FIRST_CONTACT_SECONDS = 10.0
+_WATCH_EVERY = 0.25
 
 
 @dataclass
@@ -52,109 +59,59 @@ class DeliveryStats:
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
     aborted: str | None = None
+    gave_up: str | None = None  # why the run stopped waiting for a dead platform
+    push_backs: Counter[str] = field(default_factory=Counter)  # by cause: "429", "503 ..."
+    paused_seconds: float = 0.0  # waits of requests the platform pushed back, summed
+    pace: PaceState = field(default_factory=lambda: PaceState(None, None))
+    peak_rate: float | None = None
 
 
-class AdaptiveLimit:
-    """AIMD concurrency between 1 and `ceiling`: +1 per window of successes, halved on
-    back-pressure (at most once per second, so one burst of 429s counts once)."""
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A request the platform pushed back, for the display and the logs."""
 
-    def __init__(self, ceiling: int) -> None:
-        self.ceiling = ceiling
-        self.limit = float(ceiling)
-        self._in_flight = 0
-        self._changed = asyncio.Condition()
-        self._last_cut = 0.0
-
-    @property
-    def current(self) -> int:
-        return max(1, int(self.limit))
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._in_flight < self.current)
-            self._in_flight += 1
-
-    async def release(self, *, pressure: bool) -> None:
-        now = time.monotonic()
-        async with self._changed:
-            self._in_flight -= 1
-            if pressure:
-                if now - self._last_cut >= 1.0:
-                    self.limit = max(1.0, self.limit / 2)
-                    self._last_cut = now
-            else:
-                self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
-            self._changed.notify_all()
+    cause: str  # "429", "429 Retry-After: 1", "503"
+    wait: float  # seconds this request waits before it is sent again
+    rate: float | None  # requests per second the run now paces at (None: unpaced)
 
 
-class TokenBucket:
-    """At most `rate` requests per second, with a burst of one second's worth."""
+class Health:
+    """Whether the platform is alive: given up on when, for `give_up_after` seconds, nothing
+    but connection errors, timeouts and 5xx came back (`first_contact` seconds while it
+    has never answered). Any other answer, a 429 or a 404 included, shows it alive."""
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._tokens = 1.0
-        self._last = time.monotonic()
-        self._lock = asyncio.Lock()
+    def __init__(self, give_up_after: float, now: float, first_contact: float) -> None:
+        self.give_up_after = give_up_after
+        self.first_contact = min(first_contact, give_up_after)
+        self.answered = False
+        self._alive_at = now
+        self._failing_since: float | None = None  # wall-clock time, for the message
+        self._last_error = ""
 
-    async def take(self) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(
-                    max(self.rate, 1.0), self._tokens + (now - self._last) * self.rate
-                )
-                self._last = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
-                    return
-                await asyncio.sleep((1.0 - self._tokens) / self.rate)
+    def alive(self, now: float) -> None:
+        self.answered = True
+        self._alive_at = now
+        self._failing_since = None
 
+    def failing(self, now: float, error: str, *, answered: bool) -> None:
+        self.answered = self.answered or answered
+        if self._failing_since is None:
+            self._failing_since = time.time() - (time.monotonic() - now)
+        self._last_error = error
 
-class AdaptiveRate:
-    """The request rate, capped once the server pushes back.
-
-    Lowering concurrency alone cannot slow a client below a proxy's rate when answers are
-    fast, so a 429 also caps the rate at `_RATE_CUT` of the rate just measured (at
-    most once a second); every success then raises the cap by 1/cap, about one request per
-    second each second, until the next push-back. `--rate` is a ceiling throughout.
-    """
-
-    def __init__(self, ceiling: float | None) -> None:
-        self.ceiling = ceiling
-        self._bucket = TokenBucket(ceiling) if ceiling else None
-        self._recent: deque[float] = deque(maxlen=512)
-        self._last_cut = 0.0
-
-    @property
-    def cap(self) -> float | None:
-        return self._bucket.rate if self._bucket else None
-
-    async def take(self) -> None:
-        if self._bucket is not None:
-            await self._bucket.take()
-        self._recent.append(time.monotonic())
-
-    def pushed_back(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cut < 1.0:
-            return
-        self._last_cut = now
-        window = [t for t in self._recent if now - t <= 2.0]
-        measured = len(window) / max(now - window[0], 0.5) if len(window) > 1 else 1.0
-        cap = max(1.0, _RATE_CUT * min(measured, self.cap or measured))
-        if self._bucket is None:
-            self._bucket = TokenBucket(cap)
-        else:
-            self._bucket.rate = cap
-
-    def succeeded(self) -> None:
-        if self._bucket is not None:
-            grown = self._bucket.rate + 1.0 / self._bucket.rate
-            self._bucket.rate = min(grown, self.ceiling) if self.ceiling else grown
+    def verdict(self, now: float) -> str | None:
+        """Why to give up, or None."""
+        if self._failing_since is None:
+            return None
+        window = self.give_up_after if self.answered else self.first_contact
+        if now - self._alive_at < window:
+            return None
+        since = datetime.fromtimestamp(self._failing_since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        what = "failing" if self.answered else "unreachable (a wrong --base-url?)"
+        return (
+            f"the platform was {what} since {since}, for {window:g} s "
+            f"(--give-up-after): last error {self._last_error}"
+        )
 
 
 class _NoCookies(http.cookiejar.CookieJar):
@@ -263,6 +220,8 @@ async def _read_bounded(response: httpx.Response, bound: int) -> bytes | None:
 
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
+Paused = Callable[[Pause], None]
+"""Called for each request the platform pushes back."""
 
 
 class Deliverer:
@@ -276,6 +235,7 @@ class Deliverer:
         base_url: str,
         credentials: tuple[str, str] | None,
         progress: Progress | None = None,
+        paused: Paused | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         stats: DeliveryStats | None = None,
     ) -> None:
@@ -289,14 +249,16 @@ class Deliverer:
         self._refused_size = config.max_request_bytes + 1
         self.envelope = Envelope(config.callback_url)
         self._progress = progress or (lambda accepted, failed: None)
+        self._paused = paused or (lambda pause: None)
         self._transport = transport
         self._backoff = Backoff(base=config.backoff_base, cap=config.backoff_cap)
         self._stopping = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._hurried = False
-        self._resume_at = 0.0
-        self._limit = AdaptiveLimit(config.concurrency)
-        self._rate = AdaptiveRate(config.rate)
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._in_flight = 0
+        self.pacer = Pacer(config.rate)
+        self._health = Health(config.give_up_after, time.monotonic(), FIRST_CONTACT_SECONDS)
         # One TLS context for every worker's client: building one costs tens of ms.
         self._tls = self._verify() if transport is None else None
         if transport is None and _proxy_set():
@@ -312,7 +274,7 @@ class Deliverer:
         sent again later, they are known to it by sourceUuid)."""
         self.stop()
         self._hurried = True
-        self.stats.abandoned = self._limit.in_flight > 0
+        self.stats.abandoned = self._in_flight > 0
         for worker in self._workers:
             worker.cancel()
 
@@ -329,9 +291,10 @@ class Deliverer:
         else:
             units = key_chunks
         # In order, one worker per customer at most; unordered, chunks are shared out.
-        workers = self.config.concurrency
+        workers = self.config.concurrency * _WORKERS_PER_SLOT
         if not self.config.unordered:
             workers = min(workers, max(len(keys), 1))
+        self._health = Health(self.config.give_up_after, time.monotonic(), FIRST_CONTACT_SECONDS)
         async with contextlib.AsyncExitStack() as stack:
             senders = [self._new_sender() for _ in range(workers)]
             for sender in senders:
@@ -339,20 +302,35 @@ class Deliverer:
             self._workers = [
                 asyncio.ensure_future(self._worker(units, sender)) for sender in senders
             ]
+            watch = asyncio.ensure_future(self._watch())
             try:
                 await asyncio.gather(*self._workers)
             except asyncio.CancelledError:
                 if not self._hurried:
                     raise
                 await asyncio.wait(self._workers)  # each one's cancellation run to its end
+            finally:
+                watch.cancel()
+                self.stats.pace = self.pacer.state
+                self.stats.peak_rate = self.pacer.peak
             for worker in self._workers:
                 # One stopped by an error before the others were cancelled: the run's error.
                 error = None if worker.cancelled() else worker.exception()
                 if error is not None:
                     raise error
         self.stats.reconnects = sum(sender.resent for sender in senders)
-        self.stats.final_concurrency = self._limit.current
+        self.stats.final_concurrency = self.config.concurrency
         return self.stats
+
+    async def _watch(self) -> None:
+        """Give up on a platform that stays dead: no new request leaves, and what is in
+        flight settles."""
+        while not self.stopping:
+            await self._sleep(_WATCH_EVERY)
+            verdict = self._health.verdict(time.monotonic())
+            if verdict is not None:
+                self.stats.gave_up = verdict
+                self.stop()
 
     def _new_sender(self) -> Sender:
         """A worker's own way to the endpoint, with one connection: a shared pool scans all
@@ -442,30 +420,25 @@ class Deliverer:
         """Send one chunk until it has a final outcome, or the run stops. True when the
         customer's next chunk may follow: nothing of this one is left to send again."""
         attempt = throttled = 0
+        last: Decision | None = None
         while not self.stopping:
             size = self.envelope.size(chunk.messages)
             if len(chunk.messages) == 1 and size >= self._refused_size:
                 description = f"a request of {size} bytes with this message alone was refused (413)"
                 self._fail(chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description))
                 return True
-            await self._pace()
-            if self.stopping:
-                return False
-            await self._limit.acquire()
-            if self.stopping:  # stopped while it waited for its turn: nothing more goes out
-                await self._limit.release(pressure=False)
-                return False
-            if attempt == throttled == 0:
-                self.ledger.mark_in_flight(chunk.messages)
-            decision = Decision(Action.RETRY)
-            try:
+            async with self._slot():
+                await self._pace()
+                if self.stopping:  # stopped while it waited for its turn: nothing more goes out
+                    break
+                if attempt == throttled == 0:
+                    self.ledger.mark_in_flight(chunk.messages)
+                sent_at = time.monotonic()
                 decision = await self._request(chunk, sender)
-            finally:
-                await self._limit.release(pressure=decision.backpressure)
+            self._heed(decision, sent_at)
             if decision.action is Action.ACCEPT:
                 assert decision.body is not None and decision.status is not None
                 self.stats.server_warnings += server_warnings(decision.body)
-                self._rate.succeeded()
                 outcomes = settle(chunk.messages, decision.status, decision.body)
                 self._record(outcomes)
                 return not any(o.retryable for o in outcomes)
@@ -478,6 +451,7 @@ class Deliverer:
             if decision.action is Action.FAIL:
                 self._fail(chunk, decision)
                 return True
+            last = decision
             if decision.unknown_outcome:
                 self.stats.unknown_outcomes += 1
             paced = decision.status == 429
@@ -487,16 +461,50 @@ class Deliverer:
                 self._fail(chunk, decision, retryable=True)
                 return False
             self.stats.retries += 1
+            wait = self._backoff.delay(max(attempt, throttled), decision.retry_after)
             if decision.backpressure:
-                # Everyone pauses: for as long as the server asked, or a short breather
-                # (the growing backoff is this chunk's own, not the whole run's). Only a 429
-                # speaks of the rate; a 503 may be any overload.
-                if paced:
-                    self._rate.pushed_back()
-                pause = self._backoff.delay(0, decision.retry_after)
-                self._resume_at = max(self._resume_at, time.monotonic() + pause)
-            await self._sleep(self._backoff.delay(max(attempt, throttled), decision.retry_after))
+                self._pushed_back(decision, wait)
+            await self._sleep(wait)
+        if last is not None:
+            # Stopped between two attempts: not sent, as far as the ledger knows, with the
+            # error that the next attempt was waiting out.
+            held = [
+                Outcome(m.id, m.source_uuid, State.PENDING, last.status, True, last.as_errors())
+                for m in chunk.messages
+            ]
+            self._record(held)
         return False
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the --concurrency requests in flight."""
+        async with self._slots:
+            self._in_flight += 1
+            try:
+                yield
+            finally:
+                self._in_flight -= 1
+
+    def _heed(self, decision: Decision, sent_at: float) -> None:
+        """What an answer (or its lack) says of the platform: its pace, and its health."""
+        now = time.monotonic()
+        status = decision.status
+        if decision.backpressure:
+            self.pacer.refused(sent_at, now)
+        elif status is not None:
+            self.pacer.accepted(sent_at, now)
+        if status is not None and status < 500:
+            self._health.alive(now)
+        elif decision.action is Action.RETRY:
+            self._health.failing(now, decision.description, answered=status is not None)
+
+    def _pushed_back(self, decision: Decision, wait: float) -> None:
+        cause = str(decision.status)
+        if decision.retry_after is not None:
+            cause += f" Retry-After: {decision.retry_after:g}"
+        self.stats.push_backs[cause] += 1
+        self.stats.paused_seconds += wait
+        self._paused(Pause(cause, wait, self.pacer.rate))
 
     async def _split(self, chunk: Chunk, decision: Decision, sender: Sender) -> bool:
         """413: the body was too large for someone on the way. Send both halves in order,
@@ -568,10 +576,15 @@ class Deliverer:
         return classify(status, headers, content, time.time())
 
     async def _pace(self) -> None:
-        """Wait out a global pause (a 429 or 503 anywhere pauses everyone), then the rate."""
-        while (delay := self._resume_at - time.monotonic()) > 0 and not self.stopping:
-            await self._sleep(delay)
-        await self._rate.take()
+        """Wait for this request's turn at the pace the platform accepts."""
+        while not self.stopping:
+            cuts = self.pacer.cuts
+            wait = self.pacer.delay(time.monotonic())
+            if wait <= 0:
+                return
+            await self._sleep(wait)
+            if self.pacer.cuts == cuts:
+                return  # else the rate was cut meanwhile: the turn taken is void
 
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
+    from .deliver import Pause
+
 _WARNINGS_SHOWN = 10
 _VALIDATION = (
     ("read", "read"),
@@ -115,10 +117,11 @@ class Display:
             TextColumn("[red]{task.fields[failed]} failed"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[pace]}", markup=False),
             console=self.console,
             transient=True,
         )
-        self._task = self._progress.add_task("send", total=messages, failed=0)
+        self._task = self._progress.add_task("send", total=messages, failed=0, pace="")
         self._progress.start()
 
     def progress(self, accepted: int, failed: int) -> None:
@@ -127,6 +130,14 @@ class Display:
             self._progress.update(
                 self._task, advance=accepted + failed, failed=task.fields["failed"] + failed
             )
+
+    def paused(self, pause: Pause) -> None:
+        """A request the platform pushed back: its cause, its wait and the new pace."""
+        rate = None if pause.rate is None else round(pause.rate, 1)
+        self.event("pause", cause=pause.cause, waitSeconds=round(pause.wait, 3), rate=rate)
+        if self._progress is not None and self._progress.tasks[0].fields.get("pace") is not None:
+            paced = "unpaced" if rate is None else f"paced at {rate:g} req/s"
+            self._progress.update(self._task, pace=f"{paced} (last push-back: {pause.cause})")
 
     def done(self) -> None:
         if self._progress is not None:
@@ -159,7 +170,7 @@ class Display:
             self.event(
                 "summary",
                 exitStatus=int(result.exit_status),
-                failedFile=str(result.failed_path),
+                failedFile=None if result.failed_path is None else str(result.failed_path),
                 **result.report,
             )
             return
@@ -173,7 +184,8 @@ class Display:
         shown = len(result.preview)
         listed = report["rejected"] + report["failed"]
         if listed > shown:
-            self.console.print(f"... {listed - shown} more in {result.failed_path}", markup=False)
+            where = result.failed_path or "validate --failed-out PATH"
+            self.console.print(f"... {listed - shown} more: see {where}", markup=False)
         for w in result.warnings[:_WARNINGS_SHOWN]:
             self.console.print(
                 f"{w['source']}:{w['line']}: warning: {w['warningDescription']}",
@@ -201,7 +213,8 @@ class Display:
             )
         # validate's notSent are its valid rows (a dry run sends nothing): not failures.
         unsent = 0 if title == "validate" else report["notSent"]
-        if report["rejected"] + report["failed"] + unsent or result.message:
+        listing = report["rejected"] + report["failed"] + unsent or result.message
+        if listing and result.failed_path is not None:
             self.console.print(f"failed file: {result.failed_path}", markup=False)
         if result.message:
             self.error(result.message)

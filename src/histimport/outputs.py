@@ -268,6 +268,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 def render_validation(result: Any, output: str, *, shards: int | None = None) -> str:
     """`validate --output json|github`: one JSON document, or GitHub Actions annotations."""
+    assert result.failed_path is not None  # validate writes one, to a scratch file if need be
     failures = orjson.loads(Path(result.failed_path).read_bytes())["failures"]
     if output == "github":
         lines = []

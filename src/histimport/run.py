@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from .batch import Envelope
 from .check import Rejected, Valid, check_row, normalise_timestamp
 from .config import Config
-from .deliver import Deliverer, DeliveryStats
+from .deliver import Deliverer, DeliveryStats, Pause
 from .errors import ExitStatus, InvariantError, UsageError
 from .fanout import Fanout
 from .ledger import Ledger
@@ -70,6 +70,7 @@ class Observer(Protocol):
     def reading(self, done: int, total: int | None) -> None: ...
     def sending(self, messages: int) -> None: ...
     def progress(self, accepted: int, failed: int) -> None: ...
+    def paused(self, pause: Pause) -> None: ...
     def done(self) -> None: ...
 
 
@@ -88,6 +89,9 @@ class Silent:
     def progress(self, accepted: int, failed: int) -> None:
         pass
 
+    def paused(self, pause: Pause) -> None:
+        pass
+
     def done(self) -> None:
         pass
 
@@ -99,7 +103,7 @@ class RunResult:
     exit_status: ExitStatus
     counts: dict[str, int]
     report: dict[str, Any]
-    failed_path: Path
+    failed_path: Path | None  # None: no failed file was written (validate without --failed-out)
     preview: list[str]
     plan: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
@@ -623,6 +627,7 @@ class Run:
             base_url=base_url,
             credentials=credentials,
             progress=self.observer.progress,
+            paused=self.observer.paused,
         )
 
     def _deliver(self, ledger: Ledger, deliverer: Deliverer) -> None:
@@ -688,6 +693,14 @@ class Run:
             "reconnects": delivered.reconnects,
             "statusCodes": dict(sorted(delivered.statuses.items())),
             "finalConcurrency": delivered.final_concurrency,
+            "pacing": {
+                "rate": _rounded(delivered.pace.rate),
+                "limitEstimate": _rounded(delivered.pace.limit),
+                "peakRate": _rounded(delivered.peak_rate),
+                "pushBacks": dict(delivered.push_backs.most_common()),
+                "pausedSeconds": round(delivered.paused_seconds, 3),
+            },
+            "gaveUp": delivered.gave_up,
             "elapsedSeconds": round(elapsed, 3),
             "messagesPerSecond": round(counts["accepted"] / elapsed, 1) if elapsed > 0 else 0.0,
             "errorCodes": dict(error_codes.most_common()),
@@ -705,6 +718,12 @@ class Run:
         if delivered.aborted:
             status = ExitStatus.ABORTED
             message = f"{delivered.aborted}: nothing more was sent"
+        elif delivered.gave_up:
+            status = ExitStatus.INCOMPLETE
+            message = (
+                f"{delivered.gave_up}. Nothing more was sent; {counts['notSent']} messages are "
+                "listed as notSent: run the same command again to go on"
+            )
         elif self.interrupted and not self.read_whole:
             status = ExitStatus.INTERRUPTED
             message = f"interrupted while reading, after {self.read} rows: nothing was sent"
@@ -750,3 +769,7 @@ class Run:
             warnings=self.warnings,
             message=message,
         )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -13,13 +13,15 @@ import binascii
 import json
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from .config import SandboxConfig
-from .faults import FaultPlan, RequestFault, TokenBucket
+from .faults import FaultPlan, RequestFault
+from .limits import make_limiter, retry_after_header
 from .responses import GARBLED, JSON, Response, error_response, json_response, save_answer
 from .store import SandboxStore
 
@@ -49,7 +51,9 @@ class SandboxApp:
         self.config = config
         self.store = store
         self._faults = FaultPlan(config)
-        self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
+        self._limiter = None
+        if config.rate_limit:
+            self._limiter = make_limiter(config.rate_window, config.rate_limit, config.rate_burst)
         self._lock = threading.Lock()
         self._requests = 0
         self._statuses: Counter[int] = Counter()
@@ -100,10 +104,11 @@ class SandboxApp:
             return error_response(
                 405, "METHOD_NOT_ALLOWED", "use PUT on this resource", (("Allow", "PUT"),)
             )
-        if self._bucket is not None and (wait := self._bucket.take()) is not None:
-            return error_response(
-                429, "RATE_LIMITED", "too many requests", (("Retry-After", str(wait)),)
-            )
+        if self._limiter is not None and (wait := self._limiter.take(time.time())) is not None:
+            headers: tuple[tuple[str, str], ...] = ()
+            if self.config.rate_retry_after:
+                headers = (("Retry-After", retry_after_header(wait)),)
+            return error_response(429, "RATE_LIMITED", "too many requests", headers)
         if not self._authorized(scope):
             return error_response(
                 401,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .limits import LimiterShape
 
 _RATES = ("fail_rate", "error_after_store_rate", "garble_rate", "reject_rate")
 
@@ -44,6 +45,12 @@ class SandboxConfig:
     reject_rate: float = 0.0
     #: Requests per second over all clients; the excess is answered 429.
     rate_limit: float | None = None
+    #: The rate limiter's shape: a token bucket, or a fixed window of each clock second.
+    rate_window: LimiterShape = LimiterShape.BUCKET
+    #: The token bucket's burst, in requests (default: one second's worth).
+    rate_burst: float | None = None
+    #: Whether a 429 says when to come back (`Retry-After`), or is bare.
+    rate_retry_after: bool = True
     #: Seconds sent as ``Retry-After`` with a 503; None sends no header.
     retry_after: float | None = None
     #: Delay before every answer of the API endpoint.
@@ -77,6 +84,10 @@ class SandboxConfig:
             math.isfinite(self.rate_limit) and self.rate_limit > 0
         ):
             raise SandboxConfigError(f"rate_limit must be a positive number, got {self.rate_limit}")
+        if self.rate_burst is not None and not (
+            math.isfinite(self.rate_burst) and self.rate_burst >= 1
+        ):
+            raise SandboxConfigError(f"rate_burst must be 1 or more, got {self.rate_burst}")
         if self.retry_after is not None and not (
             math.isfinite(self.retry_after) and self.retry_after >= 0
         ):

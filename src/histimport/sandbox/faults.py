@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import threading
-import time
 from collections.abc import Callable
 from enum import Enum
 
@@ -63,27 +61,3 @@ class FaultPlan:
             return False
         digest = hashlib.sha256(f"{self._config.seed}\0{source_uuid}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
-
-
-class TokenBucket:
-    """At most ``rate`` requests per second on average, with bursts of up to ``rate``."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate = rate
-        self._capacity = max(1.0, rate)
-        self._tokens = self._capacity
-        self._clock = clock
-        self._updated = clock()
-        self._lock = threading.Lock()
-
-    def take(self) -> int | None:
-        """Take a token; None when granted, else the whole seconds to wait (at least 1)."""
-        with self._lock:
-            now = self._clock()
-            elapsed = max(0.0, now - self._updated)
-            self._tokens = min(self._capacity, self._tokens + elapsed * self._rate)
-            self._updated = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return None
-            return max(1, math.ceil((1.0 - self._tokens) / self._rate))

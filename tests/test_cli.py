@@ -534,32 +534,6 @@ def test_the_command_leaves_with_its_status_and_all_of_its_output(tmp_path: Path
     assert usage.returncode == 2 and "missing.jsonl" in usage.stderr
 
 
-def test_a_quiet_load_imports_only_what_it_uses(tmp_path: Path, server: RunningSandbox) -> None:
-    """Start-up: neither rich (nothing is shown) nor httpx's own command-line client."""
-    write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(3)])
-    script = (
-        "import os, sys\n"
-        "leave = os._exit\n"
-        "def report(code):\n"
-        "    names = ('rich', 'httpx', 'httpx._main', 'click', 'pygments')\n"
-        "    print(sorted(n for n in names if sys.modules.get(n) is not None), code)\n"
-        "    sys.stdout.flush()\n"
-        "    leave(code)\n"
-        "os._exit = report\n"
-        "from histimport.cli import main\n"
-        f"main(['load', 'e.jsonl', '--base-url', {server.base_url!r}, '--quiet'])\n"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env={**os.environ, **CREDENTIALS},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.stdout == "['httpx'] 0\n", run.stderr
-
-
 def test_a_profiler_still_writes_its_results(tmp_path: Path) -> None:
     """The command leaves without the interpreter's teardown, but not under a profiler or
     tracer, which writes its results then (cProfile -o, coverage)."""
@@ -619,3 +593,15 @@ def test_validate_after_load_leaves_the_failed_file_byte_for_byte(workdir: Path)
     assert "failed file: checked.json" in output
     (entry,) = orjson.loads((workdir / "checked.json").read_bytes())["failures"]
     assert entry["sourceUuid"] == "bad" and entry["stage"] == "rejected"
+
+
+def test_validate_takes_no_failed_file_name_from_the_environment(workdir: Path) -> None:
+    """HISTIMPORT_FAILED_OUT names every command's failed file: a load's, kept."""
+    rows = [orjson.dumps(message("d", "c", n)).decode() for n in range(2)]
+    rows.append('{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "bad", "sentOn": "x"}')
+    (workdir / "e.jsonl").write_text("\n".join(rows) + "\n")
+    env = {"HISTIMPORT_FAILED_OUT": "mine.json"}
+    assert invoke("load", "e.jsonl", "--sandbox", env=env)[0] == 1
+    written = (workdir / "mine.json").read_bytes()
+    assert invoke("validate", "e.jsonl", env=env)[0] == 1
+    assert (workdir / "mine.json").read_bytes() == written

@@ -450,31 +450,36 @@ def test_timeout_bounds_the_whole_request(staged: Any) -> None:
 @pytest.mark.parametrize(
     ("events", "at", "gives_up"),
     [
-        # (seconds, what came back) since the start, with --give-up-after 100 and 10 s for
-        # a platform that never answered.
-        ([(1, "connect")], 9.0, False),
-        ([(1, "connect")], 10.5, True),  # never answered: a wrong URL, most likely
-        ([(1, "answer"), (2, "connect")], 50.0, False),  # answered once: an outage, waited
-        ([(1, "answer"), (2, "5xx")], 101.5, True),
-        ([(1, "answer"), (2, "5xx"), (90, "answer")], 150.0, False),  # back in time
-        ([(1, "answer")], 500.0, False),  # idle, nothing failing: nothing to give up on
+        # (seconds, what came back, from which customer), with --give-up-after 100, and 10 s
+        # while the platform never answered.
+        ([(1, "connect", "a"), (1, "connect", "b")], 10.5, False),
+        ([(1, "connect", "a"), (1, "connect", "b")], 11.5, True),  # a wrong URL, most likely
+        ([(1, "answer", "a"), (2, "connect", "a"), (2, "connect", "b")], 50.0, False),
+        ([(1, "answer", "a"), (2, "5xx", "a"), (3, "5xx", "b")], 102.5, True),
+        ([(1, "answer", "a"), (2, "5xx", "a"), (3, "5xx", "b"), (90, "answer", "a")], 150, False),
+        ([(1, "answer", "a")], 500.0, False),  # idle, nothing failing: nothing to give up on
+        # Counted from the first failure, not from the last answer: a long quiet wait (a
+        # Retry-After), then one failure, is no outage.
+        ([(1, "answer", "a"), (300, "5xx", "a"), (300, "5xx", "b")], 301.0, False),
+        # One customer's failures alone never end the run.
+        ([(1, "answer", "a"), (2, "5xx", "a"), (90, "5xx", "a")], 500.0, False),
     ],
 )
 def test_when_a_dead_platform_is_given_up_on(
-    events: list[tuple[float, str]], at: float, gives_up: bool
+    events: list[tuple[float, str, str]], at: float, gives_up: bool
 ) -> None:
     from histimport.deliver import Health
 
-    health = Health(100.0, 0.0, first_contact=10.0)
-    for moment, what in events:
+    health = Health(100.0, first_contact=10.0)
+    for moment, what, customer in events:
         if what == "answer":
-            health.alive(moment)
+            health.alive()
         else:
-            health.failing(moment, f"{what} error", answered=what == "5xx")
+            health.failing(moment, ("d", customer), f"{what} error", answered=what == "5xx")
     verdict = health.verdict(at)
     assert (verdict is not None) == gives_up, verdict
     if verdict is not None:
-        assert "error" in verdict and "--give-up-after" in verdict
+        assert verdict.endswith("error")
 
 
 def test_a_platform_answering_500_to_everything_ends_the_run(staged: Any) -> None:
@@ -512,6 +517,7 @@ def test_a_closed_port_before_any_answer_ends_the_run_within_seconds(
 
     stats = deliver(ledger, handler, give_up_after=120, max_attempts=10_000)
     assert stats.gave_up is not None and "unreachable" in stats.gave_up
+    assert "never answered" in stats.gave_up and "--give-up-after" not in stats.gave_up
     assert ledger.counts()["notSent"] == 10 and calls > 1
 
 
@@ -549,3 +555,41 @@ def test_one_customer_failing_does_not_end_the_run(staged: Any) -> None:
     stats = deliver(ledger, handler, give_up_after=0.2, max_attempts=8, concurrency=2)
     assert stats.gave_up is None and failing > 0.35
     assert ledger.counts()["accepted"] == 199 and ledger.counts()["failed"] == 1
+
+
+def test_slots_are_handed_out_in_the_order_they_were_asked_for() -> None:
+    """A worker that gives its sender back and asks at once again queues behind the others:
+    no customer waits for ever."""
+    from histimport.deliver import Slots
+
+    async def scenario() -> list[str]:
+        slots = Slots([object()])  # type: ignore[list-item]
+        order: list[str] = []
+
+        async def worker(name: str, rounds: int) -> None:
+            for _ in range(rounds):
+                sender = await slots.take()
+                order.append(name)
+                await asyncio.sleep(0)
+                slots.give(sender)
+
+        await asyncio.gather(worker("a", 3), worker("b", 3), worker("c", 3))
+        return order
+
+    assert asyncio.run(scenario()) == ["a", "b", "c"] * 3
+
+
+def test_the_last_customer_failing_alone_does_not_end_the_run(staged: Any) -> None:
+    """The others are done; only the poisoned customer is left: its chunk fails when its
+    attempts are used up, as it would on its own."""
+    ledger = staged(list(interleaved(customers=2, per_customer=1)))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.02)
+        if customer_of(request) == "cust-00000":
+            return httpx.Response(500, text="poisoned")
+        return accept_all(request)
+
+    stats = deliver(ledger, handler, give_up_after=0.1, max_attempts=20)
+    assert stats.gave_up is None
+    assert ledger.counts()["accepted"] == 1 and ledger.counts()["failed"] == 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 
 import pytest
 
-from histimport.pace import MIN_RATE, Pacer
+from histimport.pace import Pacer
 from histimport.sandbox.limits import TokenBucket
 
 from .pacing_sim import SHAPES, Faulty, NginxLimitReq, simulate
@@ -91,19 +92,28 @@ def test_a_lost_half_is_regained_within_a_few_seconds() -> None:
     assert pacer.rate >= 0.9 * limit
 
 
-def test_an_outage_cuts_the_rate_but_not_the_estimate() -> None:
-    pacer = Pacer()
-    now = 10.0
-    for i in range(100):
-        pacer.delay(now + i / 100)
-        pacer.accepted(now + i / 100, now + i / 100 + 0.02)
-    pacer.refused(sent_at=11.0, now=11.02)
-    limit = pacer.limit
-    now = 13.0  # then nothing but 503s for a while
-    for _ in range(40):
-        now += pacer.delay(now)
-        pacer.refused(sent_at=now, now=now + 0.02)
-    assert pacer.rate == MIN_RATE and pacer.limit == limit
+def test_after_an_outage_the_pace_is_regained_within_seconds() -> None:
+    """100 requests/s, then three seconds of nothing but 503s: the rate falls to almost
+    nothing meanwhile, and the estimate stands, so the pace is back within three seconds of
+    the platform's return (the refused requests' own backoffs included)."""
+
+    class Outage:
+        def __init__(self) -> None:
+            self.bucket = TokenBucket(100.0, 10)
+
+        def take(self, now: float) -> float | None:
+            return 0.0 if 1005.0 <= now < 1008.0 else self.bucket.take(now)
+
+    taken: Counter[int] = Counter()
+
+    class Counting(Pacer):
+        def accepted(self, sent_at: float, now: float) -> None:
+            taken[int(now - 1000)] += 1
+            super().accepted(sent_at, now)
+
+    simulate(Outage(), requests=2500, retry_after=False, pacer=Counting(), start=1000.0)
+    assert taken[5] + taken[6] + taken[7] < 10  # the outage
+    assert all(taken[second] >= 90 for second in range(11, 20)), sorted(taken.items())
 
 
 def test_the_rate_never_exceeds_the_ceiling() -> None:
@@ -169,3 +179,24 @@ def test_hours_without_a_push_back_do_not_overflow_the_probing() -> None:
     # At most 2**5 times the first probing speed, 2% of the estimate a second.
     steps = [b - a for a, b in itertools.pairwise(rates[-100:]) if a and b]
     assert max(steps) <= 32 * 0.02 * limit * 1.01
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_limit_of_one_request_a_second_is_found_too(shape: str) -> None:
+    """No second has two answers taken: the estimate still comes down from the first,
+    unpaced burst's."""
+    limiter, retry_after, _ = SHAPES[shape](1.0)
+    pacer = Pacer()
+    outcome = simulate(limiter, requests=60, retry_after=retry_after, pacer=pacer)
+    assert outcome.accepted == 60
+    assert pacer.limit is not None and pacer.limit < 3, pacer.state
+    # Most refusals come in the first second, sent before the platform first pushed back.
+    assert outcome.requests <= 2 * outcome.accepted, outcome
+
+
+def test_a_rate_ceiling_below_the_least_pace_holds() -> None:
+    pacer = Pacer(ceiling=0.2)
+    pacer.delay(10.0)
+    pacer.refused(sent_at=10.0, now=10.1)
+    assert pacer.rate == 0.2
+    assert pacer.delay(10.2) == pytest.approx(5.0 - 0.1, abs=0.2)

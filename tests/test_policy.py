@@ -14,6 +14,15 @@ from histimport import policy
 from histimport.ledger import Pending, State
 from histimport.models import read_answer
 from histimport.policy import Action, Backoff, classify, classify_error, parse_retry_after, settle
+from histimport.transport import (
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolBroken,
+    SendError,
+    TimedOut,
+    Untrusted,
+    translated,
+)
 
 OK_BODY = orjson.dumps({"succesfullySubmittedSourceUuids": ["a"], "failedSourceUuids": []})
 
@@ -103,22 +112,60 @@ def test_other_4xx_fail_with_a_bounded_excerpt(status: int) -> None:
     assert len(decision.description) < 300
 
 
-def test_transport_errors() -> None:
-    connect = classify_error(httpx.ConnectError("refused"))
-    assert (connect.action, connect.unknown_outcome) == (Action.RETRY, False)
-    timeout = classify_error(httpx.ReadTimeout("slow"))
-    assert (timeout.action, timeout.unknown_outcome) == (Action.RETRY, True)
-    dropped = classify_error(httpx.RemoteProtocolError("closed"))
-    assert (dropped.action, dropped.unknown_outcome) == (Action.RETRY, True)
+def failure(exc: httpx.HTTPError) -> SendError:
+    """What the transport boundary makes of one of httpx's exceptions."""
+    try:
+        with translated():
+            raise exc
+    except SendError as translated_error:
+        return translated_error
+    raise AssertionError("not translated")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "code", "unknown"),
+    [
+        (httpx.ConnectError("[Errno 111] refused"), ConnectFailed, "CONNECT_ERROR", False),
+        (httpx.ConnectTimeout("slow to connect"), TimedOut, "CONNECT_ERROR", False),
+        (httpx.PoolTimeout("no connection"), TimedOut, "CONNECT_ERROR", False),
+        (httpx.WriteTimeout("slow to take it"), TimedOut, "TIMEOUT", True),
+        (httpx.ReadTimeout("slow to answer"), TimedOut, "TIMEOUT", True),
+        (httpx.RemoteProtocolError("closed"), ConnectionLost, "CONNECTION_LOST", True),
+        (httpx.ReadError("reset"), ConnectionLost, "CONNECTION_LOST", True),
+        (httpx.WriteError("broken pipe"), ConnectionLost, "CONNECTION_LOST", True),
+        (httpx.LocalProtocolError("bad"), ProtocolBroken, "CONNECTION_LOST", True),
+        (httpx.DecodingError("corrupt gzip"), ProtocolBroken, "CONNECTION_LOST", True),
+    ],
+)
+def test_transport_errors(
+    error: httpx.HTTPError, kind: type[SendError], code: str, unknown: bool
+) -> None:
+    """Translated once, at the transport, then read by the policy: what did not reach the
+    server is a known outcome; anything after the request left may hide a stored message."""
+    translated_error = failure(error)
+    assert type(translated_error) is kind
+    decision = classify_error(translated_error)
+    assert (decision.action, decision.code, decision.unknown_outcome) == (
+        Action.RETRY,
+        code,
+        unknown,
+    )
+    assert str(error) in decision.description
+
+
+def test_an_untrusted_certificate_stops_the_run() -> None:
+    error = failure(httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] self-signed"))
+    assert isinstance(error, Untrusted)
+    assert classify_error(error).action is Action.ABORT
 
 
 def test_a_proxy_that_will_not_open_a_tunnel() -> None:
     """Nothing reached the platform: a refusal stops the run as wrong credentials do, and
     anything else is retried as a known outcome."""
-    refused = classify_error(httpx.ProxyError("407 Proxy Authentication Required"))
+    refused = classify_error(failure(httpx.ProxyError("407 Proxy Authentication Required")))
     assert (refused.action, refused.code) == (Action.ABORT, "PROXY_REFUSED")
     assert "407 Proxy Authentication Required" in refused.description
-    failing = classify_error(httpx.ProxyError("502 Bad Gateway"))
+    failing = classify_error(failure(httpx.ProxyError("502 Bad Gateway")))
     assert (failing.action, failing.code, failing.unknown_outcome) == (
         Action.RETRY,
         "PROXY_ERROR",

@@ -19,6 +19,7 @@ from histimport.sandbox import SandboxConfig, sandbox
 from histimport.sandbox.faults import FaultPlan
 
 from .factory import message, write_jsonl
+from .forward_proxy import running_tinyproxy, tinyproxy_binary
 from .nginx import ProxyRules, nginx_binary, running_nginx
 
 CUSTOMERS = 400
@@ -183,3 +184,66 @@ def test_behind_nginx_a_refused_password_stops_at_once(tmp_path: Path) -> None:
     assert {f["sourceUuid"] for f in failed["failures"]} == {r["sourceUuid"] for r in rows}
     assert {f["stage"] for f in failed["failures"]} == {"notSent"}
     assert failed["counts"] == {"rejected": 0, "failed": 0, "notSent": len(rows)}
+
+
+def test_through_a_real_forward_proxy_named_by_http_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20,000 messages, every request through tinyproxy, as HTTP_PROXY says."""
+    tinyproxy_binary()
+    rows = [message(f"dep-{c % 3}", f"cust-{c:05d}", n) for n in range(50) for c in range(400)]
+    source = write_jsonl(tmp_path / "export.jsonl", rows)
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with (
+        sandbox(SandboxConfig(port=0, db=tmp_path / "sandbox.sqlite3")) as server,
+        running_tinyproxy(tmp_path / "tinyproxy") as proxy,
+    ):
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        config = Config(
+            base_url=server.base_url,
+            username="importer",
+            password="s3cret-pass",
+            state_dir=tmp_path / "state",
+            failed_out=tmp_path / "failed.json",
+        )
+        result = histimport.load([source], config)
+        stored = server.store.count()
+        received = server.app.stats()["requests"]
+        forwarded = proxy.requests()
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert stored == 20_000 and result.counts["accepted"] == 20_000
+    # Every request went through the proxy, none straight to the sandbox.
+    assert len(forwarded) == result.report["requests"] == received
+    assert all(line.startswith(f"PUT {server.base_url}/department/") for line in forwarded)
+
+
+def test_https_through_the_forward_proxy_with_a_corporate_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, certificate: tuple[Path, Path]
+) -> None:
+    """HTTPS_PROXY: a tunnel (CONNECT) through tinyproxy, the platform's certificate
+    verified against --ca-bundle."""
+    tinyproxy_binary()
+    cert, key = certificate
+    source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(30)])
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with (
+        sandbox(SandboxConfig(port=0, tls_cert=cert, tls_key=key)) as server,
+        running_tinyproxy(tmp_path / "tinyproxy") as proxy,
+    ):
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        config = Config(
+            base_url=server.base_url,
+            username="importer",
+            password="s3cret-pass",
+            state_dir=tmp_path / "state",
+            failed_out=tmp_path / "failed.json",
+            ca_bundle=cert,
+        )
+        result = histimport.load([source], config)
+        stored = server.store.count()
+        tunnels = proxy.requests()
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert stored == 30
+    assert tunnels == [f"CONNECT 127.0.0.1:{server.port} HTTP/1.1"]

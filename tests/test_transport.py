@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
-import select
 import socket
 import struct
 import subprocess
@@ -19,15 +18,20 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import histimport
 from histimport import ExitStatus
 from histimport.config import Config
-from histimport.deliver import ClientSender, Deliverer, Sender
+from histimport.deliver import Deliverer
 from histimport.ledger import Ledger
-from histimport.transport import Http11Sender
+from histimport.transport import (
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolBroken,
+    Sender,
+    TimedOut,
+)
 
 from .factory import message, write_jsonl
 
@@ -127,12 +131,14 @@ def receive_head(conn: socket.socket) -> tuple[bytes, int]:
     return data, length
 
 
-def sender(timeout: float = 5, bound: int = 1 << 20) -> Http11Sender:
-    return Http11Sender({"Content-Type": "application/json"}, httpx.Timeout(timeout), bound)
+def sender(timeout: float = 5, bound: int = 1 << 20) -> Sender:
+    return Sender(
+        headers={"Content-Type": "application/json"}, timeout=timeout, bound=bound, auth=None
+    )
 
 
 @asynccontextmanager
-async def sending(timeout: float = 5, bound: int = 1 << 20) -> AsyncIterator[Http11Sender]:
+async def sending(timeout: float = 5, bound: int = 1 << 20) -> AsyncIterator[Sender]:
     http = sender(timeout, bound)
     try:
         yield http
@@ -151,28 +157,34 @@ def test_a_connection_is_kept_alive_between_requests() -> None:
     asyncio.run(main())
 
 
-def test_the_request_is_what_httpx_would_send() -> None:
+def test_the_request_is_the_run_s_own() -> None:
+    """The path as given, the run's headers, Basic credentials, no cookie."""
     seen: list[bytes] = []
 
     async def main() -> None:
-        async with serving(answering(OK, seen=seen)) as (url, _), sending() as http:
-            path = "/api/department/d-1/customer/c~2/communication/historical"
-            await http.put(f"{url}{path}", b"[1]")
-            await http.put(f'{url}/a b/\u00e9{{<">}}?q=1#fragment', b"")
-        port = url.rsplit(":", 1)[1]
-        first, second = (request.split(b"\r\n") for request in seen)
-        assert first[0] == b"PUT /api/department/d-1/customer/c~2/communication/historical HTTP/1.1"
-        assert first[1] == f"host: 127.0.0.1:{port}".encode()
-        assert set(first[2:-2]) == {
+        async with serving(answering(OK, seen=seen)) as (url, _):
+            http = Sender(
+                headers={"Content-Type": "application/json", "User-Agent": "histimport/x"},
+                timeout=5,
+                bound=1 << 20,
+                auth=("user", "pass"),
+            )
+            try:
+                path = "/api/department/d-1/customer/c~2/communication/historical"
+                await http.put(f"{url}{path}", b"[1]")
+                await http.put(f"{url}{path}", b"[2]")
+            finally:
+                await http.aclose()
+        first, second = ([line.lower() for line in r.split(b"\r\n")] for r in seen)
+        assert first[0] == b"put /api/department/d-1/customer/c~2/communication/historical http/1.1"
+        assert {
             b"content-type: application/json",
             b"content-length: 3",
-            b"accept-encoding: gzip, deflate",
-        }
-        assert first[-1] == b"[1]"
-        assert second[0] == httpx.URL(f'{url}/a b/\u00e9{{<">}}?q=1').raw_path.join(
-            [b"PUT ", b" HTTP/1.1"]
-        )
-        assert b"content-length: 0" in second
+            b"user-agent: histimport/x",
+            b"authorization: basic dxnlcjpwyxnz",
+        } <= set(first)
+        assert not any(line.startswith(b"cookie") for line in first + second)
+        assert first[-1] == b"[1]" and second[-1] == b"[2]"
 
     asyncio.run(main())
 
@@ -241,9 +253,11 @@ def test_a_connection_the_server_closed_since_the_event_loop_last_looked_is_repl
     assert len(connections) == 4
 
 
-def test_an_answer_sent_before_a_reset_is_still_read() -> None:
+def test_an_answer_sent_before_a_reset_is_a_lost_connection() -> None:
     """A server may refuse a large body at once (413) and reset the connection without
-    reading it: the answer came first, and it is the answer."""
+    reading it: the reset discards the answer before httpx reads it (it reads only once the
+    body is written), so the request has no answer, and is retried as such. (A server that
+    drains the body, as nginx's lingering close does, is answered: the test below.)"""
 
     def refuse_and_reset(conn: socket.socket) -> None:
         receive_head(conn)
@@ -253,9 +267,9 @@ def test_an_answer_sent_before_a_reset_is_still_read() -> None:
 
     async def main(url: str) -> None:
         async with sending() as http:
-            for _ in range(3):
-                status, _, content = await http.put(f"{url}/x", b"x" * (8 << 20))
-                assert (status, content) == (413, b"")
+            for _ in range(2):
+                with pytest.raises(ConnectionLost):
+                    await http.put(f"{url}/x", b"x" * (8 << 20))
 
     with threaded_server(refuse_and_reset) as (url, _):
         asyncio.run(main(url))
@@ -290,18 +304,21 @@ def test_a_kept_connection_closed_as_the_request_went_out_is_retried_once_on_a_n
                 b"[2]",
                 b"[2]",
             ]
-            assert len(connections) == 3
+            assert len(connections) == 3 and http.resent == 2
         seen.clear()
         async with serving(drop_every_one) as (url, connections), sending() as http:
-            with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            with pytest.raises(ConnectionLost, match="without sending a response"):
                 await http.put(f"{url}/x", b"[1]")
             assert len(seen) == len(connections) == 1
+            assert http.resent == 0
+        assert http.resent == 0
 
     asyncio.run(main())
 
 
 def test_a_connection_with_bytes_past_the_answer_is_not_kept() -> None:
-    """A stray line end after an answer would be read as the start of the next one."""
+    """A stray line end after an answer is read as the start of the next one: that request
+    goes again at once, on a new connection."""
 
     async def main() -> None:
         answer = answering(OK + b"\r\n")
@@ -309,21 +326,6 @@ def test_a_connection_with_bytes_past_the_answer_is_not_kept() -> None:
             for _ in range(3):
                 assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
             assert len(connections) == 3
-
-    asyncio.run(main())
-
-
-def test_an_expired_connection_is_replaced() -> None:
-    async def main() -> None:
-        async with serving(answer_each) as (url, connections):
-            http = Http11Sender({}, httpx.Timeout(5), 1 << 20, keepalive_expiry=0.05)
-            try:
-                for _ in range(2):
-                    assert (await http.put(f"{url}/x", b"[1]"))[0] == 200
-                    await asyncio.sleep(0.1)
-            finally:
-                await http.aclose()
-            assert len(connections) == 2
 
     asyncio.run(main())
 
@@ -414,7 +416,13 @@ def test_an_encoded_answer_that_cannot_be_read(case: str) -> None:
             if case == "too large":
                 assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, None)
                 return
-            with pytest.raises(httpx.DecodingError):
+            if case == "cut short":
+                # httpx decodes what there is: the answer is then not the documented JSON,
+                # and the retry policy reads it as a garbled answer.
+                status, _, content = await http.put(f"{url}/x", b"[1]")
+                assert status == 200 and content is not None and len(content) < 10_000
+                return
+            with pytest.raises(ProtocolBroken):
                 await http.put(f"{url}/x", b"[1]")
 
     asyncio.run(main())
@@ -462,7 +470,7 @@ def test_a_large_answer_head_in_several_reads() -> None:
 def test_a_host_name_that_cannot_be_looked_up_is_a_connect_error() -> None:
     async def main() -> None:
         async with sending() as http:
-            with pytest.raises(httpx.ConnectError):
+            with pytest.raises(ConnectFailed):
                 await http.put("https://api..example.invalid/x", b"[1]")
 
     asyncio.run(main())
@@ -490,24 +498,13 @@ def test_an_international_host_name_goes_out_in_its_ascii_form(
         async with serving(record) as (url, _), sending() as http:
             port = url.rsplit(":", 1)[1]
             assert (await http.put(f"http://b\u00fccher.example:{port}/x", b"[1]"))[0] == 200
-            assert f"host: xn--bcher-kva.example:{port}".encode() in seen[0].split(b"\r\n")
+            host = f"host: xn--bcher-kva.example:{port}".encode()
+            assert host in seen[0].lower().split(b"\r\n")
 
     asyncio.run(main())
-    assert looked_up == ["xn--bcher-kva.example"]
-
-
-def test_without_poll_a_kept_connection_is_checked_with_select(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delattr(select, "poll")
-
-    async def main() -> None:
-        async with serving(answer_each) as (url, connections), sending() as http:
-            for _ in range(3):
-                assert (await http.put(f"{url}/x", b"[1]"))[0] == 200
-            assert len(connections) == 1
-
-    asyncio.run(main())
+    assert [h.decode() if isinstance(h, bytes) else h for h in looked_up] == [
+        "xn--bcher-kva.example"
+    ]
 
 
 def test_an_answer_beyond_the_bound_is_not_read_and_its_connection_not_kept() -> None:
@@ -559,7 +556,7 @@ def test_after_a_failed_request_and_on_another_server_a_new_connection_is_made()
             serving(answer_each) as (second, second_connections),
             sending() as http,
         ):
-            with pytest.raises(httpx.RemoteProtocolError):
+            with pytest.raises(ConnectionLost):
                 await http.put(f"{first}/x", b"[1]")
             urls = [first, first, second, second, first]
             statuses = [(await http.put(f"{url}/x", b"[1]"))[0] for url in urls]
@@ -570,7 +567,7 @@ def test_after_a_failed_request_and_on_another_server_a_new_connection_is_made()
     asyncio.run(main())
 
 
-def test_one_request_at_a_time_and_a_cancelled_one_leaves_no_connection_behind() -> None:
+def test_a_cancelled_request_leaves_no_connection_behind() -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.3)
         await answer_each(reader, writer)
@@ -579,8 +576,6 @@ def test_one_request_at_a_time_and_a_cancelled_one_leaves_no_connection_behind()
         async with serving(slow) as (url, connections), sending() as http:
             first = asyncio.create_task(http.put(f"{url}/x", b"[1]"))
             await asyncio.sleep(0.05)
-            with pytest.raises(RuntimeError, match="one request at a time"):
-                await http.put(f"{url}/x", b"[1]")
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await first
@@ -591,8 +586,18 @@ def test_one_request_at_a_time_and_a_cancelled_one_leaves_no_connection_behind()
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("misbehaviour", ["no answer", "hang up", "half a body", "not http"])
-def test_what_goes_wrong_is_raised_as_httpx_own_transport_raises_it(misbehaviour: str) -> None:
+@pytest.mark.parametrize(
+    ("misbehaviour", "raised", "words"),
+    [
+        ("no answer", TimedOut, "ReadTimeout"),
+        ("hang up", ConnectionLost, "without sending a response"),
+        ("half a body", ConnectionLost, "without sending complete message body"),
+        ("not http", ConnectionLost, "illegal status line"),
+    ],
+)
+def test_what_goes_wrong_is_raised_as_the_project_s_own_error(
+    misbehaviour: str, raised: type[Exception], words: str
+) -> None:
     async def misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         if misbehaviour == "no answer":
@@ -604,18 +609,10 @@ def test_what_goes_wrong_is_raised_as_httpx_own_transport_raises_it(misbehaviour
         await writer.drain()
 
     async def main() -> None:
-        async with serving(misbehave) as (url, _):
-            async with sending(timeout=0.3) as http:
-                with pytest.raises(httpx.TransportError) as raised:
-                    await http.put(f"{url}/x", b"[1]")
-                ours = raised.value
-            async with httpx.AsyncClient(timeout=0.3, trust_env=False) as client:
-                with pytest.raises(httpx.TransportError) as raised:
-                    await client.put(f"{url}/x", content=b"[1]")
-                theirs = raised.value
-        assert type(ours) is type(theirs)
-        if not isinstance(ours, httpx.TimeoutException):  # h11's words, both ways
-            assert str(ours) == str(theirs)
+        async with serving(misbehave) as (url, _), sending(timeout=0.3) as http:
+            with pytest.raises(raised, match=words) as caught:
+                await http.put(f"{url}/x", b"[1]")
+        assert not isinstance(caught.value, TimedOut) or caught.value.sent
 
     asyncio.run(main())
 
@@ -625,7 +622,7 @@ def test_a_refused_connection_is_a_connect_error() -> None:
         async with serving(read_request) as (url, _):
             pass  # closed: nothing listens on its port any more
         async with sending() as http:
-            with pytest.raises(httpx.ConnectError):
+            with pytest.raises(ConnectFailed):
                 await http.put(f"{url}/x", b"[1]")
 
     asyncio.run(main())
@@ -650,21 +647,6 @@ def test_ipv6_loopback() -> None:
     asyncio.run(main())
 
 
-def test_no_proxy_alone_sends_straight_to_the_transport(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "internal.example")
-    with Ledger(tmp_path / "state") as ledger:
-        deliverer = Deliverer(
-            config=Config(), ledger=ledger, base_url="http://platform.test", credentials=None
-        )
-        assert isinstance(deliverer._new_sender(), Http11Sender)
-        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-        assert isinstance(deliverer._new_sender(), ClientSender)
-
-
 @asynccontextmanager
 async def run_sender(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy_url: str
@@ -687,8 +669,7 @@ async def run_sender(
 def test_a_proxy_from_the_environment_is_still_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """httpx reads proxy settings only for transports it builds: with one set, the run
-    keeps httpx's own transport, and the request goes through the proxy."""
+    """The one path of every request takes the environment's proxy, as httpx reads it."""
     seen: list[bytes] = []
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -776,7 +757,6 @@ def test_an_error_answer_whose_body_cannot_be_decoded_is_told_by_its_status_via_
             serving(refusal) as (proxy_url, _),
             run_sender(tmp_path, monkeypatch, proxy_url) as sender,
         ):
-            assert isinstance(sender, ClientSender)
             assert (await sender.put("http://platform.test/x", b"[1]"))[::2] == (401, b"")
 
     asyncio.run(main())

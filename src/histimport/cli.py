@@ -318,8 +318,9 @@ def validate(
 ) -> int:
     """Check sources offline, for CI: no network, no credentials (= load --dry-run).
 
-    It writes a failed file only when --failed-out asks for one: checking an export never
-    replaces the failed file a load wrote."""
+    It writes a failed file only when --failed-out on its command line asks for one:
+    checking an export never replaces the failed file a load wrote (whose name
+    HISTIMPORT_FAILED_OUT or histimport.toml may give for every command)."""
     import tempfile
 
     from . import run
@@ -327,9 +328,8 @@ def validate(
 
     if output not in ("text", "json", "github"):
         raise UsageError("--output must be text, json or github")
-    # Asked for on the command line, in HISTIMPORT_FAILED_OUT or in histimport.toml.
     source = ctx.get_parameter_source("failed_out")
-    asked = source is not None and source.name != "DEFAULT"
+    asked = source is not None and source.name == "COMMANDLINE"
     display = _display({**options, "quiet": options["quiet"] or output != "text"})
     with tempfile.TemporaryDirectory(prefix="histimport-validate-") as scratch:
         if not asked:
@@ -640,11 +640,6 @@ def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) ->
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `histimport` command."""
-    if "httpx" not in sys.modules:
-        # httpx imports its own command-line client whenever click, rich and pygments are
-        # installed (about 50 ms of start-up: click and pygments for nothing else); this
-        # command never runs it, and httpx falls back to a stub when it cannot be imported.
-        sys.modules["httpx._main"] = None  # type: ignore[assignment]
     try:
         app(args=argv, prog_name="histimport")
     except SystemExit as done:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,10 +64,16 @@ class Config:
             (self.chunk_size >= 1, "--chunk-size must be at least 1"),
             (self.max_request_bytes >= 256, "--max-request-bytes must be at least 256"),
             (self.concurrency >= 1, "--concurrency must be at least 1"),
-            (self.rate is None or self.rate > 0, "--rate must be positive"),
+            (
+                self.rate is None or (self.rate > 0 and math.isfinite(self.rate)),
+                "--rate must be a positive number",
+            ),
             (self.max_attempts >= 1, "--max-attempts must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
-            (self.give_up_after > 0, "--give-up-after must be positive"),
+            (
+                self.give_up_after > 0 and math.isfinite(self.give_up_after),
+                "--give-up-after must be a positive number of seconds",
+            ),
             (self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024"),
             (
                 self.check_workers is None or 0 <= self.check_workers <= 64,

@@ -9,18 +9,14 @@ stores each customer's history in file order.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import http.cookiejar
 import itertools
 import ssl
 import time
-import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
 import httpx
 
@@ -31,7 +27,7 @@ from .errors import UsageError
 from .ledger import Ledger, Outcome, Pending, State
 from .pace import Pacer, PaceState
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
-from .transport import Http11Sender, Reply
+from .transport import Sender, SendError, proxies_set, unusable_proxy
 
 # A 429 is the server (or a proxy) pacing us, not failing: it draws on its own, larger
 # budget, so that a rate limit never makes the tool give up on a healthy message.
@@ -76,146 +72,79 @@ class Pause:
 
 
 class Health:
-    """Whether the platform is alive: given up on when, for `give_up_after` seconds, nothing
-    but connection errors, timeouts and 5xx came back (`first_contact` seconds while it
-    has never answered). Any other answer, a 429 or a 404 included, shows it alive."""
+    """Whether the platform is alive. Given up on when nothing but connection errors,
+    timeouts and 5xx came back for `give_up_after` seconds (`first_contact` while it has
+    never answered), counted from the first of those failures, and from at least two
+    customers: one customer's failures (a poisoned message, a department that fails) are
+    its own. Any other answer, a 429 or a 404 included, shows the platform alive."""
 
-    def __init__(self, give_up_after: float, now: float, first_contact: float) -> None:
+    def __init__(self, give_up_after: float, first_contact: float) -> None:
         self.give_up_after = give_up_after
         self.first_contact = min(first_contact, give_up_after)
         self.answered = False
-        self._alive_at = now
-        self._failing_since: float | None = None  # wall-clock time, for the message
+        self._failing_since: float | None = None  # monotonic
+        self._failing_keys: set[tuple[str, str]] = set()
         self._last_error = ""
 
-    def alive(self, now: float) -> None:
+    def alive(self) -> None:
         self.answered = True
-        self._alive_at = now
         self._failing_since = None
+        self._failing_keys.clear()
 
-    def failing(self, now: float, error: str, *, answered: bool) -> None:
+    def failing(self, now: float, key: tuple[str, str], error: str, *, answered: bool) -> None:
         self.answered = self.answered or answered
         if self._failing_since is None:
-            self._failing_since = time.time() - (time.monotonic() - now)
+            self._failing_since = now
+        if len(self._failing_keys) < 2:
+            self._failing_keys.add(key)
         self._last_error = error
 
     def verdict(self, now: float) -> str | None:
         """Why to give up, or None."""
-        if self._failing_since is None:
+        if self._failing_since is None or len(self._failing_keys) < 2:
             return None
         window = self.give_up_after if self.answered else self.first_contact
-        if now - self._alive_at < window:
+        if now - self._failing_since < window:
             return None
-        since = datetime.fromtimestamp(self._failing_since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        what = "failing" if self.answered else "unreachable (a wrong --base-url?)"
-        return (
-            f"the platform was {what} since {since}, for {window:g} s "
-            f"(--give-up-after): last error {self._last_error}"
-        )
+        began = time.time() - (now - self._failing_since)
+        since = datetime.fromtimestamp(began, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if self.answered:
+            what = f"failing since {since}, for {window:g} s (--give-up-after)"
+        else:
+            what = f"unreachable since {since}, for {window:g} s, and never answered"
+        return f"the platform was {what}: last error {self._last_error}"
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """Cookies a server or a proxy sets are not kept: the endpoint takes Basic auth on every
-    request, and httpx would otherwise parse every answer's headers for them."""
+class Slots:
+    """The senders, one per request in flight, handed out in the order they were asked
+    for. (An asyncio.Queue would let a worker that just gave one back take it again before
+    the worker it woke runs: that one's customer could wait for ever.)"""
 
-    def extract_cookies(self, response: object, request: object) -> None:
-        return None
+    def __init__(self, senders: Iterable[Sender]) -> None:
+        self._free = list(senders)
+        self._waiting: deque[asyncio.Future[Sender]] = deque()
 
-
-def _proxy_set() -> bool:
-    """Whether the environment names a proxy for http or https (NO_PROXY alone does not)."""
-    proxies = urllib.request.getproxies()
-    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
-
-
-def basic_auth(username: str, password: str) -> str:
-    """An Authorization header's value, as httpx.BasicAuth makes it."""
-    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-    return f"Basic {token}"
-
-
-class Sender(Protocol):
-    """One worker's way to the endpoint."""
-
-    resent: int
-    """Requests sent again at once on a new connection: a kept one ended without an answer."""
-
-    async def put(self, url: str, body: bytes) -> Reply: ...
-
-    async def aclose(self) -> None: ...
-
-
-class DirectSender:
-    """Requests handed straight to an httpx transport the Deliverer was given (such as
-    httpx.MockTransport), without httpx.AsyncClient: redirects are not followed, cookies
-    not kept, and the Authorization header is the same every time, as with Http11Sender."""
-
-    resent = 0
-
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport,
-        headers: dict[str, str],
-        timeout: httpx.Timeout,
-        bound: int,
-    ) -> None:
-        self._transport = transport
-        self._headers = headers
-        self._extensions = {"timeout": timeout.as_dict()}
-        self._bound = bound
-
-    async def put(self, url: str, body: bytes) -> Reply:
-        request = httpx.Request(
-            "PUT", url, headers=self._headers, content=body, extensions=self._extensions
-        )
-        response = await self._transport.handle_async_request(request)
-        response.request = request
+    async def take(self) -> Sender:
+        if self._free and not self._waiting:
+            return self._free.pop()
+        waiter: asyncio.Future[Sender] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
         try:
-            return (
-                response.status_code,
-                response.headers,
-                await _read_bounded(response, self._bound),
-            )
-        finally:
-            await response.aclose()
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give(waiter.result())  # handed over just as it was cancelled
+            else:
+                self._waiting.remove(waiter)
+            raise
 
-    async def aclose(self) -> None:
-        await self._transport.aclose()
-
-
-class ClientSender:
-    """Requests through httpx.AsyncClient, which sets up the proxies of the environment."""
-
-    resent = 0
-
-    def __init__(self, client: httpx.AsyncClient, bound: int) -> None:
-        self._client = client
-        self._bound = bound
-
-    async def put(self, url: str, body: bytes) -> Reply:
-        async with self._client.stream("PUT", url, content=body) as response:
-            try:
-                content = await _read_bounded(response, self._bound)
-            except httpx.DecodingError:
-                if response.is_success:
-                    raise
-                content = b""  # an error answer is told by its status (as Http11Sender does)
-            return response.status_code, response.headers, content
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
-async def _read_bounded(response: httpx.Response, bound: int) -> bytes | None:
-    """The body, or None once it exceeds the bound: never read a huge answer whole."""
-    parts = []
-    size = 0
-    async for part in response.aiter_bytes():
-        size += len(part)
-        if size > bound:
-            return None
-        parts.append(part)
-    return b"".join(parts)
+    def give(self, sender: Sender) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(sender)
+                return
+        self._free.append(sender)
 
 
 Progress = Callable[[int, int], None]
@@ -255,14 +184,19 @@ class Deliverer:
         self._stopping = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._hurried = False
-        self._slots = asyncio.Semaphore(config.concurrency)
         self._in_flight = 0
+        self._health = Health(config.give_up_after, FIRST_CONTACT_SECONDS)
         self.pacer = Pacer(config.rate)
-        self._health = Health(config.give_up_after, time.monotonic(), FIRST_CONTACT_SECONDS)
-        # One TLS context for every worker's client: building one costs tens of ms.
+        # One TLS context for every sender: building one costs tens of ms.
         self._tls = self._verify() if transport is None else None
-        if transport is None and _proxy_set():
-            self._new_sender()  # a proxy httpx cannot use is told now, before any reading
+        if transport is None and (unusable := unusable_proxy()) is not None:
+            # Told now, before anything is read.
+            raise UsageError(
+                f"the proxy set in the environment cannot be used: {unusable}",
+                hint="set HTTPS_PROXY / HTTP_PROXY / ALL_PROXY to an http:// or https:// "
+                "proxy, or NO_PROXY for the platform's host",
+            )
+        self._slots = Slots(())
 
     def stop(self) -> None:
         """Take no new work; requests in flight settle and are recorded."""
@@ -294,14 +228,13 @@ class Deliverer:
         workers = self.config.concurrency * _WORKERS_PER_SLOT
         if not self.config.unordered:
             workers = min(workers, max(len(keys), 1))
-        self._health = Health(self.config.give_up_after, time.monotonic(), FIRST_CONTACT_SECONDS)
         async with contextlib.AsyncExitStack() as stack:
-            senders = [self._new_sender() for _ in range(workers)]
+            # One sender (one connection) per request in flight, taken with the slot.
+            senders = [self._new_sender() for _ in range(self.config.concurrency)]
             for sender in senders:
                 stack.push_async_callback(sender.aclose)
-            self._workers = [
-                asyncio.ensure_future(self._worker(units, sender)) for sender in senders
-            ]
+            self._slots = Slots(senders)
+            self._workers = [asyncio.ensure_future(self._worker(units)) for _ in range(workers)]
             watch = asyncio.ensure_future(self._watch())
             try:
                 await asyncio.gather(*self._workers)
@@ -311,6 +244,8 @@ class Deliverer:
                 await asyncio.wait(self._workers)  # each one's cancellation run to its end
             finally:
                 watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch  # an error of its own is raised here
                 self.stats.pace = self.pacer.state
                 self.stats.peak_rate = self.pacer.peak
             for worker in self._workers:
@@ -333,48 +268,24 @@ class Deliverer:
                 self.stop()
 
     def _new_sender(self) -> Sender:
-        """A worker's own way to the endpoint, with one connection: a shared pool scans all
-        of its connections on every request and every answer (encode/httpx#3215), a cost
-        that grows with the concurrency for no gain, as a worker has one request in flight.
-        Http11Sender, unless a proxy is set (httpx honours proxy settings only for the
-        transports its client builds) or the Deliverer was given a transport."""
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": f"histimport/{__version__}",
         }
-        timeout = httpx.Timeout(self.config.timeout)
-        bound = self.config.max_response_bytes
-        direct = self._transport is not None or not _proxy_set()
-        if direct and self.credentials is not None:
-            headers["Authorization"] = basic_auth(*self.credentials)
-        if self._transport is not None:
-            return DirectSender(self._transport, headers, timeout, bound)
-        if direct:
-            return Http11Sender(headers, timeout, bound, ssl_context=self._tls)
-        try:
-            client = httpx.AsyncClient(
-                auth=httpx.BasicAuth(*self.credentials) if self.credentials is not None else None,
-                verify=self._tls or True,
-                timeout=timeout,
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                follow_redirects=False,
-                cookies=_NoCookies(),
-                headers=headers,
-            )
-        except (ImportError, ValueError, httpx.InvalidURL) as exc:
-            # A SOCKS proxy (httpx needs socksio for it) or a proxy URL httpx cannot use.
-            raise UsageError(
-                f"the proxy set in the environment cannot be used: {exc}",
-                hint="set HTTPS_PROXY / HTTP_PROXY / ALL_PROXY to an http:// or https:// "
-                "proxy, or NO_PROXY for the platform's host",
-            ) from exc
-        return ClientSender(client, bound)
+        return Sender(
+            headers=headers,
+            timeout=self.config.timeout,
+            bound=self.config.max_response_bytes,
+            auth=self.credentials,
+            verify=self._tls or True,
+            transport=self._transport,
+        )
 
     def _verify(self) -> ssl.SSLContext:
         """TLS verification is always on; --ca-bundle adds a corporate CA to the usual ones."""
         plain = self.base_url.startswith("http://") and self.config.ca_bundle is None
-        if plain and not _proxy_set():
+        if plain and not proxies_set():
             # No TLS can happen (redirects are not followed, no proxy is set): spare loading
             # the CAs (about 30 ms). Should one happen after all, it fails verification.
             return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -406,17 +317,17 @@ class Deliverer:
                 return  # a short page is the last: no query to learn that nothing is left
             after = batch[-1].id
 
-    async def _worker(self, units: Iterator[Iterator[Chunk]], sender: Sender) -> None:
+    async def _worker(self, units: Iterator[Iterator[Chunk]]) -> None:
         for unit in units:
             for chunk in unit:
                 if self.stopping:
                     return
-                if not await self._send(chunk, sender) and not self.config.unordered:
+                if not await self._send(chunk) and not self.config.unordered:
                     if not self.stopping:
                         self._hold_back(unit)
                     break
 
-    async def _send(self, chunk: Chunk, sender: Sender) -> bool:
+    async def _send(self, chunk: Chunk) -> bool:
         """Send one chunk until it has a final outcome, or the run stops. True when the
         customer's next chunk may follow: nothing of this one is left to send again."""
         attempt = throttled = 0
@@ -427,15 +338,19 @@ class Deliverer:
                 description = f"a request of {size} bytes with this message alone was refused (413)"
                 self._fail(chunk, Decision(Action.FAIL, 413, "MESSAGE_TOO_LARGE", description))
                 return True
-            async with self._slot():
+            async with self._slot() as sender:
                 await self._pace()
                 if self.stopping:  # stopped while it waited for its turn: nothing more goes out
                     break
                 if attempt == throttled == 0:
                     self.ledger.mark_in_flight(chunk.messages)
                 sent_at = time.monotonic()
-                decision = await self._request(chunk, sender)
-            self._heed(decision, sent_at)
+                self._in_flight += 1
+                try:
+                    decision = await self._request(chunk, sender)
+                finally:
+                    self._in_flight -= 1
+            self._heed(decision, sent_at, (chunk.department, chunk.customer))
             if decision.action is Action.ACCEPT:
                 assert decision.body is not None and decision.status is not None
                 self.stats.server_warnings += server_warnings(decision.body)
@@ -447,7 +362,7 @@ class Deliverer:
                 self.stop()
                 return False
             if decision.action is Action.SPLIT:
-                return await self._split(chunk, decision, sender)
+                return await self._split(chunk, decision)
             if decision.action is Action.FAIL:
                 self._fail(chunk, decision)
                 return True
@@ -476,16 +391,15 @@ class Deliverer:
         return False
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """One of the --concurrency requests in flight."""
-        async with self._slots:
-            self._in_flight += 1
-            try:
-                yield
-            finally:
-                self._in_flight -= 1
+    async def _slot(self) -> AsyncIterator[Sender]:
+        """One of the --concurrency requests in flight, and its sender."""
+        sender = await self._slots.take()
+        try:
+            yield sender
+        finally:
+            self._slots.give(sender)
 
-    def _heed(self, decision: Decision, sent_at: float) -> None:
+    def _heed(self, decision: Decision, sent_at: float, key: tuple[str, str]) -> None:
         """What an answer (or its lack) says of the platform: its pace, and its health."""
         now = time.monotonic()
         status = decision.status
@@ -494,9 +408,10 @@ class Deliverer:
         elif status is not None:
             self.pacer.accepted(sent_at, now)
         if status is not None and status < 500:
-            self._health.alive(now)
+            self._health.alive()
         elif decision.action is Action.RETRY:
-            self._health.failing(now, decision.description, answered=status is not None)
+            answered = status is not None
+            self._health.failing(now, key, decision.description, answered=answered)
 
     def _pushed_back(self, decision: Decision, wait: float) -> None:
         cause = str(decision.status)
@@ -506,7 +421,7 @@ class Deliverer:
         self.stats.paused_seconds += wait
         self._paused(Pause(cause, wait, self.pacer.rate))
 
-    async def _split(self, chunk: Chunk, decision: Decision, sender: Sender) -> bool:
+    async def _split(self, chunk: Chunk, decision: Decision) -> bool:
         """413: the body was too large for someone on the way. Send both halves in order,
         and remember the lower limit for the rest of the run."""
         if len(chunk.messages) == 1:
@@ -517,11 +432,11 @@ class Deliverer:
         self._refused_size = min(self._refused_size, size)
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
         first, second = chunk.halves()
-        if not await self._send(first, sender):
+        if not await self._send(first):
             if not self.stopping:
                 self._hold_back([second])
             return False
-        return await self._send(second, sender)
+        return await self._send(second)
 
     def _hold_back(self, chunks: Iterable[Chunk]) -> None:
         """A customer whose chunk may still be sent again keeps the rest of its messages
@@ -545,20 +460,8 @@ class Deliverer:
         )
         self.stats.requests += 1
         try:
-            # --timeout bounds connecting, then each read and write, and the whole request
-            # at twice it (a connection made, then the answer): an answer that trickles in
-            # cannot hold the customer back forever, and a connection that cannot be made
-            # is told by its own, shorter bound (nothing was sent).
-            async with asyncio.timeout(2 * self.config.timeout):
-                status, headers, content = await sender.put(url, self.envelope.body(chunk.messages))
-        except TimeoutError:
-            self.stats.statuses["error"] += 1
-            return classify_error(
-                httpx.ReadTimeout(
-                    f"no whole answer within twice --timeout ({2 * self.config.timeout:g} s)"
-                )
-            )
-        except httpx.RequestError as exc:
+            status, headers, content = await sender.put(url, self.envelope.body(chunk.messages))
+        except SendError as exc:
             self.stats.statuses["error"] += 1
             return classify_error(exc)
         self.stats.statuses[str(status)] += 1

@@ -433,6 +433,16 @@ class Ledger:
         )
 
     @_writes
+    def describe_unsent(self, errors: tuple[dict[str, Any], ...]) -> None:
+        """Give the messages no request carried these errors (why they were not sent), once
+        sending is over and settled: the failed file lists them so, retryable."""
+        self._db.execute(
+            "UPDATE msg SET errors = ?, retryable = 1 WHERE state IN (?, ?) AND errors IS NULL "
+            "AND id NOT IN (SELECT msg_id FROM outcome)",
+            (orjson.dumps(errors), State.PENDING, State.IN_FLIGHT),
+        )
+
+    @_writes
     def forget_refusals(self) -> None:
         """--fresh: the platform's earlier refusals are not carried into this run."""
         self._db.execute("DELETE FROM refused WHERE target = ?", (self.target,))

@@ -19,9 +19,12 @@ follows what the platform *accepted*:
   estimate every `_REGAIN` seconds, and once there it probes upward by `_PROBE` of the
   estimate per second, twice as fast for every `_PROBE_SPEEDUP` seconds without a cut, so
   that a limit that rises is found too. It grows only while the pace held requests back;
-- **an outage is not a limit**: push-backs with nothing accepted in the last second cut the
-  rate but leave the estimate as it was, so that the run regains its pace within seconds
-  once the platform is back;
+- **an outage is not a limit**: push-backs with nothing accepted in the last second, or
+  nothing accepted since the last cut once the pace is far below the estimate, cut the rate
+  but leave the estimate as it was, so that the run regains its pace within seconds once
+  the platform is back;
+- **a slow limit**: at a request a second or so, a second holds too few answers to tell a
+  share from, so the estimate reads the last `_FEWEST` answers however long they took;
 - **faults are not a limit either**: a platform may refuse a share of requests whatever the
   rate (a 503 now and then from a busy node). Its noise is the median share refused over
   the last seconds paced below both the estimate and the pace last refused, where a limiter
@@ -43,6 +46,9 @@ from dataclasses import dataclass
 
 _WINDOW = 1.0
 """Seconds of answers the estimate counts: limiters count per second, or finer."""
+_FEWEST = 10
+"""Answers the estimate counts at least, over as many seconds as they take: at a limit of
+a request a second or so, one second holds too few to tell a share from."""
 _CUT = 0.9
 """The rate after a push-back, as a share of the estimate."""
 _REGAIN = 0.35
@@ -87,12 +93,14 @@ class Pacer:
         self._next = -math.inf  # the next free slot
         self._answers: deque[tuple[float, bool]] = deque()  # the last second's: (when, taken)
         self._taken = 0  # of those, not pushed back
-        self._best = 0  # the most answers taken in one second, once a second has passed
+        self._recent: deque[tuple[float, bool]] = deque(maxlen=_FEWEST)  # the last answers
+        self._best = 0.0  # the most taken a second over such a window, once a second passed
         self._sent: deque[float] = deque()  # when the last second's requests left
         self._started: float | None = None  # when the first request left
         self._cut_at = -math.inf
         self._cut_from = math.inf  # the pace the last cut came at
         self._strikes = 0  # cuts in a row, each within a round trip of the one before
+        self._since_cut = [0, 0]  # answers to requests sent since the last cut: taken, refused
         self._grown_at = 0.0
         self._held_at = -math.inf  # when a request last waited for its slot
         # Seconds paced below the estimate: [second, answers, refused].
@@ -133,28 +141,54 @@ class Pacer:
             return  # no more refused than the platform refuses anyway: no news either
         span = max(min(_WINDOW, now - (self._started or sent_at)), 0.01)
         offered = self.rate if self.rate is not None else len(self._sent) / span
-        if self._taken >= 2:
-            # Whichever is higher: the share taken of what was offered (right when the
-            # workers idled), or what was taken over the window (right when a limiter
-            # refuses everything until its window ends, as a fixed window does).
-            taken = min(1.0, self._taken / answers / (1 - noise))
-            self.limit = max(offered * taken, self._taken / span)
-            if self._best:
-                # Never far above what was ever taken in a whole second: early estimates,
-                # from less than a second of answers, can be far too high.
-                self.limit = min(self.limit, _BEST_MARGIN * self._best / _WINDOW)
-        elif self.limit is None:
-            self.limit = offered
         repeated = sent_at - self._cut_at <= max(now - sent_at, 0.05)
         self._strikes = self._strikes + 1 if repeated else 0
+        # Far below the estimate, with nothing taken since the last cut, the platform is
+        # failing (an outage setting in): what it took a second ago still stands.
+        failing = (
+            self.limit is not None
+            and self.rate is not None
+            and self.rate < 0.5 * self.limit
+            and self._since_cut[1] >= 1
+            and not self._since_cut[0]
+        )
+        limit = self.limit if failing and self.limit is not None else None
+        if limit is None:
+            limit = self._estimate(now, span, offered, noise)
+        if self._best:
+            # Never far above what was ever taken in a whole second: early estimates, from
+            # less than a second of answers, can be far too high (and at a limit of a request
+            # a second or so, no second has two answers taken to estimate from).
+            limit = min(limit, _BEST_MARGIN * self._best)
+        self.limit = limit
         cut = 0.5 if self._strikes >= 2 else _CUT
         self._cut_from = offered
-        self.rate = max(MIN_RATE, min(offered, self.limit) * cut)
+        self.rate = max(MIN_RATE, min(offered, limit) * cut)
+        if self.ceiling is not None:
+            self.rate = min(self.rate, self.ceiling)
         self._cut_at = now
         self._grown_at = now
+        self._since_cut = [0, 0]
         self.cuts += 1
         # The new spacing applies from now on: the slots booked at the old rate are void.
         self._next = now + 1.0 / self.rate
+
+    def _estimate(self, now: float, span: float, offered: float, noise: float) -> float:
+        """The rate the platform accepts, from its last answers."""
+        window, taken_in_it = self._answers, self._taken
+        # Nothing taken among the last second's answers, of which there are a few, or among
+        # the last answers at all: an outage, which says nothing of the limit.
+        outage = not self._taken and (len(window) >= 3 or not any(t for _, t in self._recent))
+        if len(window) < _FEWEST:  # a slow pace: the last answers, however long they took
+            window, taken_in_it = self._recent, sum(taken for _, taken in self._recent)
+            span = max(span, now - window[0][0])
+        if outage or not taken_in_it:
+            return self.limit if self.limit is not None else offered
+        # Whichever is higher: the share taken of what was offered (right when the workers
+        # idled), or what was taken over the window (right when a limiter refuses everything
+        # until its window ends, as a fixed window does).
+        taken = min(1.0, taken_in_it / len(window) / (1 - noise))
+        return max(offered * taken, taken_in_it / span)
 
     def noise(self, now: float) -> float:
         """The share of requests the platform refuses whatever the pace."""
@@ -166,6 +200,8 @@ class Pacer:
         return noise if noise <= _MAX_NOISE else 0.0
 
     def _answer(self, sent_at: float, now: float, *, taken: bool) -> None:
+        if sent_at >= self._cut_at:
+            self._since_cut[0 if taken else 1] += 1
         quiet = self.rate is not None and self.rate < _QUIET * min(self.limit or 0, self._cut_from)
         # Not while cuts come in a row: a limiter refusing everything for a while (a fixed
         # window before it ends) says nothing of the platform's noise.
@@ -176,11 +212,14 @@ class Pacer:
             self._quiet[-1][1] += 1
             self._quiet[-1][2] += not taken
         self._answers.append((now, taken))
+        self._recent.append((now, taken))
         self._taken += taken
         while self._answers[0][0] <= now - _WINDOW:
             self._taken -= self._answers.popleft()[1]
         if self._started is not None and now - self._started >= _WINDOW:
-            self._best = max(self._best, self._taken)
+            seconds = max(_WINDOW, now - self._recent[0][0])
+            recent = sum(taken for _, taken in self._recent)
+            self._best = max(self._best, self._taken / _WINDOW, recent / seconds)
         while self._sent and self._sent[0] <= now - _WINDOW:
             self._sent.popleft()
 

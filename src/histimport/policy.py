@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from .ledger import Outcome, Pending, State
 from .models import Answer, read_answer
+from .transport import ConnectFailed, ProxyRefused, SendError, TimedOut, Untrusted
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 BACKPRESSURE_STATUSES = frozenset({429, 503})
@@ -118,9 +119,9 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def classify_error(exc: httpx.HTTPError) -> Decision:
+def classify_error(exc: SendError) -> Decision:
     """A request that got no answer."""
-    if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+    if isinstance(exc, Untrusted):
         # Every request would fail alike, and retrying cannot make the server trusted.
         return Decision(
             Action.ABORT,
@@ -128,24 +129,23 @@ def classify_error(exc: httpx.HTTPError) -> Decision:
             description="the server's TLS certificate could not be verified "
             "(a corporate CA? pass --ca-bundle)",
         )
-    if isinstance(exc, httpx.ProxyError):
-        # The proxy would not open a tunnel to the platform: nothing reached it. httpcore
-        # words this "STATUS REASON", the proxy's answer to CONNECT.
-        if str(exc).split(" ", 1)[0] in ("401", "403", "407"):
+    if isinstance(exc, ProxyRefused):
+        # The proxy would not open a tunnel to the platform: nothing reached it.
+        if exc.status in (401, 403, 407):
             return Decision(
                 Action.ABORT,
                 code="PROXY_REFUSED",
                 description=f"the proxy refused the connection ({exc}): check the proxy "
                 "and its credentials in HTTPS_PROXY, or NO_PROXY",
             )
-        return Decision(Action.RETRY, code="PROXY_ERROR", description=_words(exc))
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return Decision(Action.RETRY, code="PROXY_ERROR", description=str(exc))
+    if isinstance(exc, ConnectFailed) or (isinstance(exc, TimedOut) and not exc.sent):
         # Nothing reached the server: the outcome is known, nothing was stored.
-        return Decision(Action.RETRY, code="CONNECT_ERROR", description=_words(exc))
-    if isinstance(exc, httpx.TimeoutException):
-        return Decision(Action.RETRY, code="TIMEOUT", description=_words(exc), unknown_outcome=True)
+        return Decision(Action.RETRY, code="CONNECT_ERROR", description=str(exc))
+    if isinstance(exc, TimedOut):
+        return Decision(Action.RETRY, code="TIMEOUT", description=str(exc), unknown_outcome=True)
     return Decision(
-        Action.RETRY, code="CONNECTION_LOST", description=_words(exc), unknown_outcome=True
+        Action.RETRY, code="CONNECTION_LOST", description=str(exc), unknown_outcome=True
     )
 
 
@@ -241,10 +241,6 @@ def _excerpt(content: bytes) -> str:
     text = content[: _EXCERPT * 4].decode("utf-8", "replace")
     text = " ".join(text.split())
     return (text[:_EXCERPT] + "...") if len(text) > _EXCERPT else (text or "(empty body)")
-
-
-def _words(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def settle(messages: Sequence[Pending], status: int, body: Answer) -> list[Outcome]:

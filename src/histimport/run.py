@@ -668,6 +668,9 @@ class Run:
             )
         error_codes: Counter[str] = Counter()
         preview: list[str] = []
+        if delivered.gave_up:
+            error = {"errorCode": "PLATFORM_UNAVAILABLE", "errorDescription": delivered.gave_up}
+            ledger.describe_unsent((error,))
         carried = self._unmet(ledger, sources) + self._unread(ledger, sources)
         with writing(config.failed_out, "--failed-out"):
             write_failed(

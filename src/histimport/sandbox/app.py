@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, unquote
 
 from .config import SandboxConfig
 from .faults import FaultPlan, RequestFault
-from .limits import make_limiter, retry_after_header
+from .limits import LimiterShape, make_limiter, retry_after_header
 from .responses import GARBLED, JSON, Response, error_response, json_response, save_answer
 from .store import SandboxStore
 
@@ -52,6 +52,8 @@ class SandboxApp:
         self.store = store
         self._faults = FaultPlan(config)
         self._limiter = None
+        # A fixed window counts the seconds of the clock; a bucket, seconds that pass.
+        self._clock = time.time if config.rate_window is LimiterShape.FIXED else time.monotonic
         if config.rate_limit:
             self._limiter = make_limiter(config.rate_window, config.rate_limit, config.rate_burst)
         self._lock = threading.Lock()
@@ -104,7 +106,7 @@ class SandboxApp:
             return error_response(
                 405, "METHOD_NOT_ALLOWED", "use PUT on this resource", (("Allow", "PUT"),)
             )
-        if self._limiter is not None and (wait := self._limiter.take(time.time())) is not None:
+        if self._limiter is not None and (wait := self._limiter.take(self._clock())) is not None:
             headers: tuple[tuple[str, str], ...] = ()
             if self.config.rate_retry_after:
                 headers = (("Retry-After", retry_after_header(wait)),)

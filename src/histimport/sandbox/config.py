@@ -88,6 +88,8 @@ class SandboxConfig:
             math.isfinite(self.rate_burst) and self.rate_burst >= 1
         ):
             raise SandboxConfigError(f"rate_burst must be 1 or more, got {self.rate_burst}")
+        if self.rate_burst is not None and self.rate_window is LimiterShape.FIXED:
+            raise SandboxConfigError("rate_burst is the token bucket's: a fixed window has none")
         if self.retry_after is not None and not (
             math.isfinite(self.retry_after) and self.retry_after >= 0
         ):

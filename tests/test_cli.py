@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -179,10 +180,19 @@ def test_exit_3_when_the_password_is_refused(workdir: Path, guarded: RunningSand
     )
     assert code == 3, output
     assert "credentials were refused" in output
-    assert guarded.app.stats()["requests"] <= 4 + 1
+    # Told by the first request, sent alone before anything else was read.
+    assert guarded.app.stats()["requests"] == 1
     failed = orjson.loads((workdir / "failed.json").read_bytes())
-    assert failed["counts"]["notSent"] == 90 and len(failed["failures"]) == 90
+    (entry,) = failed["failures"]
+    assert (entry["stage"], entry["line"], entry["errors"][0]["errorCode"]) == (
+        "notSent",
+        1,
+        "NOT_READ",
+    )
     assert "wrong-password" not in (workdir / "failed.json").read_text()
+    # With the right password, the same command imports everything.
+    code, output = invoke("load", "e.jsonl", "--base-url", guarded.base_url, env=CREDENTIALS)
+    assert code == 0 and "accepted 90" in output, output
 
 
 def test_exit_1_when_the_platform_fails_for_longer_than_give_up_after(workdir: Path) -> None:
@@ -314,9 +324,10 @@ def test_a_second_sigint_abandons_the_requests_in_flight_and_still_writes_the_ou
     assert process.returncode == 130, stderr
     assert "interrupted twice" in stderr and "Traceback" not in stderr
     report = orjson.loads((tmp_path / "report.json").read_bytes())
-    assert (report["accepted"], report["notSent"]) == (0, len(rows))
+    # The first message went alone, before the others were read; none of the others.
+    assert (report["accepted"], report["notSent"]) == (1, len(rows) - 1)
     failed = orjson.loads((tmp_path / "failed.json").read_bytes())
-    assert failed["counts"]["notSent"] == len(rows)
+    assert failed["counts"]["notSent"] == len(rows) - 1
 
 
 def test_retry_reads_stdin_again_in_the_format_the_failed_file_records(workdir: Path) -> None:
@@ -605,3 +616,36 @@ def test_validate_takes_no_failed_file_name_from_the_environment(workdir: Path) 
     written = (workdir / "mine.json").read_bytes()
     assert invoke("validate", "e.jsonl", env=env)[0] == 1
     assert (workdir / "mine.json").read_bytes() == written
+
+
+def test_a_closed_port_is_told_by_the_first_request_before_the_export_is_read(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histimport import deliver
+
+    monkeypatch.setattr(deliver, "FIRST_CONTACT_SECONDS", 0.2)
+    write_jsonl(workdir / "e.jsonl", list(interleaved(customers=30, per_customer=3)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once it is closed
+    url = f"http://127.0.0.1:{port}/communications"
+    code, output = invoke("load", "e.jsonl", "--base-url", url, env=CREDENTIALS)
+    assert code == 1, output
+    assert f"could not be reached at {url}" in output and "--base-url" in output
+    assert "read 0" in output
+    (entry,) = orjson.loads((workdir / "failed.json").read_bytes())["failures"]
+    assert (entry["line"], entry["errors"][0]["errorCode"]) == (1, "NOT_READ")
+
+
+def test_the_first_message_refused_alone_is_listed_and_the_run_goes_on(workdir: Path) -> None:
+    """A department the platform does not know: its message fails, the others go."""
+    rows = [message("gone", "c", 0)] + [message("d", "c", n) for n in range(1, 4)]
+    write_jsonl(workdir / "e.jsonl", rows)
+    with sandbox(SandboxConfig(port=0, departments=frozenset({"d"}))) as running:
+        code, output = invoke("load", "e.jsonl", "--base-url", running.base_url, env=CREDENTIALS)
+        requests = running.app.stats()["requests"]
+    assert code == 1, output
+    assert "accepted 3" in output and "failed 1" in output
+    assert requests == 2  # the first message alone, then the customer "d"
+    (entry,) = orjson.loads((workdir / "failed.json").read_bytes())["failures"]
+    assert (entry["line"], entry["stage"], entry["httpStatus"]) == (1, "failed", 404)

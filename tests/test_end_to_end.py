@@ -172,7 +172,9 @@ def test_the_wire_follows_the_contract(tmp_path: Path) -> None:
 
     request_schema = OAS30Validator(contract_schema("SaveMessageRequestBody"))
     requests = [orjson.loads(line) for line in journal.read_bytes().splitlines()][:-1]
-    assert len(requests) == 2
+    # The first message alone (checking the platform), then one request per customer.
+    assert len(requests) == 3
+    assert len(orjson.loads(requests[0]["body"])["saveMessageRequestList"]) == 1
     for request in requests:
         body = orjson.loads(request["body"])
         request_schema.validate(body)
@@ -218,8 +220,9 @@ def test_no_notifier_flag_is_true_without_notify(tmp_path: Path) -> None:
             for flag in NOTIFIER_FLAGS
         }
 
-    assert len(quiet) == 3 and flags(quiet) == {False}
-    assert len(noisy) == 3 and flags(noisy) == {True}
+    # The first message alone, then one request per customer.
+    assert len(quiet) == 4 and flags(quiet) == {False}
+    assert len(noisy) == 4 and flags(noisy) == {True}
 
 
 def test_an_unknown_department_fails_alone(tmp_path: Path) -> None:

@@ -267,6 +267,29 @@ class Deliverer:
                 self.stats.gave_up = verdict
                 self.stop()
 
+    async def first_contact(self, department: str, customer: str, message: Pending) -> Decision:
+        """Send one message alone, before anything else is read: its answer tells at once
+        whether the credentials, the base URL, TLS and the proxy are right. A connection
+        that cannot be made is tried again for FIRST_CONTACT_SECONDS at most; any other
+        answer is returned as the policy reads it, and recorded in the stats."""
+        sender = self._new_sender()
+        chunk = Chunk(department, customer, (message,))
+        started = time.monotonic()
+        try:
+            for attempt in itertools.count(1):
+                decision = await self._request(chunk, sender)
+                waited = time.monotonic() - started
+                if decision.status is not None or decision.action is not Action.RETRY:
+                    return decision
+                if decision.unknown_outcome or waited >= FIRST_CONTACT_SECONDS:
+                    return decision  # sent, perhaps stored: the run sends it again later
+                await asyncio.sleep(
+                    min(self._backoff.delay(attempt), FIRST_CONTACT_SECONDS - waited)
+                )
+        finally:
+            await sender.aclose()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _new_sender(self) -> Sender:
         headers = {
             "Content-Type": "application/json",

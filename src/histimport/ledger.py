@@ -409,6 +409,19 @@ class Ledger:
             (_now(), status, orjson.dumps(counts).decode(), self.run_id),
         )
 
+    def read_before(self, realpaths: Iterable[str | None]) -> bool:
+        """Whether an earlier load on this target read one of these files (a resumed run:
+        until it has read them whole, it cannot tell whether they changed)."""
+        return any(
+            self._db.execute(
+                "SELECT 1 FROM sources s JOIN runs r ON r.id = s.run_id "
+                "WHERE s.realpath = ? AND r.target = ? AND r.id < ? LIMIT 1",
+                (realpath, self.target, self.run_id),
+            ).fetchone()
+            for realpath in realpaths
+            if realpath is not None
+        )
+
     def changed_sources(self, sources: Iterable[tuple[str, str | None, str]]) -> list[str]:
         """Of (path, realpath, sha256), the paths whose content differs from what the last
         run on this target read at the same place."""
@@ -431,6 +444,39 @@ class Ledger:
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             ((self.run_id, *source) for source in sources),
         )
+
+    def known(self, source_uuid: str, *, refused_too: bool) -> bool:
+        """Whether the platform accepted this message before (or, `refused_too`, refused
+        it for good): a run does not send it again."""
+        tables = ("accepted", "refused") if refused_too else ("accepted",)
+        return any(
+            self._db.execute(
+                f"SELECT 1 FROM {table} WHERE target = ? AND source_uuid = ?",
+                (self.target, source_uuid),
+            ).fetchone()
+            for table in tables
+        )
+
+    @_writes
+    def remember(self, outcome: Outcome) -> None:
+        """The platform's word on a message sent before staging (the run's first, alone):
+        staged later, it is this run's accepted or refused message, not sent again."""
+        if outcome.state is State.ACCEPTED:
+            self._db.execute(
+                "INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?)",
+                (self.target, outcome.source_uuid, outcome.message_uuid, self.run_id, _now()),
+            )
+        elif outcome.state is State.FAILED and not outcome.retryable:
+            self._db.execute(
+                "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
+                (
+                    self.target,
+                    outcome.source_uuid,
+                    outcome.http_status,
+                    orjson.dumps(outcome.errors) if outcome.errors else None,
+                    self.run_id,
+                ),
+            )
 
     @_writes
     def describe_unsent(self, errors: tuple[dict[str, Any], ...]) -> None:
@@ -618,10 +664,12 @@ class Ledger:
                 repeats = True
             if repeats:
                 self._reject_repeats()
+            # Accepted by an earlier run, or by this one's first request (sent alone,
+            # before staging): this run's own is counted as accepted.
             db.execute(
-                "UPDATE msg SET state=? WHERE source_uuid IN "
-                "(SELECT source_uuid FROM accepted WHERE target=?)",
-                (State.ALREADY_ACCEPTED, self.target),
+                "UPDATE msg SET state = IIF(a.run_id = ?, ?, ?) FROM accepted a "
+                "WHERE a.target = ? AND a.source_uuid = msg.source_uuid",
+                (self.run_id, State.ACCEPTED, State.ALREADY_ACCEPTED, self.target),
             )
             if carry_refused:
                 db.execute(

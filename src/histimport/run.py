@@ -27,7 +27,7 @@ from .config import Config
 from .deliver import Deliverer, DeliveryStats, Pause
 from .errors import ExitStatus, InvariantError, UsageError
 from .fanout import Fanout
-from .ledger import Ledger
+from .ledger import Ledger, Outcome, Pending, State
 from .mapping import Mapper, Mapping
 from .outputs import (
     NOT_READ,
@@ -38,6 +38,7 @@ from .outputs import (
     write_report,
     writing,
 )
+from .policy import Action, server_warnings, settle
 from .read import (
     READ_ERRORS,
     UNREADABLE,
@@ -334,11 +335,16 @@ class Run:
                     # Made before anything is read: a --ca-bundle or a proxy setting that
                     # cannot be used is told at once, not once a large export was staged.
                     deliverer = self._deliverer(ledger, base_url)
-                self._stage(ledger, sources)
+                rows = self._checked(sources)
+                if deliverer is not None and not ledger.read_before(map(_realpath, sources)):
+                    # A first run over these sources (a resumed one cannot tell yet whether
+                    # a source changed: it sends nothing before it has read them whole).
+                    rows = self._first_contact(ledger, deliverer, rows)
+                self._stage(ledger, rows)
             except UsageError:  # or a source found unreadable as a whole: nothing is sent
                 ledger.finish_run("usage", {})
                 raise
-            if not self.interrupted:
+            if self.read_whole:  # a source read in part has no size nor checksum to keep
                 self._check_unchanged(ledger, sources, command)
                 ledger.record_sources(
                     (i, s.path, s.format, s.size, s.sha256, _realpath(s))
@@ -355,15 +361,14 @@ class Run:
                         ledger.forget_refusals()
             except KeyboardInterrupt:
                 self.interrupted = True
-            stats = None
+            stats = deliverer.stats if deliverer is not None else None
             sent = False
             if self.interrupted:
                 # Rows read but not yet handed to the ledger when the run was stopped are
                 # not part of this run: a resumed run reads them again.
                 self.read = ledger.staged_rows()
-            elif deliverer is not None:
+            elif deliverer is not None and not deliverer.stopping:
                 sent = True
-                stats = deliverer.stats
                 try:
                     self._deliver(ledger, deliverer)
                 except KeyboardInterrupt:
@@ -488,13 +493,36 @@ class Run:
             )
         return check_base_url(config.base_url, allow_insecure_http=config.allow_insecure_http)
 
-    def _stage(self, ledger: Ledger, sources: list[Source]) -> None:
+    def _stage(self, ledger: Ledger, rows: Iterator[Valid | Rejected]) -> None:
         try:
             with sigterm_as_interrupt(), _fewer_collections():
-                ledger.stage(self._checked(sources))
+                ledger.stage(rows)
         except KeyboardInterrupt:
             self.interrupted = True
             self.read_whole = False
+
+    def _first_contact(
+        self, ledger: Ledger, deliverer: Deliverer, rows: Iterator[Valid | Rejected]
+    ) -> Iterator[Valid | Rejected]:
+        """The rows, once the first valid one was sent alone, before anything else is read:
+        a wrong password, base URL, certificate or proxy is told within a second, not once a
+        large export was read. Refused for good (401, 403, TLS) or unreachable, reading
+        stops there: the failed file says where each source's rest begins, and the same
+        command goes on from there later."""
+        carry_refused = not (self.include_permanent or self.config.fresh)
+        for row in rows:
+            if isinstance(row, Valid) and not ledger.known(
+                row.source_uuid, refused_too=carry_refused
+            ):
+                if not self._sent_first(ledger, deliverer, row):
+                    deliverer.stop()
+                    self.read_whole = False
+                    self.read -= 1  # read, but not staged: the same command reads it again
+                    return
+                yield row
+                break
+            yield row
+        yield from rows
 
     def _checked(self, sources: list[Source]) -> Iterator[Valid | Rejected]:
         """Read -> map -> validate, every source in turn, counting what is read."""
@@ -601,6 +629,34 @@ class Run:
                 name=source.path,
             )
         return read_jsonl(stream, index, max_line_bytes=config.max_line_bytes, name=source.path)
+
+    def _sent_first(self, ledger: Ledger, deliverer: Deliverer, row: Valid) -> bool:
+        """Send the first valid row alone; whether the run may go on."""
+        message = Pending(0, row.source_uuid, row.body)
+        decision = asyncio.run(deliverer.first_contact(row.department, row.customer, message))
+        stats = deliverer.stats
+        if decision.action is Action.ABORT:
+            stats.aborted = decision.description
+            return False
+        if decision.action is Action.RETRY and decision.status is None:
+            if not decision.unknown_outcome:  # no connection could be made at all
+                stats.gave_up = (
+                    f"the platform could not be reached at {deliverer.base_url} "
+                    f"({decision.description}); check --base-url and the network"
+                )
+                return False
+        elif decision.action is Action.ACCEPT:
+            assert decision.body is not None and decision.status is not None
+            stats.server_warnings += server_warnings(decision.body)
+            (outcome,) = settle([message], decision.status, decision.body)
+            ledger.remember(outcome)
+        elif decision.action is Action.FAIL:
+            errors = decision.as_errors()
+            ledger.remember(
+                Outcome(0, row.source_uuid, State.FAILED, decision.status, False, errors)
+            )
+        # Anything else (a 5xx, a 429, a 413) is sent again with the rest of the run.
+        return True
 
     def _warn(self, path: str, row: Valid) -> None:
         for warning in row.warnings or ():
@@ -730,6 +786,11 @@ class Run:
         elif self.interrupted and not self.read_whole:
             status = ExitStatus.INTERRUPTED
             message = f"interrupted while reading, after {self.read} rows: nothing was sent"
+            if counts["accepted"] + counts["failed"]:
+                message = (
+                    f"interrupted while reading, after {self.read} rows: only the first "
+                    "message was sent, alone, to check the platform"
+                )
             if config.dry_run:
                 message = f"interrupted while reading, after {self.read} rows"
             elif self.selection is None:

@@ -56,6 +56,12 @@ def test_20000_interleaved_messages_are_stored_once_in_order(
     )
     failed = orjson.loads((tmp_path / "failed.json").read_bytes())
     assert failed["failures"] == [] and failed["format"] == "histimport.failed/v1"
+    # The state dir keeps ids, not the messages: nothing of their bodies is left in it.
+    state = tmp_path / "state"
+    assert (state / "staged-bodies").stat().st_size == 0
+    needle = rows[17]["messageAttributes"]["body"].encode()
+    assert all(needle not in f.read_bytes() for f in state.iterdir() if f.is_file())
+    assert sum(f.stat().st_size for f in state.iterdir()) <= 200 * 20_000
     # A second run with the same state dir sends nothing.
     again = histimport.load([source], config_for(server, tmp_path))
     assert again.exit_status is ExitStatus.OK

@@ -103,6 +103,16 @@ CREATE TABLE rejected(
 """
 
 
+_UNSTAGED = """
+DROP TABLE IF EXISTS stage_meta;
+DROP TABLE IF EXISTS msg;
+DROP TABLE IF EXISTS rejected;
+DROP TABLE IF EXISTS keys;
+DROP TABLE IF EXISTS outcome;
+DROP TABLE IF EXISTS jl.journal;
+"""
+"""What a finished run with everything accepted leaves of its staging: nothing."""
+
 _WORDS = """
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
@@ -186,6 +196,9 @@ def _connect(state_dir: Path) -> sqlite3.Connection:
     db = sqlite3.connect(str((state_dir / LEDGER_FILE).absolute()), isolation_level=None)
     db.execute("ATTACH DATABASE ? AS jl", (str((state_dir / JOURNAL_FILE).absolute()),))
     for schema in ("main", "jl"):
+        # Pages freed at the end of a run go back to the file system (a new state dir only:
+        # the setting takes before the first table, or with a VACUUM).
+        db.execute(f"PRAGMA {schema}.auto_vacuum=INCREMENTAL")
         db.execute(f"PRAGMA {schema}.journal_mode=WAL")
         db.execute(f"PRAGMA {schema}.synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=30000")
@@ -404,10 +417,25 @@ class Ledger:
         self._bodies_size = 0
 
     def finish_run(self, status: str, counts: dict[str, Any]) -> None:
+        """The run's end. Its staged bodies go: the state dir keeps ids, not customers'
+        messages, once a run is over (a later run reads the sources again)."""
         self._db.execute(
             "UPDATE runs SET finished_at=?, status=?, counts=? WHERE id=?",
             (_now(), status, orjson.dumps(counts).decode(), self.run_id),
         )
+        if self._bodies is not None:
+            self._bodies.seek(0)
+            self._bodies.truncate(0)
+            self._bodies.flush()
+            self._bodies_size = 0
+        if status == "ok":
+            # Everything read was accepted: its staging has nothing left to list or send,
+            # and the state dir keeps what later runs need, the accepted ids.
+            self._db.executescript(_UNSTAGED)
+            for schema in ("main", "jl"):
+                # Stepped to its end by executescript: execute() frees one page only.
+                self._db.executescript(f"PRAGMA {schema}.incremental_vacuum;")
+                self._db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
 
     def read_before(self, realpaths: Iterable[str | None]) -> bool:
         """Whether an earlier load on this target read one of these files (a resumed run:

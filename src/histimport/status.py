@@ -136,6 +136,14 @@ def _summary(
         ):
             for error in orjson.loads(blob):
                 errors[str(error.get("errorCode"))] += 1
+    if not current and run_list and run_list[0]["counts"]:
+        # A run that had everything accepted leaves no staging behind: its report counts.
+        last = run_list[0]["counts"]
+        current = {
+            k: last[k]
+            for k in ("accepted", "failed", "notSent", "alreadyAccepted", "rejected")
+            if k in last and (last[k] or k == "rejected")
+        }
     return {
         "stateDir": str(state_dir),
         "acceptedByTarget": accepted,

@@ -18,7 +18,7 @@ from enum import IntEnum
 
 
 class ExitStatus(IntEnum):
-    """Process exit codes, as documented in CONTRACT.md."""
+    """Process exit codes, as README.md documents them."""
 
     OK = 0
     INCOMPLETE = 1

@@ -47,6 +47,26 @@ from .signals import deferred
 
 LEDGER_FILE = "ledger.sqlite3"
 JOURNAL_FILE = "journal.sqlite3"
+
+
+class State(IntEnum):
+    """Where a staged message stands. PENDING or IN_FLIGHT at the end of a run: notSent."""
+
+    PENDING = 0
+    ACCEPTED = 1
+    FAILED = 2
+    ALREADY_ACCEPTED = 3
+    IN_FLIGHT = 4
+
+
+# The SQL below spells the states as numbers, from the enum.
+_PENDING, _ACCEPTED, _FAILED, _IN_FLIGHT = (
+    int(State.PENDING),
+    int(State.ACCEPTED),
+    int(State.FAILED),
+    int(State.IN_FLIGHT),
+)
+
 BODIES_FILE = "staged-bodies"
 LOCK_FILE = "lock"
 """The current run's staged message bodies, one after another; `msg` holds where each is."""
@@ -113,24 +133,14 @@ DROP TABLE IF EXISTS jl.journal;
 """
 """What a finished run with everything accepted leaves of its staging: nothing."""
 
-_WORDS = """
+_WORDS = f"""
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
            json_extract(e.value, '$[2]') AS message_uuid, j.seq
-      FROM jl.journal j, json_each(j.items) e WHERE j.state != 4"""
+      FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
 """Every word on a message in the journal, one row each; in-flight marks are left out."""
 LATEST_WORDS = f"SELECT *, MAX(seq) FROM ({_WORDS}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
-
-
-class State(IntEnum):
-    """Where a staged message stands. PENDING or IN_FLIGHT at the end of a run: notSent."""
-
-    PENDING = 0
-    ACCEPTED = 1
-    FAILED = 2
-    ALREADY_ACCEPTED = 3
-    IN_FLIGHT = 4
 
 
 class Pending(NamedTuple):
@@ -220,19 +230,19 @@ _STEP = (
          FROM temp.step ORDER BY rowid""",
     # Sorted, so that the B-tree grows page by page instead of at random. The staged
     # messages are not read: the words carry their sourceUuids.
-    """INSERT OR IGNORE INTO accepted
+    f"""INSERT OR IGNORE INTO accepted
        SELECT :target, source_uuid, message_uuid, :run, :at
-         FROM temp.step WHERE state = 1 ORDER BY source_uuid""",
+         FROM temp.step WHERE state = {_ACCEPTED} ORDER BY source_uuid""",
     # A refusal never undoes an acceptance (a message is in one of the two, at most).
-    """INSERT OR REPLACE INTO refused
+    f"""INSERT OR REPLACE INTO refused
        SELECT :target, source_uuid, http_status, errors, :run
-         FROM temp.step s WHERE state = 2 AND retryable = 0 AND NOT EXISTS
+         FROM temp.step s WHERE state = {_FAILED} AND retryable = 0 AND NOT EXISTS
               (SELECT 1 FROM accepted a WHERE a.target = :target AND a.source_uuid = s.source_uuid)
         ORDER BY source_uuid""",
     "UPDATE stage_meta SET settled = :upto",
 )
-_UNREFUSE = """DELETE FROM refused WHERE target = :target AND source_uuid IN
-                 (SELECT source_uuid FROM temp.step WHERE state = 1)"""
+_UNREFUSE = f"""DELETE FROM refused WHERE target = :target AND source_uuid IN
+                 (SELECT source_uuid FROM temp.step WHERE state = {_ACCEPTED})"""
 """What the platform accepted is no longer refused, whenever it was refused."""
 
 
@@ -703,8 +713,8 @@ class Ledger:
                 db.execute(
                     "UPDATE msg SET state = ?, retryable = 0, http_status = r.http_status, "
                     "errors = r.errors FROM refused r "
-                    "WHERE r.target = ? AND r.source_uuid = msg.source_uuid AND msg.state = 0",
-                    (State.FAILED, self.target),
+                    "WHERE r.target = ? AND r.source_uuid = msg.source_uuid AND msg.state = ?",
+                    (State.FAILED, self.target, State.PENDING),
                 )
             db.execute("CREATE INDEX msg_key ON msg(key_id, id)")
 
@@ -753,7 +763,7 @@ class Ledger:
             (int(r[0]), str(r[1]), str(r[2]))
             for r in self._db.execute(
                 "SELECT id, department, customer FROM keys WHERE EXISTS "
-                "(SELECT 1 FROM msg WHERE key_id = keys.id AND state = 0) ORDER BY id"
+                f"(SELECT 1 FROM msg WHERE key_id = keys.id AND state = {_PENDING}) ORDER BY id"
             )
         ]
 
@@ -763,7 +773,7 @@ class Ledger:
         fd = self._bodies.fileno()
         rows = self._db.execute(
             "SELECT id, source_uuid, body_at, body_size FROM msg "
-            "WHERE key_id = ? AND id > ? AND state = 0 ORDER BY id LIMIT ?",
+            f"WHERE key_id = ? AND id > ? AND state = {_PENDING} ORDER BY id LIMIT ?",
             (key_id, after, limit),
         ).fetchall()
         out = []
@@ -895,30 +905,32 @@ class Ledger:
 
     def to_send(self) -> int:
         """Messages still pending."""
-        (n,) = self._db.execute("SELECT COUNT(*) FROM msg WHERE state = 0").fetchone()
+        (n,) = self._db.execute(
+            "SELECT COUNT(*) FROM msg WHERE state = ?", (State.PENDING,)
+        ).fetchone()
         return int(n)
 
     def plan(self, chunk_size: int) -> Iterator[tuple[str, str, int, int]]:
         """(department, customer, messages, requests at most chunk_size each) still to send."""
         for dep, cus, n in self._db.execute(
             "SELECT k.department, k.customer, COUNT(*) FROM msg m JOIN keys k ON k.id = m.key_id "
-            "WHERE m.state = 0 GROUP BY m.key_id ORDER BY m.key_id"
+            f"WHERE m.state = {_PENDING} GROUP BY m.key_id ORDER BY m.key_id"
         ):
             yield dep, cus, n, -(-n // chunk_size)
 
     def failures(self, *, rejected_only: bool = False) -> Iterator[Failure]:
         """Every rejected, failed or unsent row of the run, in source and line order."""
-        query = """
+        query = f"""
             SELECT src, line, source_uuid, department, customer, 'rejected', 0, NULL, errors
               FROM rejected
             UNION ALL
             SELECT m.src, m.line, m.source_uuid, k.department, k.customer,
-                   CASE COALESCE(o.state, m.state) WHEN 2 THEN 'failed' ELSE 'notSent' END,
+                   CASE COALESCE(o.state, m.state) WHEN {_FAILED} THEN 'failed' ELSE 'notSent' END,
                    COALESCE(IIF(o.msg_id IS NULL, m.retryable, o.retryable), 1),
                    IIF(o.msg_id IS NULL, m.http_status, o.http_status),
                    IIF(o.msg_id IS NULL, m.errors, o.errors)
               FROM msg m JOIN keys k ON k.id = m.key_id LEFT JOIN outcome o ON o.msg_id = m.id
-             WHERE COALESCE(o.state, m.state) IN (0, 2, 4) AND NOT ?
+             WHERE COALESCE(o.state, m.state) IN ({_PENDING}, {_FAILED}, {_IN_FLIGHT}) AND NOT ?
             ORDER BY 1, 2"""
         for r in self._db.execute(query, (rejected_only,)):
             yield Failure(

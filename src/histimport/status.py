@@ -131,7 +131,8 @@ def _summary(
         (current["rejected"],) = db.execute("SELECT COUNT(*) FROM rejected").fetchone()
         for (blob,) in db.execute(
             "SELECT errors FROM msg WHERE errors IS NOT NULL UNION ALL "
-            "SELECT errors FROM outcome WHERE errors IS NOT NULL AND state = 2 UNION ALL "
+            f"SELECT errors FROM outcome WHERE errors IS NOT NULL AND state = {int(State.FAILED)} "
+            "UNION ALL "
             "SELECT errors FROM rejected"
         ):
             for error in orjson.loads(blob):
@@ -159,7 +160,8 @@ def _in_flight(db: sqlite3.Connection) -> int:
     journal row with its messages' ids, and its answer a row listing the same messages."""
     latest = dict(db.execute(f"SELECT msg_id, seq FROM ({LATEST_WORDS})"))
     flying: set[int] = set()
-    for seq, items in db.execute("SELECT seq, items FROM jl.journal WHERE state = 4"):
+    in_flight = "SELECT seq, items FROM jl.journal WHERE state = ?"
+    for seq, items in db.execute(in_flight, (State.IN_FLIGHT,)):
         flying.update(i for i in orjson.loads(items) if latest.get(i, -1) < seq)
     return len(flying)
 

@@ -49,10 +49,10 @@ from run import (
     Server,
     byte_compile,
     client_env,
-    histimport_bin,
     machine,
     reap,
 )
+from run import client_argv as run_client_argv
 
 sys.path.insert(0, str(BENCH.parent))
 from tests.nginx import ProxyRules, running_nginx
@@ -172,25 +172,7 @@ def run_shape(
 
 
 def client_argv(client: str, source: Path, base_url: str, workdir: Path) -> list[str]:
-    if client == "histimport":
-        return [
-            str(histimport_bin()),
-            "load",
-            str(source),
-            "--base-url",
-            base_url,
-            "--chunk-size",
-            str(CHUNK),
-            "--state-dir",
-            str(workdir / "state"),
-            "--failed-out",
-            str(workdir / "failed.json"),
-            "--report",
-            str(workdir / "report.json"),
-            "--quiet",
-        ]
-    script = BENCH / "bare_async.py"
-    return [sys.executable, str(script), str(source), "--base-url", base_url, "--chunk-size", "10"]
+    return run_client_argv(client, source, base_url, workdir, chunk_size=CHUNK)
 
 
 def dead_platform(args: argparse.Namespace, source: Path, messages: int) -> list[str]:

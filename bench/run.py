@@ -191,7 +191,12 @@ def client_env() -> dict[str, str]:
     return env
 
 
-def client_argv(client: str, source: Path, base_url: str, workdir: Path) -> list[str]:
+def client_argv(
+    client: str, source: Path, base_url: str, workdir: Path, chunk_size: int | None = None
+) -> list[str]:
+    """A client's command line; `chunk_size` other than the clients' own 100 (histimport
+    and the bare script only)."""
+    chunk = [] if chunk_size is None else ["--chunk-size", str(chunk_size)]
     if client == "histimport":
         return [
             str(histimport_bin()),
@@ -206,9 +211,12 @@ def client_argv(client: str, source: Path, base_url: str, workdir: Path) -> list
             "--report",
             str(workdir / "report.json"),
             "--quiet",
+            *chunk,
         ]
     script = {"naive": "naive.py", "session": "naive.py", "bare": "bare_async.py"}[client]
     argv = [sys.executable, str(BENCH / script), str(source), "--base-url", base_url]
+    if client == "bare":
+        argv += chunk
     return [*argv, "--session"] if client == "session" else argv
 
 

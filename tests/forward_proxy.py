@@ -3,8 +3,6 @@ what `HTTP_PROXY` names in a corporate network."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,25 +12,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from .binaries import required
 
 _START_TIMEOUT = 10.0
 _INSTALL_HINT = "apt-get install tinyproxy"
 
 
 def tinyproxy_binary() -> str:
-    """The tinyproxy executable. Missing: a failure under CI (which must have it), else a
-    skip."""
-    found = shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/sbin:/usr/bin")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(
-            f"tinyproxy is not installed, and CI must run the proxy tests: {_INSTALL_HINT} "
-            "(.ci/run does it)",
-            pytrace=False,
-        )
-    pytest.skip(f"tinyproxy is not installed: {_INSTALL_HINT}")
+    """The tinyproxy executable (see tests/binaries.py)."""
+    return required("tinyproxy", install=_INSTALL_HINT)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from .binaries import required
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -29,17 +28,8 @@ _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def nginx_binary() -> str:
-    """The nginx executable. Missing: a failure under CI (which must have it), else a skip."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(
-            f"nginx is not installed, and CI must run the proxy tests: {_INSTALL_HINT} "
-            "(.ci/run does it)",
-            pytrace=False,
-        )
-    pytest.skip(f"nginx is not installed: {_INSTALL_HINT}")
+    """The nginx executable (see tests/binaries.py)."""
+    return required("nginx", install=_INSTALL_HINT)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -649,3 +649,33 @@ def test_the_first_message_refused_alone_is_listed_and_the_run_goes_on(workdir: 
     assert requests == 2  # the first message alone, then the customer "d"
     (entry,) = orjson.loads((workdir / "failed.json").read_bytes())["failures"]
     assert (entry["line"], entry["stage"], entry["httpStatus"]) == (1, "failed", 404)
+
+
+def test_the_first_message_sent_alone_is_never_one_rejected_as_a_repeat(workdir: Path) -> None:
+    """An earlier, invalid row has its sourceUuid: that valid row is rejected as a repeat,
+    so the first request carries the next one."""
+    bad = '{"departmentUUID": "d", "customerUUID": "c", "sourceUuid": "s1", "sentOn": "x"}'
+    rows = [
+        bad,
+        orjson.dumps({**message("d", "c", 2), "sourceUuid": "s1"}).decode(),
+        orjson.dumps(message("d", "c", 3)).decode(),
+    ]
+    (workdir / "e.jsonl").write_text("\n".join(rows) + "\n")
+    with sandbox(SandboxConfig(port=0)) as running:
+        code, output = invoke("load", "e.jsonl", "--base-url", running.base_url, env=CREDENTIALS)
+        stored = [m.source_uuid for m in running.store.messages()]
+    assert code == 1 and "rejected 2" in output and "accepted 1" in output, output
+    assert stored == [message("d", "c", 3)["sourceUuid"]]
+
+
+def test_the_first_message_refused_alone_is_not_sent_again_by_a_fresh_run(
+    workdir: Path,
+) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    with sandbox(SandboxConfig(port=0, reject_rate=1.0)) as running:
+        code, output = invoke(
+            "load", "e.jsonl", "--base-url", running.base_url, "--fresh", env=CREDENTIALS
+        )
+        receipts = running.store.receipt_count()
+    assert code == 1 and "failed 3" in output, output
+    assert receipts == 3  # each once: the first alone, then the two others

@@ -593,3 +593,23 @@ def test_the_last_customer_failing_alone_does_not_end_the_run(staged: Any) -> No
     stats = deliver(ledger, handler, give_up_after=0.1, max_attempts=20)
     assert stats.gave_up is None
     assert ledger.counts()["accepted"] == 1 and ledger.counts()["failed"] == 1
+
+
+def test_a_cancelled_wait_for_a_slot_loses_no_sender() -> None:
+    """A second Ctrl-C cancels every worker: one waiting for a slot that is handed over
+    just then gives it back, and nothing fails."""
+    from histimport.deliver import Slots
+
+    async def scenario() -> bool:
+        sender = object()
+        slots = Slots([sender])  # type: ignore[list-item]
+        held = await slots.take()
+        waiting = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0)  # it waits now
+        waiting.cancel()
+        slots.give(held)  # passes over the cancelled waiter
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return await asyncio.wait_for(slots.take(), 1) is sender
+
+    assert asyncio.run(scenario())

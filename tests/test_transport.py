@@ -760,3 +760,27 @@ def test_an_error_answer_whose_body_cannot_be_decoded_is_told_by_its_status_via_
             assert (await sender.put("http://platform.test/x", b"[1]"))[::2] == (401, b"")
 
     asyncio.run(main())
+
+
+def test_no_request_goes_again_once_part_of_its_answer_came() -> None:
+    """The server took it: a second request would be a duplicate, not a reconnection."""
+    seen: list[bytes] = []
+
+    async def answer_then_break_off(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        seen.append(await read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+        seen.append(await read_request(reader))
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"a":')
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(answer_then_break_off) as (url, _), sending() as http:
+            assert (await http.put(f"{url}/x", b"[1]"))[::2] == (200, b"{}")
+            with pytest.raises(ConnectionLost):
+                await http.put(f"{url}/x", b"[2]")
+            assert len(seen) == 2 and http.resent == 0
+
+    asyncio.run(main())

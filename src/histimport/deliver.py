@@ -134,7 +134,7 @@ class Slots:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.give(waiter.result())  # handed over just as it was cancelled
-            else:
+            elif waiter in self._waiting:  # `give` may have passed over it already
                 self._waiting.remove(waiter)
             raise
 
@@ -272,13 +272,16 @@ class Deliverer:
         whether the credentials, the base URL, TLS and the proxy are right. A connection
         that cannot be made is tried again for FIRST_CONTACT_SECONDS at most; any other
         answer is returned as the policy reads it, and recorded in the stats."""
-        sender = self._new_sender()
+        # Bounded by the first-contact wait: an address that drops packets is no answer.
+        sender = self._new_sender(timeout=min(self.config.timeout, FIRST_CONTACT_SECONDS))
         chunk = Chunk(department, customer, (message,))
         started = time.monotonic()
         try:
             for attempt in itertools.count(1):
                 decision = await self._request(chunk, sender)
                 waited = time.monotonic() - started
+                if decision.status is not None and decision.status < 500:
+                    self._health.alive()  # it answered: from now on, an outage is waited out
                 if decision.status is not None or decision.action is not Action.RETRY:
                     return decision
                 if decision.unknown_outcome or waited >= FIRST_CONTACT_SECONDS:
@@ -290,7 +293,7 @@ class Deliverer:
             await sender.aclose()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _new_sender(self) -> Sender:
+    def _new_sender(self, timeout: float | None = None) -> Sender:
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -298,7 +301,7 @@ class Deliverer:
         }
         return Sender(
             headers=headers,
-            timeout=self.config.timeout,
+            timeout=self.config.timeout if timeout is None else timeout,
             bound=self.config.max_response_bytes,
             auth=self.credentials,
             verify=self._tls or True,

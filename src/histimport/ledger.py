@@ -68,8 +68,8 @@ _PENDING, _ACCEPTED, _FAILED, _IN_FLIGHT = (
 )
 
 BODIES_FILE = "staged-bodies"
-LOCK_FILE = "lock"
 """The current run's staged message bodies, one after another; `msg` holds where each is."""
+LOCK_FILE = "lock"
 _STAGE_BATCH = 5000
 _STAGE_BYTES = 16 << 20
 """Messages held before they are staged, in bytes (each counted as its body and
@@ -504,6 +504,10 @@ class Ledger:
                 "INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?)",
                 (self.target, outcome.source_uuid, outcome.message_uuid, self.run_id, _now()),
             )
+            self._db.execute(
+                "DELETE FROM refused WHERE target = ? AND source_uuid = ?",
+                (self.target, outcome.source_uuid),
+            )
         elif outcome.state is State.FAILED and not outcome.retryable:
             self._db.execute(
                 "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
@@ -515,6 +519,23 @@ class Ledger:
                     self.run_id,
                 ),
             )
+
+    @_writes
+    def settle_staged(self, outcome: Outcome) -> None:
+        """A failure of a message sent before staging, once it is staged: this run lists it
+        (retryable or not, as the answer said) and does not send it again."""
+        self._db.execute(
+            "UPDATE msg SET state = ?, retryable = ?, http_status = ?, errors = ? "
+            "WHERE source_uuid = ? AND state = ?",
+            (
+                State.FAILED,
+                int(outcome.retryable),
+                outcome.http_status,
+                orjson.dumps(outcome.errors) if outcome.errors else None,
+                outcome.source_uuid,
+                State.PENDING,
+            ),
+        )
 
     @_writes
     def describe_unsent(self, errors: tuple[dict[str, Any], ...]) -> None:

@@ -307,6 +307,7 @@ class Run:
         self.read_through: set[int] = set()  # the sources read to their end
         self.warning_count = 0
         self.warnings: list[dict[str, Any]] = []
+        self.first_outcome: Outcome | None = None  # of the message sent alone, if answered
 
     def execute(
         self, paths: list[str], command: str, formats: dict[str, str] | None = None
@@ -336,9 +337,12 @@ class Run:
                     # cannot be used is told at once, not once a large export was staged.
                     deliverer = self._deliverer(ledger, base_url)
                 rows = self._checked(sources)
-                if deliverer is not None and not ledger.read_before(map(_realpath, sources)):
+                first_run = not ledger.read_before(map(_realpath, sources))
+                if deliverer is not None and first_run and config.shard is None:
                     # A first run over these sources (a resumed one cannot tell yet whether
-                    # a source changed: it sends nothing before it has read them whole).
+                    # a source changed: it sends nothing before it has read them whole). Not
+                    # a shard: the shards' failed files are retried together, in a state
+                    # dir that knows none of their first messages.
                     rows = self._first_contact(ledger, deliverer, rows)
                 self._stage(ledger, rows)
             except UsageError:  # or a source found unreadable as a whole: nothing is sent
@@ -359,6 +363,10 @@ class Run:
                         # Only once every row is staged: a --fresh run stopped before that
                         # leaves them for the next run.
                         ledger.forget_refusals()
+                    first = self.first_outcome
+                    if first is not None and first.state is State.FAILED:
+                        # Refused, or not confirmed (a 202): listed, not sent again now.
+                        ledger.settle_staged(first)
             except KeyboardInterrupt:
                 self.interrupted = True
             stats = deliverer.stats if deliverer is not None else None
@@ -510,9 +518,14 @@ class Run:
         stops there: the failed file says where each source's rest begins, and the same
         command goes on from there later."""
         carry_refused = not (self.include_permanent or self.config.fresh)
+        rejected: set[str] = set()  # a valid row repeating one of these is rejected too
         for row in rows:
-            if isinstance(row, Valid) and not ledger.known(
-                row.source_uuid, refused_too=carry_refused
+            if isinstance(row, Rejected) and row.source_uuid is not None:
+                rejected.add(row.source_uuid)
+            if (
+                isinstance(row, Valid)
+                and row.source_uuid not in rejected
+                and not ledger.known(row.source_uuid, refused_too=carry_refused)
             ):
                 if not self._sent_first(ledger, deliverer, row):
                     deliverer.stop()
@@ -648,13 +661,14 @@ class Run:
         elif decision.action is Action.ACCEPT:
             assert decision.body is not None and decision.status is not None
             stats.server_warnings += server_warnings(decision.body)
-            (outcome,) = settle([message], decision.status, decision.body)
-            ledger.remember(outcome)
+            (self.first_outcome,) = settle([message], decision.status, decision.body)
+            ledger.remember(self.first_outcome)
         elif decision.action is Action.FAIL:
             errors = decision.as_errors()
-            ledger.remember(
-                Outcome(0, row.source_uuid, State.FAILED, decision.status, False, errors)
+            self.first_outcome = Outcome(
+                0, row.source_uuid, State.FAILED, decision.status, False, errors
             )
+            ledger.remember(self.first_outcome)
         # Anything else (a 5xx, a 429, a 413) is sent again with the rest of the run.
         return True
 
@@ -786,7 +800,7 @@ class Run:
         elif self.interrupted and not self.read_whole:
             status = ExitStatus.INTERRUPTED
             message = f"interrupted while reading, after {self.read} rows: nothing was sent"
-            if counts["accepted"] + counts["failed"]:
+            if stats is not None and stats.requests:
                 message = (
                     f"interrupted while reading, after {self.read} rows: only the first "
                     "message was sent, alone, to check the platform"

@@ -164,6 +164,7 @@ class Sender:
             transport=transport,
         )
         self._kept = False  # whether the last answer left a connection kept alive
+        self._answered = False  # whether the current request's answer began to come
         self.resent = 0
 
     async def put(self, url: str, body: bytes) -> Reply:
@@ -176,8 +177,8 @@ class Sender:
                 try:
                     return await self._put(url, body)
                 except ConnectionLost:
-                    if not kept:
-                        raise
+                    if not kept or self._answered:
+                        raise  # a fresh connection, or part of an answer came: no re-send
                     self.resent += 1
                     return await self._put(url, body)
         except TimeoutError:
@@ -186,8 +187,10 @@ class Sender:
             ) from None
 
     async def _put(self, url: str, body: bytes) -> Reply:
+        self._answered = False
         with translated():
             async with self._client.stream("PUT", url, content=body) as response:
+                self._answered = True  # its head came: the server took the request
                 try:
                     content = await _read_bounded(response, self._bound)
                 except httpx.DecodingError:

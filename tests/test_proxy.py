@@ -190,6 +190,24 @@ def test_behind_nginx_a_refused_password_stops_at_once(tmp_path: Path) -> None:
     )
 
 
+def only_proxy(monkeypatch: pytest.MonkeyPatch, name: str, url: str) -> None:
+    """This proxy variable alone set, and nothing exempted from it."""
+    for other in ("NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(other, raising=False)
+        monkeypatch.delenv(other.lower(), raising=False)
+    monkeypatch.setenv(name, url)
+
+
+def proxied_config(base_url: str, tmp_path: Path) -> Config:
+    return Config(
+        base_url=base_url,
+        username="importer",
+        password="s3cret-pass",
+        state_dir=tmp_path / "state",
+        failed_out=tmp_path / "failed.json",
+    )
+
+
 def test_through_a_real_forward_proxy_named_by_http_proxy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,21 +215,12 @@ def test_through_a_real_forward_proxy_named_by_http_proxy(
     tinyproxy_binary()
     rows = [message(f"dep-{c % 3}", f"cust-{c:05d}", n) for n in range(50) for c in range(400)]
     source = write_jsonl(tmp_path / "export.jsonl", rows)
-    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
     with (
         sandbox(SandboxConfig(port=0, db=tmp_path / "sandbox.sqlite3")) as server,
         running_tinyproxy(tmp_path / "tinyproxy") as proxy,
     ):
-        monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        config = Config(
-            base_url=server.base_url,
-            username="importer",
-            password="s3cret-pass",
-            state_dir=tmp_path / "state",
-            failed_out=tmp_path / "failed.json",
-        )
-        result = histimport.load([source], config)
+        only_proxy(monkeypatch, "HTTP_PROXY", proxy.url)
+        result = histimport.load([source], proxied_config(server.base_url, tmp_path))
         stored = server.store.count()
         received = server.app.stats()["requests"]
         forwarded = proxy.requests()
@@ -230,21 +239,12 @@ def test_https_through_the_forward_proxy_with_a_corporate_ca(
     tinyproxy_binary()
     cert, key = certificate
     source = write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(30)])
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
     with (
         sandbox(SandboxConfig(port=0, tls_cert=cert, tls_key=key)) as server,
         running_tinyproxy(tmp_path / "tinyproxy") as proxy,
     ):
-        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
-        config = Config(
-            base_url=server.base_url,
-            username="importer",
-            password="s3cret-pass",
-            state_dir=tmp_path / "state",
-            failed_out=tmp_path / "failed.json",
-            ca_bundle=cert,
-        )
+        only_proxy(monkeypatch, "HTTPS_PROXY", proxy.url)
+        config = replace(proxied_config(server.base_url, tmp_path), ca_bundle=cert)
         result = histimport.load([source], config)
         stored = server.store.count()
         tunnels = proxy.requests()

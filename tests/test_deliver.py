@@ -412,7 +412,7 @@ def test_cookies_set_by_the_server_are_not_sent_back(staged: Any) -> None:
 
 
 def test_settling_keeps_each_message_s_last_word(staged: Any) -> None:
-    from histimport.ledger import Outcome, State
+    from histimport.records import Outcome, State
 
     ledger = staged(interleaved(customers=1, per_customer=3))
     first, second, third = ledger.pending(1, 0, 10)

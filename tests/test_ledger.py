@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 import histimport.ledger as ledger_module
 from histimport.check import Rejected, Valid, check_row
-from histimport.ledger import Ledger, Outcome, Pending, State
+from histimport.ledger import Ledger
 from histimport.read import RawRow
+from histimport.records import Outcome, Pending, State
 
 from .factory import interleaved, message
 

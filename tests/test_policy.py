@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from histimport import policy
-from histimport.ledger import Pending, State
 from histimport.models import read_answer
 from histimport.policy import Action, Backoff, classify, classify_error, parse_retry_after, settle
+from histimport.records import Pending, State
 from histimport.transport import (
     ConnectFailed,
     ConnectionLost,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .ledger import Pending
+from .records import Pending
 
 _OPEN = b'{"saveMessageRequestList":['
 

@@ -24,9 +24,10 @@ from . import __version__
 from .batch import Chunk, Envelope, chunks
 from .config import Config
 from .errors import UsageError
-from .ledger import Ledger, Outcome, Pending, State
+from .ledger import Ledger
 from .pace import Pacer, PaceState
 from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
+from .records import Outcome, Pending, State
 from .transport import Sender, SendError, proxies_set, unusable_proxy
 
 # A 429 is the server (or a proxy) pacing us, not failing: it draws on its own, larger

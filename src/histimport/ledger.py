@@ -32,31 +32,20 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any, NamedTuple, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 
 import orjson
 
 from .check import Rejected, Valid
 from .errors import LedgerError
 from .read import UNREADABLE
+from .records import Failure, Outcome, Pending, State
 from .signals import deferred
 
 LEDGER_FILE = "ledger.sqlite3"
 JOURNAL_FILE = "journal.sqlite3"
-
-
-class State(IntEnum):
-    """Where a staged message stands. PENDING or IN_FLIGHT at the end of a run: notSent."""
-
-    PENDING = 0
-    ACCEPTED = 1
-    FAILED = 2
-    ALREADY_ACCEPTED = 3
-    IN_FLIGHT = 4
 
 
 # The SQL below spells the states as numbers, from the enum.
@@ -141,42 +130,6 @@ _WORDS = f"""
 """Every word on a message in the journal, one row each; in-flight marks are left out."""
 LATEST_WORDS = f"SELECT *, MAX(seq) FROM ({_WORDS}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
-
-
-class Pending(NamedTuple):
-    """A staged message waiting to be sent. (Tuples: a hundred thousand of them are built in
-    a run, at a third of a frozen dataclass's cost.)"""
-
-    id: int
-    source_uuid: str
-    body: bytes
-
-
-class Outcome(NamedTuple):
-    """The final word on one message of a request."""
-
-    id: int
-    source_uuid: str
-    state: State
-    http_status: int | None = None
-    retryable: bool = False
-    errors: tuple[dict[str, Any], ...] = ()
-    message_uuid: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """One line of the failed file, before the source index is turned into its path."""
-
-    source: int
-    line: int
-    source_uuid: str | None
-    department: str | None
-    customer: str | None
-    stage: str
-    retryable: bool
-    http_status: int | None
-    errors: list[dict[str, Any]]
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])

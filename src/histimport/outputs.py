@@ -19,8 +19,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import OutputError, UsageError
-from .ledger import Failure
 from .read import UNREADABLE, Source
+from .records import Failure
 
 FAILED_FORMAT = "histimport.failed/v1"
 REPORT_FORMAT = "histimport.report/v1"

@@ -32,8 +32,8 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
-from .ledger import Outcome, Pending, State
 from .models import Answer, read_answer
+from .records import Outcome, Pending, State
 from .transport import ConnectFailed, ProxyRefused, SendError, TimedOut, Untrusted
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

@@ -27,7 +27,7 @@ from .config import Config
 from .deliver import Deliverer, DeliveryStats, Pause
 from .errors import ExitStatus, InvariantError, UsageError
 from .fanout import Fanout
-from .ledger import Ledger, Outcome, Pending, State
+from .ledger import Ledger
 from .mapping import Mapper, Mapping
 from .outputs import (
     NOT_READ,
@@ -53,6 +53,7 @@ from .read import (
     read_jsonl,
 )
 from .read_csv import read_csv
+from .records import Outcome, Pending, State
 from .shard import shard_of
 from .signals import deferred, install_async_signals, sigterm_as_interrupt
 from .target import check_base_url

@@ -20,9 +20,9 @@ from .ledger import (
     LATEST_WORDS,
     LEDGER_FILE,
     LOCK_FILE,
-    State,
     has_table,
 )
+from .records import State
 
 _COUNTS = ("read", "rejected", "accepted", "failed", "notSent", "alreadyAccepted")
 _STATE_NAMES = {

@@ -391,3 +391,36 @@ def test_a_write_the_ledger_cannot_make_is_a_ledger_error(tmp_path: Path, write:
     ledger.close()
     with pytest.raises(LedgerError, match="cannot write"):
         write(ledger)
+
+
+def test_the_schema_has_a_version_and_a_state_dir_from_before_takes_it(tmp_path: Path) -> None:
+    """A state dir written before the schema had versions keeps what it recorded; one
+    written by a newer histimport is refused, not misread."""
+    import sqlite3
+
+    from histimport.errors import LedgerError
+    from histimport.ledger import SCHEMA_VERSION
+
+    old = tmp_path / "old"
+    old.mkdir()
+    db = sqlite3.connect(old / "ledger.sqlite3")
+    db.executescript(
+        "CREATE TABLE accepted(target TEXT, source_uuid TEXT, message_uuid TEXT, "
+        "run_id INTEGER, at TEXT, PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;"
+        "INSERT INTO accepted VALUES ('t', 's1', 'm1', 1, 'then');"
+    )
+    db.close()
+    with Ledger(old):
+        pass
+    db = sqlite3.connect(old / "ledger.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert db.execute("SELECT source_uuid FROM accepted").fetchall() == [("s1",)]
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(LedgerError, match="newer histimport"):
+        Ledger(old)
+    db = sqlite3.connect(old / "ledger.sqlite3")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    db.close()
+    with Ledger(old):  # the refused open let go of the state dir's lock
+        pass

@@ -83,6 +83,16 @@ CREATE TABLE IF NOT EXISTS accepted(
     target TEXT, source_uuid TEXT, message_uuid TEXT, run_id INTEGER, at TEXT,
     PRIMARY KEY (target, source_uuid)) WITHOUT ROWID;
 """
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: what outlives a run: the runs, their sources, what the platform accepted and
+    #    refused. "IF NOT EXISTS": a state dir from before the schema had versions takes it
+    #    as it stands.
+    _SCHEMA,
+)
+"""The ledger's schema, one numbered step at a time: the step a state dir is at is its
+`PRAGMA user_version`. (The staging tables are made anew by every run, in `_STAGING`.)"""
+SCHEMA_VERSION = len(_MIGRATIONS)
 _JOURNAL_TABLE = """CREATE TABLE IF NOT EXISTS jl.journal(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, state INTEGER, http_status INTEGER,
     retryable INTEGER, errors BLOB, items BLOB)"""
@@ -225,6 +235,19 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
     return int(upto)
 
 
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the ledger's schema to SCHEMA_VERSION, each step in a transaction of its own."""
+    (version,) = db.execute("PRAGMA main.user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"state ledger {path} was written by a newer histimport (schema {version}; this "
+            f"one knows {SCHEMA_VERSION})",
+            hint="run the histimport that wrote it, or a newer one",
+        )
+    for number, step in enumerate(_MIGRATIONS[version:], version + 1):
+        db.executescript(f"BEGIN;\n{step}\nPRAGMA main.user_version = {number};\nCOMMIT;")
+
+
 def has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
     """Whether the database `schema` of `db` (main, or an attached one) has table `name`."""
     found = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE name = ?", (name,))
@@ -292,7 +315,11 @@ class Ledger:
         old_umask = os.umask(0o077)
         try:
             self._db = _connect(state_dir)
-            self._db.executescript(_SCHEMA)
+            _migrate(self._db, path)
+        except LedgerError:
+            self._db.close()
+            self._lock.close()
+            raise
         except sqlite3.Error as exc:
             self._lock.close()
             raise LedgerError(

@@ -12,7 +12,14 @@ import pytest
 
 from histimport import policy
 from histimport.models import read_answer
-from histimport.policy import Action, Backoff, classify, classify_error, parse_retry_after, settle
+from histimport.policy import (
+    Action,
+    Backoff,
+    classify,
+    classify_error,
+    outcomes_of,
+    parse_retry_after,
+)
 from histimport.records import Pending, State
 from histimport.transport import (
     ConnectFailed,
@@ -67,7 +74,7 @@ def test_an_error_that_says_nothing_refuses_no_message() -> None:
         b'{"succesfullySubmittedSourceUuids": ["a"], "saveMessageResponse": '
         b'[{"sourceUuid": "a", "messageUuid": "m", "errors": [{"errorCode": null}]}]}'
     )
-    (outcome,) = settle([Pending(1, "a", b"{}")], 200, body)
+    (outcome,) = outcomes_of([Pending(1, "a", b"{}")], 200, body)
     assert (outcome.state, outcome.errors, outcome.message_uuid) == (State.ACCEPTED, (), "m")
 
 
@@ -233,7 +240,7 @@ def test_settle_per_message() -> None:
             }
         )
     )
-    a, b, c, d = settle(pending("a", "b", "c", "d"), 200, body)
+    a, b, c, d = outcomes_of(pending("a", "b", "c", "d"), 200, body)
     assert (a.state, a.message_uuid) == (State.ACCEPTED, "m-a")
     assert (b.state, b.retryable, b.errors) == (
         State.FAILED,
@@ -266,7 +273,7 @@ def test_an_absurd_retry_after_never_hangs_the_run(value: str) -> None:
 def test_odd_details_do_not_hide_an_explicit_success(answer: dict[str, object]) -> None:
     decision = decide(200, orjson.dumps(answer))
     assert decision.action is Action.ACCEPT and decision.body is not None
-    outcomes = settle(pending("a", "b"), 200, decision.body)
+    outcomes = outcomes_of(pending("a", "b"), 200, decision.body)
     assert outcomes[0].state is State.ACCEPTED
     if "saveMessageResponse" in answer:
         assert outcomes[1].errors == ({"errorCode": "409"},)
@@ -292,5 +299,5 @@ def test_the_quick_and_the_lenient_reading_of_an_answer_agree() -> None:
     lenient = SaveMessageResponseBody.model_validate_json(answer).model_dump(exclude_none=True)
     quick = read_answer(answer)
     messages = pending("a", "b", "c", "d")
-    assert settle(messages, 200, quick) == settle(messages, 200, lenient)
+    assert outcomes_of(messages, 200, quick) == outcomes_of(messages, 200, lenient)
     assert policy.server_warnings(quick) == policy.server_warnings(lenient) == 2

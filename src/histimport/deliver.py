@@ -26,7 +26,15 @@ from .config import Config
 from .errors import UsageError
 from .ledger import Ledger
 from .pace import Pacer, PaceState
-from .policy import Action, Backoff, Decision, classify, classify_error, server_warnings, settle
+from .policy import (
+    Action,
+    Backoff,
+    Decision,
+    classify,
+    classify_error,
+    outcomes_of,
+    server_warnings,
+)
 from .records import Outcome, Pending, State
 from .transport import Sender, SendError, proxies_set, unusable_proxy
 
@@ -381,7 +389,7 @@ class Deliverer:
             if decision.action is Action.ACCEPT:
                 assert decision.body is not None and decision.status is not None
                 self.stats.server_warnings += server_warnings(decision.body)
-                outcomes = settle(chunk.messages, decision.status, decision.body)
+                outcomes = outcomes_of(chunk.messages, decision.status, decision.body)
                 self._record(outcomes)
                 return not any(o.retryable for o in outcomes)
             if decision.action is Action.ABORT:

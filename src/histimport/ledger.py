@@ -132,13 +132,13 @@ DROP TABLE IF EXISTS jl.journal;
 """
 """What a finished run with everything accepted leaves of its staging: nothing."""
 
-_WORDS = f"""
+_ENTRIES = f"""
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
            json_extract(e.value, '$[2]') AS message_uuid, j.seq
       FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
 """Every word on a message in the journal, one row each; in-flight marks are left out."""
-LATEST_WORDS = f"SELECT *, MAX(seq) FROM ({_WORDS}) GROUP BY msg_id"
+LATEST_ENTRIES = f"SELECT *, MAX(seq) FROM ({_ENTRIES}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
 
 
@@ -192,7 +192,7 @@ _STEP = (
        SELECT msg_id, source_uuid, state, http_status, retryable, errors, message_uuid
          FROM temp.step ORDER BY rowid""",
     # Sorted, so that the B-tree grows page by page instead of at random. The staged
-    # messages are not read: the words carry their sourceUuids.
+    # messages are not read: the journal entries carry their sourceUuids.
     f"""INSERT OR IGNORE INTO accepted
        SELECT :target, source_uuid, message_uuid, :run, :at
          FROM temp.step WHERE state = {_ACCEPTED} ORDER BY source_uuid""",
@@ -221,7 +221,7 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
             return int(settled)
         params = {"target": target, "run": run_id, "at": _now(), "upto": upto}
         db.execute(
-            f"CREATE TEMP TABLE step AS {_WORDS} AND j.seq > :after AND j.seq <= :upto "
+            f"CREATE TEMP TABLE step AS {_ENTRIES} AND j.seq > :after AND j.seq <= :upto "
             "ORDER BY j.seq",
             {"after": settled, "upto": upto},
         )

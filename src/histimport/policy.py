@@ -243,7 +243,7 @@ def _excerpt(content: bytes) -> str:
     return (text[:_EXCERPT] + "...") if len(text) > _EXCERPT else (text or "(empty body)")
 
 
-def settle(messages: Sequence[Pending], status: int, body: Answer) -> list[Outcome]:
+def outcomes_of(messages: Sequence[Pending], status: int, body: Answer) -> list[Outcome]:
     """Per-message outcomes of a 200 answer.
 
     Accepted: listed in `succesfullySubmittedSourceUuids`. Failed: listed in

@@ -38,7 +38,7 @@ from .outputs import (
     write_report,
     writing,
 )
-from .policy import Action, server_warnings, settle
+from .policy import Action, outcomes_of, server_warnings
 from .read import (
     READ_ERRORS,
     UNREADABLE,
@@ -662,7 +662,7 @@ class Run:
         elif decision.action is Action.ACCEPT:
             assert decision.body is not None and decision.status is not None
             stats.server_warnings += server_warnings(decision.body)
-            (self.first_outcome,) = settle([message], decision.status, decision.body)
+            (self.first_outcome,) = outcomes_of([message], decision.status, decision.body)
             ledger.remember(self.first_outcome)
         elif decision.action is Action.FAIL:
             errors = decision.as_errors()

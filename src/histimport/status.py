@@ -17,7 +17,7 @@ from .errors import LedgerError, UsageError
 from .ledger import (
     BODIES_FILE,
     JOURNAL_FILE,
-    LATEST_WORDS,
+    LATEST_ENTRIES,
     LEDGER_FILE,
     LOCK_FILE,
     has_table,
@@ -116,10 +116,10 @@ def _summary(
     errors: Counter[str] = Counter()
     if has_table(db, "main", "msg"):
         # During a run, the latest word on a message may still be in the journal.
-        words = f"({LATEST_WORDS})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
+        entries = f"({LATEST_ENTRIES})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
         for state, n in db.execute(
             f"""SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
-               LEFT JOIN {words} j ON j.msg_id = m.id
+               LEFT JOIN {entries} j ON j.msg_id = m.id
                LEFT JOIN outcome o ON o.msg_id = m.id
                GROUP BY 1"""
         ):
@@ -158,7 +158,7 @@ def _summary(
 def _in_flight(db: sqlite3.Connection) -> int:
     """Pending messages sent in a request that has no answer yet: each request leaves a
     journal row with its messages' ids, and its answer a row listing the same messages."""
-    latest = dict(db.execute(f"SELECT msg_id, seq FROM ({LATEST_WORDS})"))
+    latest = dict(db.execute(f"SELECT msg_id, seq FROM ({LATEST_ENTRIES})"))
     flying: set[int] = set()
     in_flight = "SELECT seq, items FROM jl.journal WHERE state = ?"
     for seq, items in db.execute(in_flight, (State.IN_FLIGHT,)):

@@ -276,11 +276,14 @@ class Deliverer:
                 self.stats.gave_up = verdict
                 self.stop()
 
-    async def first_contact(self, department: str, customer: str, message: Pending) -> Decision:
+    async def first_contact(
+        self, department: str, customer: str, message: Pending
+    ) -> Outcome | None:
         """Send one message alone, before anything else is read: its answer tells at once
-        whether the credentials, the base URL, TLS and the proxy are right. A connection
-        that cannot be made is tried again for FIRST_CONTACT_SECONDS at most; any other
-        answer is returned as the policy reads it, and recorded in the stats."""
+        whether the credentials, the base URL, TLS and the proxy are right. Refused for
+        good (401, 403, TLS, a proxy), or no connection made for FIRST_CONTACT_SECONDS,
+        the run stops (`stopping`). Otherwise the message's outcome, when the answer gave
+        one; None when the run is to send it again with the others (a 5xx, a 429, a 413)."""
         # Bounded by the first-contact wait: an address that drops packets is no answer.
         sender = self._new_sender(timeout=min(self.config.timeout, FIRST_CONTACT_SECONDS))
         chunk = Chunk(department, customer, (message,))
@@ -288,13 +291,28 @@ class Deliverer:
         try:
             for attempt in itertools.count(1):
                 decision = await self._request(chunk, sender)
+                # Its health only: sent outside the pace, it says nothing of the rate.
+                self._judge_health(decision, (department, customer))
+                if decision.action is Action.ACCEPT:
+                    (outcome,) = self._accepted(chunk, decision)
+                    return outcome
+                if decision.action is Action.FAIL:
+                    (outcome,) = self._outcomes(chunk, decision, State.FAILED)
+                    return outcome
+                if decision.action is Action.ABORT:
+                    self.stats.aborted = decision.description
+                    self.stop()
+                    return None
                 waited = time.monotonic() - started
-                if decision.status is not None and decision.status < 500:
-                    self._health.alive()  # it answered: from now on, an outage is waited out
-                if decision.status is not None or decision.action is not Action.RETRY:
-                    return decision
-                if decision.unknown_outcome or waited >= FIRST_CONTACT_SECONDS:
-                    return decision  # sent, perhaps stored: the run sends it again later
+                if decision.status is not None or decision.unknown_outcome:
+                    return None  # answered, or sent and perhaps stored: it goes again later
+                if waited >= FIRST_CONTACT_SECONDS:
+                    self.stats.gave_up = (
+                        f"the platform could not be reached at {self.base_url} "
+                        f"({decision.description}); check --base-url and the network"
+                    )
+                    self.stop()
+                    return None
                 await asyncio.sleep(
                     min(self._backoff.delay(attempt), FIRST_CONTACT_SECONDS - waited)
                 )
@@ -387,9 +405,7 @@ class Deliverer:
                     self._in_flight -= 1
             self._heed(decision, sent_at, (chunk.department, chunk.customer))
             if decision.action is Action.ACCEPT:
-                assert decision.body is not None and decision.status is not None
-                self.stats.server_warnings += server_warnings(decision.body)
-                outcomes = outcomes_of(chunk.messages, decision.status, decision.body)
+                outcomes = self._accepted(chunk, decision)
                 self._record(outcomes)
                 return not any(o.retryable for o in outcomes)
             if decision.action is Action.ABORT:
@@ -418,12 +434,25 @@ class Deliverer:
         if last is not None:
             # Stopped between two attempts: not sent, as far as the ledger knows, with the
             # error that the next attempt was waiting out.
-            held = [
-                Outcome(m.id, m.source_uuid, State.PENDING, last.status, True, last.as_errors())
-                for m in chunk.messages
-            ]
-            self._record(held)
+            self._record(self._outcomes(chunk, last, State.PENDING, retryable=True))
         return False
+
+    def _accepted(self, chunk: Chunk, decision: Decision) -> list[Outcome]:
+        """The messages' outcomes in a 200 answer (its warnings counted)."""
+        assert decision.body is not None and decision.status is not None
+        self.stats.server_warnings += server_warnings(decision.body)
+        return outcomes_of(chunk.messages, decision.status, decision.body)
+
+    @staticmethod
+    def _outcomes(
+        chunk: Chunk, decision: Decision, state: State, *, retryable: bool = False
+    ) -> list[Outcome]:
+        """The same outcome for every message of the chunk, with the decision's errors."""
+        errors = decision.as_errors()
+        return [
+            Outcome(m.id, m.source_uuid, state, decision.status, retryable, errors)
+            for m in chunk.messages
+        ]
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[Sender]:
@@ -437,16 +466,19 @@ class Deliverer:
     def _heed(self, decision: Decision, sent_at: float, key: tuple[str, str]) -> None:
         """What an answer (or its lack) says of the platform: its pace, and its health."""
         now = time.monotonic()
-        status = decision.status
         if decision.backpressure:
             self.pacer.refused(sent_at, now)
-        elif status is not None:
+        elif decision.status is not None:
             self.pacer.accepted(sent_at, now)
+        self._judge_health(decision, key)
+
+    def _judge_health(self, decision: Decision, key: tuple[str, str]) -> None:
+        status = decision.status
         if status is not None and status < 500:
             self._health.alive()
         elif decision.action is Action.RETRY:
             answered = status is not None
-            self._health.failing(now, key, decision.description, answered=answered)
+            self._health.failing(time.monotonic(), key, decision.description, answered=answered)
 
     def _pushed_back(self, decision: Decision, wait: float) -> None:
         cause = str(decision.status)
@@ -532,13 +564,7 @@ class Deliverer:
             await asyncio.wait_for(self._stopping.wait(), delay)
 
     def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
-        errors = decision.as_errors()
-        self._record(
-            [
-                Outcome(m.id, m.source_uuid, State.FAILED, decision.status, retryable, errors)
-                for m in chunk.messages
-            ]
-        )
+        self._record(self._outcomes(chunk, decision, State.FAILED, retryable=retryable))
 
     def _record(self, outcomes: list[Outcome]) -> None:
         # A commit of one request's outcomes takes well under a millisecond; a writer thread

@@ -98,16 +98,20 @@ _JOURNAL_TABLE = """CREATE TABLE IF NOT EXISTS jl.journal(
     retryable INTEGER, errors BLOB, items BLOB)"""
 """One row per request in flight and per kind of outcome of an answer (AUTOINCREMENT: a
 sequence number is never given twice, even after the journal is emptied)."""
-_STAGING = f"""
+_UNSTAGED = """
 DROP TABLE IF EXISTS stage_meta;
 DROP TABLE IF EXISTS msg;
 DROP TABLE IF EXISTS rejected;
 DROP TABLE IF EXISTS keys;
+DROP TABLE IF EXISTS outcome;
 DROP TABLE IF EXISTS jl.journal;
 DROP TABLE IF EXISTS main.journal;
+"""
+"""A run's staging, gone: before the next run makes it anew, and once a run had everything
+accepted (nothing is left to list or send)."""
+_STAGING = f"""{_UNSTAGED}
 {_JOURNAL_TABLE};
 CREATE TABLE stage_meta(run_id INTEGER, target TEXT, settled INTEGER NOT NULL DEFAULT 0);
-DROP TABLE IF EXISTS outcome;
 CREATE TABLE outcome(
     msg_id INTEGER PRIMARY KEY, source_uuid TEXT, state INTEGER, http_status INTEGER,
     retryable INTEGER, errors BLOB, message_uuid TEXT);
@@ -121,16 +125,6 @@ CREATE TABLE rejected(
     source_uuid TEXT, errors BLOB);
 """
 
-
-_UNSTAGED = """
-DROP TABLE IF EXISTS stage_meta;
-DROP TABLE IF EXISTS msg;
-DROP TABLE IF EXISTS rejected;
-DROP TABLE IF EXISTS keys;
-DROP TABLE IF EXISTS outcome;
-DROP TABLE IF EXISTS jl.journal;
-"""
-"""What a finished run with everything accepted leaves of its staging: nothing."""
 
 _ENTRIES = f"""
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
@@ -428,8 +422,8 @@ class Ledger:
                 self._db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
 
     def read_before(self, realpaths: Iterable[str | None]) -> bool:
-        """Whether an earlier load on this target read one of these files (a resumed run:
-        until it has read them whole, it cannot tell whether they changed)."""
+        """Whether an earlier run on this target read one of these files whole (a resumed
+        run: until it has read them whole, it cannot tell whether they changed)."""
         return any(
             self._db.execute(
                 "SELECT 1 FROM sources s JOIN runs r ON r.id = s.run_id "

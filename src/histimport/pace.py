@@ -141,6 +141,8 @@ class Pacer:
             return  # no more refused than the platform refuses anyway: no news either
         span = max(min(_WINDOW, now - (self._started or sent_at)), 0.01)
         offered = self.rate if self.rate is not None else len(self._sent) / span
+        if not offered:
+            return  # no request went through the pace: nothing to measure a cut from
         repeated = sent_at - self._cut_at <= max(now - sent_at, 0.05)
         self._strikes = self._strikes + 1 if repeated else 0
         # Far below the estimate, with nothing taken since the last cut, the platform is

@@ -38,7 +38,6 @@ from .outputs import (
     write_report,
     writing,
 )
-from .policy import Action, outcomes_of, server_warnings
 from .read import (
     READ_ERRORS,
     UNREADABLE,
@@ -645,32 +644,15 @@ class Run:
         return read_jsonl(stream, index, max_line_bytes=config.max_line_bytes, name=source.path)
 
     def _sent_first(self, ledger: Ledger, deliverer: Deliverer, row: Valid) -> bool:
-        """Send the first valid row alone; whether the run may go on."""
+        """Send the first valid row alone; whether the run may go on. Its outcome, if the
+        answer gave one, is kept: staged, the message is this run's, not sent again."""
         message = Pending(0, row.source_uuid, row.body)
-        decision = asyncio.run(deliverer.first_contact(row.department, row.customer, message))
-        stats = deliverer.stats
-        if decision.action is Action.ABORT:
-            stats.aborted = decision.description
+        outcome = asyncio.run(deliverer.first_contact(row.department, row.customer, message))
+        if deliverer.stopping:
             return False
-        if decision.action is Action.RETRY and decision.status is None:
-            if not decision.unknown_outcome:  # no connection could be made at all
-                stats.gave_up = (
-                    f"the platform could not be reached at {deliverer.base_url} "
-                    f"({decision.description}); check --base-url and the network"
-                )
-                return False
-        elif decision.action is Action.ACCEPT:
-            assert decision.body is not None and decision.status is not None
-            stats.server_warnings += server_warnings(decision.body)
-            (self.first_outcome,) = outcomes_of([message], decision.status, decision.body)
-            ledger.remember(self.first_outcome)
-        elif decision.action is Action.FAIL:
-            errors = decision.as_errors()
-            self.first_outcome = Outcome(
-                0, row.source_uuid, State.FAILED, decision.status, False, errors
-            )
-            ledger.remember(self.first_outcome)
-        # Anything else (a 5xx, a 429, a 413) is sent again with the rest of the run.
+        if outcome is not None:
+            self.first_outcome = outcome
+            ledger.remember(outcome)
         return True
 
     def _warn(self, path: str, row: Valid) -> None:

@@ -109,20 +109,21 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
-def proxies_set() -> bool:
-    """Whether the environment names a proxy for http or https (NO_PROXY alone does not)."""
+def _environment_proxies() -> list[str]:
+    """The proxies the environment names for http, https or all (NO_PROXY is no proxy)."""
     proxies = urllib.request.getproxies()
-    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+    return [url for scheme in ("http", "https", "all") if (url := proxies.get(scheme))]
+
+
+def proxies_set() -> bool:
+    """Whether the environment names a proxy for http or https."""
+    return bool(_environment_proxies())
 
 
 def unusable_proxy() -> str | None:
     """Why a proxy the environment names cannot be used, or None: told before anything is
     read, rather than at the first request."""
-    proxies = urllib.request.getproxies()
-    for scheme in ("http", "https", "all"):
-        url = proxies.get(scheme)
-        if not url:
-            continue
+    for url in _environment_proxies():
         try:
             proxy = httpx.Proxy(url)
         except (ValueError, httpx.InvalidURL) as exc:

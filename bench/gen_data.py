@@ -1,7 +1,8 @@
 """Generate a benchmark export: N messages over C customers, interleaved round-robin by
-customer (as an export sorted by time is), each a realistic 300-500 byte JSON line.
+customer (as an export sorted by time is), each a realistic 300-500 byte JSON line; with
+--sorted, each customer's messages one after another (an export sorted by customer).
 
-    python bench/gen_data.py OUT.jsonl --messages 100000 --customers 1000
+    python bench/gen_data.py OUT.jsonl --messages 100000 --customers 1000 [--sorted]
 
 Deterministic: the same arguments always give the same file.
 """
@@ -46,8 +47,11 @@ def iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def generate(path: Path, messages: int, customers: int, seed: int = 7) -> None:
-    """Write the export to `path` (atomically, so an interrupted run leaves no half file)."""
+def generate(
+    path: Path, messages: int, customers: int, seed: int = 7, *, by_customer: bool = False
+) -> None:
+    """Write the export to `path` (atomically, so an interrupted run leaves no half file);
+    `by_customer`: the same messages, sorted by customer."""
     rng = random.Random(seed)
     start = datetime(2021, 3, 1, 8, 0, tzinfo=UTC)
     people = []
@@ -63,7 +67,8 @@ def generate(path: Path, messages: int, customers: int, seed: int = 7) -> None:
         )
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as out:
-        for i in range(messages):
+        for n in range(messages):
+            i = _sorted_index(n, messages, customers) if by_customer else n
             c = i % customers
             turn = i // customers
             person = people[c]
@@ -96,12 +101,26 @@ def generate(path: Path, messages: int, customers: int, seed: int = 7) -> None:
     tmp.replace(path)
 
 
-def data_file(folder: Path, messages: int, customers: int) -> Path:
+def _sorted_index(n: int, messages: int, customers: int) -> int:
+    """The interleaved position of the n-th message of the export sorted by customer."""
+    per_customer, extra = divmod(messages, customers)
+    # Customer c holds per_customer (+1 for the first `extra`) messages, c, c + C, ...
+    big = extra * (per_customer + 1)
+    if n < big:
+        c, turn = divmod(n, per_customer + 1)
+    else:
+        c, turn = divmod(n - big, per_customer)
+        c += extra
+    return turn * customers + c
+
+
+def data_file(folder: Path, messages: int, customers: int, *, by_customer: bool = False) -> Path:
     """The export for these sizes, generated on first use and reused afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"export-v{VERSION}-{messages}x{customers}.jsonl"
+    order = "-sorted" if by_customer else ""
+    path = folder / f"export-v{VERSION}-{messages}x{customers}{order}.jsonl"
     if not path.exists():
-        generate(path, messages, customers)
+        generate(path, messages, customers, by_customer=by_customer)
     return path
 
 
@@ -110,8 +129,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--customers", type=int, default=1_000)
+    parser.add_argument("--sorted", action="store_true", help="sorted by customer")
     args = parser.parse_args()
-    generate(args.out, args.messages, args.customers)
+    generate(args.out, args.messages, args.customers, by_customer=args.sorted)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ class Timed:
     async def _window(self, send: Any) -> None:
         first, last = self.first, self.last
         seconds = last - first if first is not None and last is not None else None
-        body = json.dumps({"seconds": seconds, "ok": self.ok}).encode()
+        body = json.dumps({"seconds": seconds, "ok": self.ok, "first": first}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -197,6 +197,9 @@ def main() -> int:
         "--error-rate", type=float, default=0.0, help="share answered 500 (after storing)"
     )
     parser.add_argument("--store", choices=("memory", "sqlite"), default="memory")
+    parser.add_argument(
+        "--username", help="require Basic auth: this user, with the password 'bench'"
+    )
     args = parser.parse_args()
 
     config = SandboxConfig(
@@ -209,6 +212,8 @@ def main() -> int:
         rate_retry_after=not args.no_retry_after,
         fail_rate=args.fail_rate,
         error_after_store_rate=args.error_rate,
+        username=args.username,
+        password=None if args.username is None else "bench",
     )
     with tempfile.TemporaryDirectory(prefix="histimport-bench-") as tmp:
         store: Any = (

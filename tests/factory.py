@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from histimport.check import check_row
+from histimport.chunking import Chunker
+from histimport.deliver import Deliverer, DeliveryStats, Lanes
+from histimport.ledger import Ledger
+from histimport.read import RawRow
+from histimport.records import Pending
+from histimport.staging import Staging
+from histimport.stream import Reader
 
 
 def message(department: str, customer: str, n: int, **extra: Any) -> dict[str, Any]:
@@ -36,3 +51,79 @@ def write_jsonl(path: Path, rows: Iterator[dict[str, Any]] | list[dict[str, Any]
         for row in rows:
             out.write(orjson.dumps(row) + b"\n")
     return path
+
+
+Waiting = list[tuple[str, str, Pending]]
+"""Messages recorded and waiting to be sent: (department, customer, message), in order."""
+
+
+def stage(
+    ledger: Ledger,
+    state_dir: Path,
+    rows: Iterable[dict[str, Any]],
+    *,
+    carry_refused: bool = True,
+) -> Waiting:
+    """Check rows (as lines 1, 2... of one source) and record them in the ledger's run, as
+    a load does; the messages to send."""
+    staging = Staging(
+        state_dir,
+        run_id=ledger.run_id,
+        target=ledger.target,
+        paths=["source.jsonl"],
+        carry_refused=carry_refused,
+    )
+    try:
+        checked = [check_row(RawRow(0, n, r), notify=False) for n, r in enumerate(rows, 1)]
+        to_send = staging.admit(checked)
+    finally:
+        staging.close()
+    return [(r.department, r.customer, Pending(i, r.source_uuid, r.body)) for i, r in to_send]
+
+
+def deliver_waiting(deliverer: Deliverer, waiting: Waiting) -> DeliveryStats:
+    """Chunk the waiting messages as a load does and deliver them."""
+
+    async def main() -> DeliveryStats:
+        config = deliverer.config
+        lanes = Lanes(ordered=not config.unordered)
+        chunker = Chunker(
+            lanes.put,
+            chunk_size=config.chunk_size,
+            max_bytes=lambda: deliverer.max_bytes,
+            envelope=deliverer.envelope,
+        )
+        for department, customer, message in waiting:
+            chunker.add(department, customer, message)
+        chunker.flush()
+        lanes.close()
+        return await deliverer.run(lanes)
+
+    return asyncio.run(main())
+
+
+@contextmanager
+def stopped_after(rows: int) -> Iterator[None]:
+    """Ctrl-C (a real SIGINT) once `rows` rows were recorded in the ledger, the rows read
+    after them not recorded: as a run stopped while reading leaves it."""
+    record = Reader._record
+
+    def interrupted(self: Reader, batch: list[Any]) -> bool:
+        room = rows - self._staging.rows
+        if room >= len(batch):
+            return record(self, batch)
+        record(self, batch[:room])
+        batch.clear()
+        os.kill(os.getpid(), signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread():
+            # Reading in a thread of its own: the run's handler stops it.
+            assert self._halt.wait(10), "the run did not stop reading"
+            return False
+        time.sleep(10)  # the handler raises KeyboardInterrupt here
+        raise AssertionError("Ctrl-C did not interrupt the run")
+
+    Reader._record = interrupted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Reader._record = record  # type: ignore[method-assign]

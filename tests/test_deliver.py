@@ -12,32 +12,35 @@ import httpx
 import orjson
 import pytest
 
-from histimport.check import check_row
 from histimport.config import Config
 from histimport.deliver import Deliverer, DeliveryStats
 from histimport.ledger import Ledger
-from histimport.read import RawRow
 
-from .factory import interleaved
+from .factory import Waiting, deliver_waiting, interleaved, stage
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
+WAITING: dict[int, Waiting] = {}
+"""By id of its ledger, what a test recorded to send."""
+
+
 @pytest.fixture
 def staged(tmp_path: Path) -> Iterator[Callable[[list[dict[str, Any]]], Ledger]]:
-    """A ledger with the given rows staged, closed after the test."""
+    """A ledger with the given rows recorded, closed after the test."""
     ledgers: list[Ledger] = []
 
-    def stage(rows: list[dict[str, Any]]) -> Ledger:
-        ledger = Ledger(tmp_path / f"state-{len(ledgers)}")
+    def staged_ledger(rows: list[dict[str, Any]]) -> Ledger:
+        state_dir = tmp_path / f"state-{len(ledgers)}"
+        ledger = Ledger(state_dir)
         ledgers.append(ledger)
         ledger.begin_run("load", "mock")
-        ledger.stage(check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(rows))
-        ledger.finish_staging()
+        WAITING[id(ledger)] = stage(ledger, state_dir, rows)
         return ledger
 
-    yield stage
+    yield staged_ledger
     for ledger in ledgers:
+        WAITING.pop(id(ledger), None)
         ledger.close()
 
 
@@ -57,7 +60,7 @@ def deliver(ledger: Ledger, handler: Handler, **options: Any) -> DeliveryStats:
         credentials=("u", "p"),
         transport=httpx.MockTransport(handler),
     )
-    stats = asyncio.run(deliverer.run())
+    stats = deliver_waiting(deliverer, WAITING[id(ledger)])
     ledger.settle()
     return stats
 
@@ -415,7 +418,7 @@ def test_settling_keeps_each_message_s_last_word(staged: Any) -> None:
     from histimport.records import Outcome, State
 
     ledger = staged(interleaved(customers=1, per_customer=3))
-    first, second, third = ledger.pending(1, 0, 10)
+    first, second, third = (m for _, _, m in WAITING[id(ledger)])
     error = ({"errorCode": "HTTP_503", "errorDescription": "busy"},)
     ledger.record(
         [Outcome(m.id, m.source_uuid, State.FAILED, 503, True, error) for m in (first, second)]

@@ -24,7 +24,7 @@ from histimport.run import Silent
 from histimport.sandbox import RunningSandbox, SandboxConfig, sandbox
 
 from .conftest import REPO, config_for
-from .factory import interleaved, message, write_jsonl
+from .factory import interleaved, message, stopped_after, write_jsonl
 
 runner = CliRunner()
 SAMPLES = REPO / "samples"
@@ -107,15 +107,9 @@ def test_a_repeat_of_a_rejected_row_s_source_uuid_is_a_duplicate(tmp_path: Path)
 def test_validate_stopped_while_reading_says_nothing_of_a_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from histimport.ledger import Ledger
-
     path = write_jsonl(tmp_path / "e.jsonl", list(interleaved(customers=5, per_customer=8)))
-
-    def interrupted(self: Ledger, *args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Ledger, "_flush", interrupted)
-    result = histimport.validate([path], Config(failed_out=tmp_path / "failed.json"))
+    with stopped_after(0):
+        result = histimport.validate([path], Config(failed_out=tmp_path / "failed.json"))
     assert result.exit_status is ExitStatus.INTERRUPTED
     assert result.message is not None and "retry" not in result.message
 

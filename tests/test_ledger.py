@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import histimport.ledger as ledger_module
-from histimport.check import Rejected, Valid, check_row
+from histimport.check import check_row
 from histimport.ledger import Ledger
 from histimport.read import RawRow
 from histimport.records import Outcome, Pending, State
+from histimport.staging import Staging
 
-from .factory import interleaved, message
+from .factory import interleaved, message, stage
 
 TARGET = "http://platform.test/communications"
 
@@ -37,14 +38,16 @@ def staged(state_dir: Path, rows: int, *, refused: tuple[str, ...] = ()) -> Ledg
         )
     ledger.begin_run("load", TARGET)
     source = list(interleaved(5, -(-rows // 5)))[:rows]
-    ledger.stage(check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(source))
-    ledger.finish_staging(carry_refused=False)
+    WAITING[id(ledger)] = [m for _, _, m in stage(ledger, state_dir, source, carry_refused=False)]
     return ledger
 
 
+WAITING: dict[int, list[Pending]] = {}
+
+
 def pending(ledger: Ledger) -> list[Pending]:
-    keys = [key_id for key_id, _, _ in ledger.keys()]  # noqa: SIM118 (a method of the ledger)
-    return [m for key_id in keys for m in ledger.pending(key_id, 0, 10_000)]
+    """The messages `staged` recorded to send, in input order."""
+    return WAITING[id(ledger)]
 
 
 # One answer: which messages (by position) and what became of them.
@@ -118,103 +121,72 @@ def test_settling_in_steps_ends_where_settling_at_once_does(
     assert once["journal"] == (0,)
 
 
-def test_messages_staged_in_several_batches_come_back_whole_and_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_interruption_anywhere_in_recording_a_batch_leaves_the_counts_exact(
+    tmp_path: Path,
 ) -> None:
-    """Held and written customer by customer, batch after batch: each customer's messages
-    are read back in input order, every body intact, whatever the paging."""
-    monkeypatch.setattr(ledger_module, "_STAGE_BYTES", 6_000)
-    rows = [check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(interleaved(7, 40))]
-    with Ledger(tmp_path / "state") as ledger:
-        ledger.begin_run("load", TARGET)
-        ledger.stage(iter(rows))
-        ledger.finish_staging()
-        expected: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-        for row in rows:
-            assert not isinstance(row, Rejected)
-            expected.setdefault((row.department, row.customer), []).append(
-                (row.source_uuid, row.body)
-            )
-        for key_id, department, customer in ledger.keys():  # noqa: SIM118
-            read: list[Pending] = []
-            while page := ledger.pending(key_id, read[-1].id if read else 0, 9):
-                read += page
-            assert [(m.source_uuid, m.body) for m in read] == expected[department, customer]
-        # The batches were split: a customer's messages lie in several runs of the file.
-        spans = ledger._db.execute(
-            "SELECT COUNT(*) FROM msg a WHERE NOT EXISTS (SELECT 1 FROM msg b "
-            "WHERE b.key_id = a.key_id AND b.body_at + b.body_size = a.body_at)"
-        ).fetchone()[0]
-        assert 7 < spans < len(rows)
+    """Ctrl-C at any line of `admit` (sent by a trace function, in the thread that runs the
+    command, as a dry run records): the batch is recorded whole, then the interruption is
+    raised, and the rows counted are those the ledger holds."""
 
+    def lines() -> list[dict[str, Any]]:  # anew each time: checking takes the ids out
+        made = [message("d", f"c{n % 3}", n) for n in range(8)]
+        made.insert(6, {"departmentUUID": "d"})
+        return made
 
-_FLUSH = Ledger._flush.__wrapped__.__code__  # type: ignore[attr-defined]
+    code = Staging.admit.__wrapped__.__code__  # type: ignore[attr-defined]
+    ran: set[int] = set()
 
-
-@pytest.mark.parametrize(
-    "line", sorted({n for _, _, n in _FLUSH.co_lines() if n and n > _FLUSH.co_firstlineno})
-)
-def test_an_interruption_anywhere_in_a_flush_leaves_every_staged_row_accounted_for(
-    line: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Ctrl-C at any line of a flush (sent by a trace function): each batch is stored
-    whole or not at all, with its customers' keys."""
-    # Two batches of four messages: the second brings new customers and a rejected row.
-    lines = [message("d", f"c{n // 4}{n % 2}", n) for n in range(8)]
-    lines.insert(6, {"departmentUUID": "d"})
-    rows = [check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(lines)]
-    first_four = sum(len(r.body) for r in rows[:4] if isinstance(r, Valid))
-    monkeypatch.setattr(
-        ledger_module, "_STAGE_BYTES", first_four + 4 * ledger_module._HELD_ROW_BYTES
-    )
-    raised = []
-    flushes = []
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is not _FLUSH:
-            return None
-        flushes.append(1)
-
+    def lines_run(frame: Any, event: str, arg: Any) -> Any:
         def local(frame: Any, event: str, arg: Any) -> Any:
-            # In the second flush: the first one's batch is stored by then.
-            if event == "line" and frame.f_lineno == line and len(flushes) == 2 and not raised:
-                raised.append(line)
-                signal.raise_signal(signal.SIGINT)  # Python raises it at the next step
+            if event == "line":
+                ran.add(frame.f_lineno)
             return local
 
-        return local
+        return local if frame.f_code is code else None
 
-    with Ledger(tmp_path / "state") as ledger:
+    with Ledger(tmp_path / "dry") as ledger:
         ledger.begin_run("load", TARGET)
-        sys.settrace(trace)
+        sys.settrace(lines_run)
         try:
-            ledger.stage(iter(rows))
-        except KeyboardInterrupt:
-            pass
+            stage(ledger, tmp_path / "dry", lines())
         finally:
             sys.settrace(None)
-        assert raised == [line]
-        ledger.finish_staging()
-        staged = ledger.staged_rows()
-        # The first batch, and the second whole (interrupted before it was taken, the last
-        # flush stores it) or not at all.
-        assert staged in (4, len(rows))
-        counts = ledger.counts()
-        assert counts["notSent"] + counts["rejected"] == staged
-        assert len(list(ledger.failures())) == staged  # every message with its customer
+    assert len(ran) > 20
+    for line in sorted(ran):
+        raised: list[int] = []
 
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            if frame.f_code is not code:
+                return None
 
-def test_short_reads_of_the_staged_bodies_are_completed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A read may return fewer bytes than asked (Linux: at most about 2 GiB at once)."""
-    import os
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "line" and frame.f_lineno == line and not raised:  # noqa: B023
+                    raised.append(line)  # noqa: B023
+                    signal.raise_signal(signal.SIGINT)  # Python raises it at the next step
+                return local
 
-    with staged(tmp_path / "state", 40) as ledger:
-        expected = pending(ledger)
-        real = os.pread
-        monkeypatch.setattr(ledger_module.os, "pread", lambda fd, n, at: real(fd, min(n, 7), at))
-        assert pending(ledger) == expected
+            return local
+
+        state_dir = tmp_path / f"state-{line}"
+        with Ledger(state_dir) as ledger:
+            ledger.begin_run("load", TARGET)
+            staging = Staging(
+                state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
+            )
+            rows = [check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(lines())]
+            sys.settrace(trace)
+            try:
+                staging.admit(rows)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+                staging.close()
+            assert raised == [line]
+            counts = ledger.counts()
+            assert staging.rows in (0, len(rows))
+            assert counts["notSent"] + counts["rejected"] == staging.rows
+            assert len(list(ledger.failures())) == staging.rows
 
 
 def test_a_repeated_source_uuid_is_rejected_where_it_comes_second_in_the_input(
@@ -230,13 +202,11 @@ def test_a_repeated_source_uuid_is_rejected_where_it_comes_second_in_the_input(
     ]
     with Ledger(tmp_path / "state") as ledger:
         ledger.begin_run("load", TARGET)
-        ledger.stage(check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(lines))
-        ledger.finish_staging()
+        waiting = stage(ledger, tmp_path / "state", lines)
         (failure,) = ledger.failures(rejected_only=True)
         assert (failure.line, failure.customer, failure.source_uuid) == (3, "a", "twice")
         assert "already read at line 2" in failure.errors[0]["errorDescription"]
-        keys = [key_id for key_id, _, _ in ledger.keys()]  # noqa: SIM118
-        assert [m.source_uuid for k in keys for m in ledger.pending(k, 0, 9)] == ["x", "twice"]
+        assert [m.source_uuid for _, _, m in waiting] == ["x", "twice"]
 
 
 def test_the_thread_settles_while_answers_keep_coming(tmp_path: Path) -> None:
@@ -304,7 +274,7 @@ def test_the_journal_log_stays_bounded_while_sending(
     """However long the run, the journal's write-ahead log starts over past a bound instead
     of growing with the answers (an import of 100 million messages writes gigabytes). The
     bound is lowered to 1 MB here, so that a short test crosses it many times."""
-    monkeypatch.setattr(ledger_module, "_JOURNAL_LOG_PAGES", 250)
+    monkeypatch.setattr(ledger_module, "_LOG_PAGES", 250)
     state = tmp_path / "state"
     with staged(state, 100) as ledger:
         messages = pending(ledger)

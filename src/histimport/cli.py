@@ -269,12 +269,12 @@ def load(
     **options: Any,
 ) -> int:
     """Read, validate, send; write the failed file (and the report)."""
-    from . import run
+    from . import intake, run
 
     if "-" in sources and options["password_stdin"]:
         raise UsageError("stdin cannot carry both a source and the password")
     # Checked here too, so that a missing file is said before a password is asked for.
-    run.open_sources(sources, options["format"])
+    intake.open_sources(sources, options["format"])
     display = _display(options)
     config = _config(options, dry_run=dry_run, fresh=fresh)
     result = (run.validate if dry_run else run.load)(sources, config, observer=display)
@@ -512,8 +512,8 @@ def map_init(
     encoding: Annotated[str | None, typer.Option("--encoding", help="CSV encoding.")] = None,
 ) -> int:
     """Print a starter mapping file from a source's headers (or first JSONL object)."""
+    from .intake import source_fields
     from .mapping import starter_mapping
-    from .run import source_fields
 
     fields = source_fields(source, format, delimiter=delimiter, encoding=encoding)
     sys.stdout.write(starter_mapping(fields, source))

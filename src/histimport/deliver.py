@@ -1,5 +1,5 @@
-"""Deliver staged messages: one retry policy, requests paced to the rate the platform
-accepts (`pace`), and a run that gives up on a platform that stays dead.
+"""Delivering chunks as they are handed on: one retry policy, requests paced to the rate
+the platform accepts (`pace`), and a run that gives up on a platform that stays dead.
 
 One request is in flight per customer (unless `unordered`): a customer's next chunk waits
 for the final outcome of the previous one, through retries and splits, so the platform
@@ -14,7 +14,7 @@ import itertools
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -48,6 +48,8 @@ _WORKERS_PER_SLOT = 4
 # likely a wrong URL: the run gives up after this many seconds, not --give-up-after.
 FIRST_CONTACT_SECONDS = 10.0
 _WATCH_EVERY = 0.25
+_PRUNE_EVERY = 2.0
+"""Seconds between two prunings of the journal's settled rows."""
 
 
 @dataclass
@@ -156,6 +158,96 @@ class Slots:
         self._free.append(sender)
 
 
+Key = Hashable
+
+
+class Lanes:
+    """The chunks handed on and not yet sent, a lane per customer in the order they came
+    (a lane per chunk, `unordered`). A worker takes a lane and sends its chunks one after
+    another; another worker takes it up only once it is given back. Used in the event
+    loop's thread; `put` and `close` come from elsewhere through `call_soon_threadsafe`."""
+
+    def __init__(self, *, ordered: bool = True) -> None:
+        self._ordered = ordered
+        self._lanes: dict[Key, deque[Chunk]] = {}
+        self._ready: deque[Key] = deque()
+        self._taken: set[Key] = set()
+        self._held_back: set[Key] = set()
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+        self._count = itertools.count()
+        self.on_done: Callable[[Chunk], None] = lambda chunk: None
+        """Called once for every chunk put, when it is done with (sent, held back...)."""
+        self.on_held: Callable[[Chunk], None] = lambda chunk: None
+        """Called for a chunk of a customer held back: its messages are recorded so."""
+
+    def put(self, chunk: Chunk) -> None:
+        key: Key = (chunk.department, chunk.customer) if self._ordered else next(self._count)
+        if key in self._held_back:
+            self.on_held(chunk)
+            self.on_done(chunk)
+            return
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = deque()
+            if key not in self._taken:
+                self._ready.append(key)
+                self._wake()
+        lane.append(chunk)
+
+    def close(self) -> None:
+        """Nothing more is put: workers stop once the lanes are empty."""
+        self._closed = True
+        while self._waiting:
+            self._wake()
+
+    async def take(self) -> Key | None:
+        """A lane with chunks to send, for this worker alone until `give_back`; None once
+        closed and empty."""
+        while not self._ready:
+            if self._closed:
+                return None
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+        key = self._ready.popleft()
+        self._taken.add(key)
+        return key
+
+    def next(self, key: Key) -> Chunk | None:
+        """The lane's next chunk; None when it has none left (it is given back)."""
+        lane = self._lanes.get(key)
+        if not lane:
+            self._lanes.pop(key, None)
+            self._taken.discard(key)
+            return None
+        return lane.popleft()
+
+    def hold_back(self, key: Key) -> list[Chunk]:
+        """The customer's chunks not sent yet, and those still to come, are held back: its
+        earlier chunk failed and may be sent again."""
+        self._held_back.add(key)
+        return list(self._lanes.pop(key, ()))
+
+    def abandon(self) -> list[Chunk]:
+        """The run stops: every chunk not taken yet."""
+        left = [chunk for lane in self._lanes.values() for chunk in lane]
+        self._lanes.clear()
+        self._ready.clear()
+        return left
+
+    def _wake(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
 Paused = Callable[[Pause], None]
@@ -194,6 +286,7 @@ class Deliverer:
         self._workers: list[asyncio.Task[None]] = []
         self._hurried = False
         self._in_flight = 0
+        self._marks: set[int] = set()  # the journal's marks of the requests in flight
         self._health = Health(config.give_up_after, FIRST_CONTACT_SECONDS)
         self.pacer = Pacer(config.rate)
         # One TLS context for every sender: building one costs tens of ms.
@@ -225,25 +318,18 @@ class Deliverer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def run(self) -> DeliveryStats:
-        keys = self.ledger.keys()
-        key_chunks = (self._chunks_of(*key) for key in keys)
-        units: Iterator[Iterator[Chunk]]
-        if self.config.unordered:
-            units = (iter((c,)) for c in itertools.chain.from_iterable(key_chunks))
-        else:
-            units = key_chunks
-        # In order, one worker per customer at most; unordered, chunks are shared out.
+    async def run(self, lanes: Lanes) -> DeliveryStats:
+        """Send the chunks put in `lanes` until it is closed and empty, or the run stops;
+        what is left in it then is not sent (the ledger knows it as pending)."""
         workers = self.config.concurrency * _WORKERS_PER_SLOT
-        if not self.config.unordered:
-            workers = min(workers, max(len(keys), 1))
+        lanes.on_held = lambda chunk: self._hold_back((chunk,))
         async with contextlib.AsyncExitStack() as stack:
             # One sender (one connection) per request in flight, taken with the slot.
             senders = [self._new_sender() for _ in range(self.config.concurrency)]
             for sender in senders:
                 stack.push_async_callback(sender.aclose)
             self._slots = Slots(senders)
-            self._workers = [asyncio.ensure_future(self._worker(units)) for _ in range(workers)]
+            self._workers = [asyncio.ensure_future(self._worker(lanes)) for _ in range(workers)]
             watch = asyncio.ensure_future(self._watch())
             try:
                 await asyncio.gather(*self._workers)
@@ -257,6 +343,8 @@ class Deliverer:
                     await watch  # an error of its own is raised here
                 self.stats.pace = self.pacer.state
                 self.stats.peak_rate = self.pacer.peak
+                for chunk in lanes.abandon():
+                    lanes.on_done(chunk)
             for worker in self._workers:
                 # One stopped by an error before the others were cancelled: the run's error.
                 error = None if worker.cancelled() else worker.exception()
@@ -269,8 +357,12 @@ class Deliverer:
     async def _watch(self) -> None:
         """Give up on a platform that stays dead: no new request leaves, and what is in
         flight settles."""
+        pruned = time.monotonic()
         while not self.stopping:
             await self._sleep(_WATCH_EVERY)
+            if time.monotonic() - pruned >= _PRUNE_EVERY:
+                self.ledger.prune_journal(min(self._marks, default=None))
+                pruned = time.monotonic()
             verdict = self._health.verdict(time.monotonic())
             if verdict is not None:
                 self.stats.gave_up = verdict
@@ -350,39 +442,45 @@ class Deliverer:
                 raise UsageError(f"--ca-bundle {self.config.ca_bundle}: {exc}") from exc
         return context
 
-    def _chunks_of(self, key_id: int, department: str, customer: str) -> Iterator[Chunk]:
-        return chunks(
-            department,
-            customer,
-            self._pending(key_id),
-            chunk_size=self.config.chunk_size,
-            max_bytes=lambda: self.max_bytes,
-            envelope=self.envelope,
-        )
+    async def _worker(self, lanes: Lanes) -> None:
+        while not self.stopping and (key := await self._next_lane(lanes)) is not None:
+            while (chunk := lanes.next(key)) is not None:
+                try:
+                    if self.stopping:
+                        continue  # left pending, as the ledger knows it
+                    sent = await self._send(chunk)
+                    if not (sent or self.config.unordered or self.stopping):
+                        self._hold_back(lanes.hold_back(key), done=lanes.on_done)
+                finally:
+                    lanes.on_done(chunk)
 
-    def _pending(self, key_id: int) -> Iterator[Pending]:
-        after = 0
-        page = max(self.config.chunk_size * 2, 200)
-        while True:
-            batch = self.ledger.pending(key_id, after, page)
-            yield from batch
-            if len(batch) < page:
-                return  # a short page is the last: no query to learn that nothing is left
-            after = batch[-1].id
-
-    async def _worker(self, units: Iterator[Iterator[Chunk]]) -> None:
-        for unit in units:
-            for chunk in unit:
-                if self.stopping:
-                    return
-                if not await self._send(chunk) and not self.config.unordered:
-                    if not self.stopping:
-                        self._hold_back(unit)
-                    break
+    async def _next_lane(self, lanes: Lanes) -> Key | None:
+        """A lane to send, or None once there are none left or the run stops."""
+        take = asyncio.ensure_future(lanes.take())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((take, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not take.done():
+                take.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await take
+        return None if take.cancelled() else take.result()
 
     async def _send(self, chunk: Chunk) -> bool:
         """Send one chunk until it has a final outcome, or the run stops. True when the
         customer's next chunk may follow: nothing of this one is left to send again."""
+        if len(chunk.messages) > 1 and self.envelope.size(chunk.messages) > self.max_bytes:
+            # Cut before a 413 taught the lower limit: cut again, without a request.
+            return await self._send_in_order(self._cut(chunk))
+        marks: list[int] = []  # of this chunk in the journal, while it may be in flight
+        try:
+            return await self._attempts(chunk, marks)
+        finally:
+            self._marks.difference_update(marks)
+
+    async def _attempts(self, chunk: Chunk, marks: list[int]) -> bool:
         attempt = throttled = 0
         last: Decision | None = None
         while not self.stopping:
@@ -396,7 +494,8 @@ class Deliverer:
                 if self.stopping:  # stopped while it waited for its turn: nothing more goes out
                     break
                 if attempt == throttled == 0:
-                    self.ledger.mark_in_flight(chunk.messages)
+                    marks.append(self.ledger.mark_in_flight(chunk.messages))
+                    self._marks.add(marks[-1])
                 sent_at = time.monotonic()
                 self._in_flight += 1
                 try:
@@ -498,14 +597,33 @@ class Deliverer:
         size = self.envelope.size(chunk.messages)
         self._refused_size = min(self._refused_size, size)
         self.max_bytes = min(self.max_bytes, max(size // 2, 256))
-        first, second = chunk.halves()
-        if not await self._send(first):
-            if not self.stopping:
-                self._hold_back([second])
-            return False
-        return await self._send(second)
+        return await self._send_in_order(chunk.halves())
 
-    def _hold_back(self, chunks: Iterable[Chunk]) -> None:
+    async def _send_in_order(self, pieces: Sequence[Chunk]) -> bool:
+        """Send a chunk's pieces one after another; those after one that may be sent again
+        are held back."""
+        for n, piece in enumerate(pieces):
+            if not await self._send(piece):
+                if not self.stopping:
+                    self._hold_back(pieces[n + 1 :])
+                return False
+        return True
+
+    def _cut(self, chunk: Chunk) -> list[Chunk]:
+        return list(
+            chunks(
+                chunk.department,
+                chunk.customer,
+                iter(chunk.messages),
+                chunk_size=len(chunk.messages),
+                max_bytes=lambda: self.max_bytes,
+                envelope=self.envelope,
+            )
+        )
+
+    def _hold_back(
+        self, chunks: Iterable[Chunk], done: Callable[[Chunk], None] | None = None
+    ) -> None:
         """A customer whose chunk may still be sent again keeps the rest of its messages
         back, so that a later run or `retry` stores them after it, in order."""
         error = {
@@ -519,6 +637,8 @@ class Deliverer:
                 for m in chunk.messages
             ]
             self._record(held)
+            if done is not None:
+                done(chunk)
 
     async def _request(self, chunk: Chunk, sender: Sender) -> Decision:
         url = (

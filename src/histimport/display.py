@@ -53,8 +53,13 @@ class Display:
         self.json = log_format == "json"
         self.animate = not quiet and not self.json and self.console.is_terminal
         self._progress: Progress | None = None
-        self._task: Any = None
+        self._read: Any = None  # the progress display's tasks
+        self._sent: Any = None
         self._source = ""
+        self._handed_on = 0
+        self._answered = 0
+        self._failed = 0
+        self._pace = ""
 
     @functools.cached_property
     def console(self) -> Console:
@@ -66,83 +71,83 @@ class Display:
 
     def staging(self, source: str) -> None:
         self.event("reading", source=source)
-        self.done()
         self._source = source
+        self.reading(0, None)
 
     def reading(self, done: int, total: int | None) -> None:
         """Bytes of the current source read so far (compressed bytes for gzip)."""
-        if not self.animate:
+        progress = self._started()
+        if progress is None:
             return
-        if self._progress is None:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("reading {task.description}", markup=False),
-                BarColumn(),
-                DownloadColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self._task = self._progress.add_task(self._source, total=total)
-            self._progress.start()
-        self._progress.update(self._task, completed=done)
+        amount = f"{done / 1e6:.1f}" + ("" if total is None else f"/{total / 1e6:.1f}") + " MB"
+        progress.update(
+            self._read,
+            description=f"reading {self._source}",
+            completed=done,
+            total=total,
+            amount=amount,
+        )
 
     def sending(self, messages: int) -> None:
-        self.event("sending", messages=messages)
-        self.done()
-        if not self.animate:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("sending"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("[red]{task.fields[failed]} failed"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[pace]}", markup=False),
-            console=self.console,
-            transient=True,
-        )
-        self._task = self._progress.add_task("send", total=messages, failed=0, pace="")
-        self._progress.start()
+        """`messages` more were read and handed on to be sent."""
+        if not self._handed_on:
+            self.event("sending", messages=messages)
+        self._handed_on += messages
+        self._show_sent()
 
     def progress(self, accepted: int, failed: int) -> None:
-        if self._progress is not None:
-            task = self._progress.tasks[0]
-            self._progress.update(
-                self._task, advance=accepted + failed, failed=task.fields["failed"] + failed
-            )
+        self._answered += accepted + failed
+        self._failed += failed
+        self._show_sent()
 
     def paused(self, pause: Pause) -> None:
         """A request the platform pushed back: its cause, its wait and the new pace."""
         rate = None if pause.rate is None else round(pause.rate, 1)
         self.event("pause", cause=pause.cause, waitSeconds=round(pause.wait, 3), rate=rate)
-        if self._progress is not None and self._progress.tasks[0].fields.get("pace") is not None:
-            paced = "unpaced" if rate is None else f"paced at {rate:g} req/s"
-            self._progress.update(self._task, pace=f"{paced} (last push-back: {pause.cause})")
+        paced = "unpaced" if rate is None else f"paced at {rate:g} req/s"
+        self._pace = f"{paced} (last push-back: {pause.cause})"
+        self._show_sent()
 
     def done(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def _show_sent(self) -> None:
+        progress = self._started()
+        if progress is None:
+            return
+        failed = f"{self._failed} failed  " if self._failed else ""
+        progress.update(
+            self._sent,
+            completed=self._answered,
+            total=self._handed_on,
+            amount=f"{self._answered}/{self._handed_on}",
+            note=failed + self._pace,
+            visible=True,
+        )
+
+    def _started(self) -> Progress | None:
+        """The progress display, started at its first use: a line for the source being
+        read, one for the messages answered of those read; None when not animated."""
+        if not self.animate:
+            return None
+        if self._progress is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                TextColumn("{task.fields[amount]}", markup=False),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[note]}", markup=False),
+                console=self.console,
+                transient=True,
+            )
+            self._read = self._progress.add_task("reading", total=None, amount="", note="")
+            self._sent = self._progress.add_task("sent", total=0, amount="", note="", visible=False)
+            self._progress.start()
+        return self._progress
 
     # -- messages ------------------------------------------------------------------------
 

@@ -1,20 +1,19 @@
-"""The run ledger: a SQLite database in the state dir.
+"""Recording: the run ledger, a SQLite database in the state dir. It keeps ids and states,
+never a message's content.
 
 It holds two things. `accepted` and `refused` are durable across runs: every message the
 platform accepted or refused, per target (base URL) — the basis of de-duplication and
-resume. The staging tables (`msg`, `rejected`, `keys`) hold the current run: every
-validated message, in input order, grouped by (department, customer), so that a file in any
-order is sent in full chunks per customer without being held in memory, and every row is
-accounted for exactly. The staged bodies themselves go to a flat file beside the database,
-written once, in order: SQLite would write each twice (its WAL, then the database) and keep
-the rows it searches large.
+resume. The staging tables (`msg`, `rejected`, `keys`) hold the current run: a row per
+message read, with its location, its (department, customer) and its state, and a row per
+rejected row, so that every row is accounted for exactly (`staging` writes them, as rows
+are read).
 
 While sending, every answer is committed as it arrives, as rows appended to `journal`, one
 per request and kind of outcome with its messages as a JSON list: appending touches a page or
 two per request, where updating the staged messages in place would rewrite their pages
-as answers come. The journal is a database
-of its own (`journal.sqlite3`, attached as `jl`), so that a thread can settle it into the
-ledger while answers keep arriving, neither waiting for the other's write lock.
+as answers come. The journal is a database of its own (`journal.sqlite3`, attached as
+`jl`), so that a thread can settle it into the ledger while answers keep arriving, neither
+waiting for the other's write lock.
 
 Settling applies the journal in steps, in journal order, up to a watermark kept with what
 it wrote (`stage_meta.settled`): during sending, in that thread (SQLite runs without the
@@ -24,7 +23,6 @@ run's journal before it starts, so nothing the platform answered is ever forgott
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import os
@@ -34,18 +32,25 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 
-from .check import Rejected, Valid
+from .chunking import clear_spill
 from .errors import LedgerError
 from .read import UNREADABLE
 from .records import Failure, Outcome, Pending, State
-from .signals import deferred
 
 LEDGER_FILE = "ledger.sqlite3"
 JOURNAL_FILE = "journal.sqlite3"
+STAGING_FILE = "staging.sqlite3"
+SCRATCH = (JOURNAL_FILE, STAGING_FILE)
+"""The databases of one run (attached as `jl` and `st`): replaced by the next run, deleted
+once a run had everything accepted."""
+_SCHEMAS = {"main": LEDGER_FILE, "jl": JOURNAL_FILE, "st": STAGING_FILE}
+LOCK_FILE = "lock"
+OLD_BODIES_FILE = "staged-bodies"
+"""Where earlier versions staged message bodies: deleted when a run begins."""
 
 
 # The SQL below spells the states as numbers, from the enum.
@@ -55,19 +60,6 @@ _PENDING, _ACCEPTED, _FAILED, _IN_FLIGHT = (
     int(State.FAILED),
     int(State.IN_FLIGHT),
 )
-
-BODIES_FILE = "staged-bodies"
-"""The current run's staged message bodies, one after another; `msg` holds where each is."""
-LOCK_FILE = "lock"
-_STAGE_BATCH = 5000
-_STAGE_BYTES = 16 << 20
-"""Messages held before they are staged, in bytes (each counted as its body and
-_HELD_ROW_BYTES): held, they are written customer by customer, so that a customer's messages
-lie in a few runs of the files instead of one place each (half the time to read them back,
-for 16 MiB of memory at most)."""
-_HELD_ROW_BYTES = 200
-_READ_BYTES = 8 << 20
-"""A run of staged bodies is read in parts of about this size at most."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -98,32 +90,36 @@ _JOURNAL_TABLE = """CREATE TABLE IF NOT EXISTS jl.journal(
     retryable INTEGER, errors BLOB, items BLOB)"""
 """One row per request in flight and per kind of outcome of an answer (AUTOINCREMENT: a
 sequence number is never given twice, even after the journal is emptied)."""
-_UNSTAGED = """
-DROP TABLE IF EXISTS stage_meta;
-DROP TABLE IF EXISTS msg;
-DROP TABLE IF EXISTS rejected;
-DROP TABLE IF EXISTS keys;
-DROP TABLE IF EXISTS outcome;
-DROP TABLE IF EXISTS jl.journal;
+_LEGACY_STAGING = """
+DROP TABLE IF EXISTS main.msg;
+DROP TABLE IF EXISTS main.rejected;
+DROP TABLE IF EXISTS main.keys;
+DROP TABLE IF EXISTS main.outcome;
 DROP TABLE IF EXISTS main.journal;
 """
-"""A run's staging, gone: before the next run makes it anew, and once a run had everything
-accepted (nothing is left to list or send)."""
-_STAGING = f"""{_UNSTAGED}
+"""Where state dirs of earlier versions kept a run's staging: in the ledger itself."""
+_STAGING = f"""
 {_JOURNAL_TABLE};
-CREATE TABLE stage_meta(run_id INTEGER, target TEXT, settled INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE outcome(
-    msg_id INTEGER PRIMARY KEY, source_uuid TEXT, state INTEGER, http_status INTEGER,
-    retryable INTEGER, errors BLOB, message_uuid TEXT);
-CREATE TABLE keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
-CREATE TABLE msg(
+DROP TABLE IF EXISTS main.stage_meta;
+CREATE TABLE main.stage_meta(run_id INTEGER, target TEXT, settled INTEGER NOT NULL DEFAULT 0);
+DROP TABLE IF EXISTS main.outcome;
+CREATE TABLE main.outcome(
+    msg_id INTEGER PRIMARY KEY, state INTEGER, http_status INTEGER, retryable INTEGER,
+    errors BLOB);
+CREATE TABLE st.keys(id INTEGER PRIMARY KEY, department TEXT, customer TEXT);
+CREATE TABLE st.msg(
     id INTEGER PRIMARY KEY, key_id INTEGER, source_uuid TEXT, src INTEGER, line INTEGER,
-    body_at INTEGER, body_size INTEGER, state INTEGER DEFAULT 0, http_status INTEGER,
-    retryable INTEGER, errors BLOB);
-CREATE TABLE rejected(
+    state INTEGER DEFAULT 0, http_status INTEGER, retryable INTEGER, errors BLOB);
+CREATE UNIQUE INDEX st.msg_uuid ON msg(source_uuid);
+CREATE TABLE st.rejected(
     id INTEGER PRIMARY KEY, src INTEGER, line INTEGER, department TEXT, customer TEXT,
     source_uuid TEXT, errors BLOB);
+CREATE INDEX st.rejected_uuid ON rejected(source_uuid) WHERE source_uuid IS NOT NULL;
 """
+"""A run's staging, made anew by each run: its rows in a file of their own, written by the
+thread that reads; what settling writes beside the ledger, in one transaction with it: the
+watermark of the settled journal, and each message's last word (`outcome`: ids and states,
+no message content)."""
 
 
 _ENTRIES = f"""
@@ -139,7 +135,7 @@ LATEST_ENTRIES = f"SELECT *, MAX(seq) FROM ({_ENTRIES}) GROUP BY msg_id"
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-def _writes(method: _Method) -> _Method:
+def writes(method: _Method) -> _Method:
     """A write the ledger cannot make (a full disk, a file removed under it) stops the run
     with a clear error, not a traceback; the next run resumes from what was committed."""
 
@@ -157,24 +153,48 @@ def _writes(method: _Method) -> _Method:
     return cast(_Method, guarded)
 
 
-def _connect(state_dir: Path) -> sqlite3.Connection:
-    """A connection to the ledger with the journal attached as `jl`. (Absolute paths: a
-    SQLite built to take URIs everywhere would read a name starting `file:` as one.)"""
-    db = sqlite3.connect(str((state_dir / LEDGER_FILE).absolute()), isolation_level=None)
-    db.execute("ATTACH DATABASE ? AS jl", (str((state_dir / JOURNAL_FILE).absolute()),))
-    for schema in ("main", "jl"):
-        # Pages freed at the end of a run go back to the file system (a new state dir only:
-        # the setting takes before the first table, or with a VACUUM).
-        db.execute(f"PRAGMA {schema}.auto_vacuum=INCREMENTAL")
-        db.execute(f"PRAGMA {schema}.journal_mode=WAL")
-        db.execute(f"PRAGMA {schema}.synchronous=NORMAL")
+def connect(state_dir: Path, *, any_thread: bool = False) -> sqlite3.Connection:
+    """A connection to the ledger with the journal attached as `jl` and the run's staging
+    as `st`. (Absolute paths: a SQLite built to take URIs everywhere would read a name
+    starting `file:` as one.) `any_thread`: made in one thread, used in another (by one at
+    a time)."""
+    db = sqlite3.connect(
+        str((state_dir / LEDGER_FILE).absolute()),
+        isolation_level=None,
+        check_same_thread=not any_thread,
+    )
+    _configure(db, "main")
+    for schema in ("jl", "st"):
+        _attach(db, state_dir, schema)
     db.execute("PRAGMA busy_timeout=30000")
     return db
 
 
-_JOURNAL_LOG_PAGES = 2_500
-"""Pages (10 MB) of the journal's write-ahead log past which the settling thread has the log
-start over."""
+def _attach(db: sqlite3.Connection, state_dir: Path, schema: str) -> None:
+    path = state_dir / _SCHEMAS[schema]
+    old_umask = os.umask(0o077)  # a file made here is private
+    try:
+        db.execute(f"ATTACH DATABASE ? AS {schema}", (str(path.absolute()),))
+        _configure(db, schema)
+    finally:
+        os.umask(old_umask)
+
+
+def _configure(db: sqlite3.Connection, schema: str) -> None:
+    # Pages freed go back to the file system (a new file only: the setting takes before
+    # the first table, or with a VACUUM).
+    db.execute(f"PRAGMA {schema}.auto_vacuum=INCREMENTAL")
+    db.execute(f"PRAGMA {schema}.journal_mode=WAL")
+    db.execute(f"PRAGMA {schema}.synchronous=NORMAL")
+    # A log that grew (a burst of writes) is cut back once checkpointed.
+    db.execute(f"PRAGMA {schema}.journal_size_limit={_LOG_BYTES}")
+
+
+_LOG_BYTES = 16 << 20
+"""A write-ahead log is truncated to this size when a checkpoint starts it over."""
+_LOG_PAGES = 2_500
+"""Pages (10 MB) of a write-ahead log (the ledger's, the journal's) past which the settling
+thread has the log start over."""
 _JOURNAL_LOG_BOUND = 25_000
 """Pages (100 MB) past which appending an answer checkpoints the log itself: only when the
 settling thread no longer does."""
@@ -183,8 +203,7 @@ _STEP = (
     # In journal order (the step's rows were written in it), each word replacing the one
     # before: the last word stays.
     """INSERT OR REPLACE INTO outcome
-       SELECT msg_id, source_uuid, state, http_status, retryable, errors, message_uuid
-         FROM temp.step ORDER BY rowid""",
+       SELECT msg_id, state, http_status, retryable, errors FROM temp.step ORDER BY rowid""",
     # Sorted, so that the B-tree grows page by page instead of at random. The staged
     # messages are not read: the journal entries carry their sourceUuids.
     f"""INSERT OR IGNORE INTO accepted
@@ -248,23 +267,6 @@ def has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
     return found.fetchone() is not None
 
 
-def _pread(fd: int, size: int, at: int) -> bytes:
-    """`size` bytes of the staged bodies from `at`: a read may return fewer."""
-    data = os.pread(fd, size, at)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), at + len(data))
-        if not more:
-            raise LedgerError(f"{BODIES_FILE} ends early: the state dir was changed meanwhile")
-        data += more
-    return data
-
-
-def _take(items: list[Any]) -> list[Any]:
-    taken = items[:]
-    items.clear()
-    return taken
-
-
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -308,7 +310,7 @@ class Ledger:
         path = state_dir / LEDGER_FILE
         old_umask = os.umask(0o077)
         try:
-            self._db = _connect(state_dir)
+            self._db = connect(state_dir)
             _migrate(self._db, path)
         except LedgerError:
             self._db.close()
@@ -325,18 +327,9 @@ class Ledger:
             os.umask(old_umask)
         self.run_id = 0
         self.target = ""
-        self._keys: dict[tuple[str, str], int] = {}
         self._dir = state_dir
-        self._bodies: IO[bytes] | None = None
-        self._bodies_size = 0
 
     def close(self) -> None:
-        if self._bodies is not None:
-            # Closing writes what is still buffered. After a failed write (a full disk) that
-            # fails again, and the run is already stopping with that error: the staged
-            # bodies are scratch, staged again by the next run.
-            with contextlib.suppress(OSError):
-                self._bodies.close()
         self._db.close()
         self._lock.close()
 
@@ -348,25 +341,40 @@ class Ledger:
 
     # -- run ---------------------------------------------------------------------------
 
-    @_writes
+    @writes
     def begin_run(self, command: str, target: str) -> None:
         """Start a run: a fresh staging area; what was accepted or refused before stays."""
         self._recover()
         self.target = target
-        self._db.executescript(_STAGING)
-        self._open_bodies()
-        cur = self._db.execute(
+        db = self._db
+        if any(has_table(db, "main", name) for name in ("msg", "journal")):
+            db.executescript(_LEGACY_STAGING)
+            db.executescript("PRAGMA main.incremental_vacuum;")
+        self._replace(*SCRATCH)
+        db.executescript(_STAGING)
+        clear_spill(self._dir)
+        (self._dir / OLD_BODIES_FILE).unlink(missing_ok=True)
+        cur = db.execute(
             "INSERT INTO runs(command, target, started_at, status) VALUES (?, ?, ?, 'running')",
             (command, target, _now()),
         )
         self.run_id = int(cur.lastrowid or 0)
-        self._db.execute(
-            "INSERT INTO stage_meta(run_id, target) VALUES (?, ?)", (self.run_id, target)
-        )
-        self._keys.clear()
+        db.execute("INSERT INTO stage_meta(run_id, target) VALUES (?, ?)", (self.run_id, target))
+
+    def _replace(self, *names: str, attach: bool = True) -> None:
+        """Delete a run's databases (journal, staging) and, `attach`, start them anew:
+        deleted, nothing of them is left, not even in free pages."""
+        schemas = {file: schema for schema, file in _SCHEMAS.items()}
+        for name in names:
+            schema = schemas[name]
+            self._db.execute(f"DETACH DATABASE {schema}")
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                (self._dir / f"{name}{suffix}").unlink(missing_ok=True)
+            if attach:
+                _attach(self._db, self._dir, schema)
 
     def _recover(self) -> None:
-        """Apply the journal a killed run left behind, before its staging is dropped."""
+        """Apply the journal a killed run left behind, before its staging is replaced."""
         db = self._db
         if not has_table(db, "main", "stage_meta"):
             return
@@ -389,37 +397,23 @@ class Ledger:
             self.run_id, self.target = row
             self.settle()
 
-    def _open_bodies(self) -> None:
-        if self._bodies is not None:
-            self._bodies.close()
-        path = self._dir / BODIES_FILE
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            raise LedgerError(f"{path}: {exc.strerror or exc}") from exc
-        self._bodies = open(fd, "w+b", buffering=1 << 20)  # noqa: SIM115
-        self._bodies_size = 0
-
     def finish_run(self, status: str, counts: dict[str, Any]) -> None:
-        """The run's end. Its staged bodies go: the state dir keeps ids, not customers'
-        messages, once a run is over (a later run reads the sources again)."""
+        """The run's end. What waited to be sent goes: the state dir keeps ids, not
+        customers' messages, once a run is over (a later run reads the sources again)."""
         self._db.execute(
             "UPDATE runs SET finished_at=?, status=?, counts=? WHERE id=?",
             (_now(), status, orjson.dumps(counts).decode(), self.run_id),
         )
-        if self._bodies is not None:
-            self._bodies.seek(0)
-            self._bodies.truncate(0)
-            self._bodies.flush()
-            self._bodies_size = 0
+        clear_spill(self._dir)
         if status == "ok":
-            # Everything read was accepted: its staging has nothing left to list or send,
-            # and the state dir keeps what later runs need, the accepted ids.
-            self._db.executescript(_UNSTAGED)
-            for schema in ("main", "jl"):
-                # Stepped to its end by executescript: execute() frees one page only.
-                self._db.executescript(f"PRAGMA {schema}.incremental_vacuum;")
-                self._db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
+            # Everything read was accepted: its staging and journal have nothing left to
+            # list or send; the ledger keeps what later runs need, the accepted ids.
+            self._replace(*SCRATCH, attach=False)
+            self._db.execute("DROP TABLE IF EXISTS main.stage_meta")
+            self._db.execute("DROP TABLE IF EXISTS main.outcome")
+            # Stepped to its end by executescript: execute() frees one page only.
+            self._db.executescript("PRAGMA main.incremental_vacuum;")
+            self._db.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
 
     def read_before(self, realpaths: Iterable[str | None]) -> bool:
         """Whether an earlier run on this target read one of these files whole (a resumed
@@ -449,7 +443,7 @@ class Ledger:
                 changed.append(path)
         return changed
 
-    @_writes
+    @writes
     def record_sources(self, sources: Iterable[tuple[int, str, str, int, str, str | None]]) -> None:
         self._db.executemany(
             "INSERT INTO sources(run_id, idx, path, format, size, sha256, realpath) "
@@ -469,7 +463,7 @@ class Ledger:
             for table in tables
         )
 
-    @_writes
+    @writes
     def remember(self, outcome: Outcome) -> None:
         """The platform's word on a message sent before staging (the run's first, alone):
         staged later, it is this run's accepted or refused message, not sent again."""
@@ -494,24 +488,7 @@ class Ledger:
                 ),
             )
 
-    @_writes
-    def settle_staged(self, outcome: Outcome) -> None:
-        """A failure of a message sent before staging, once it is staged: this run lists it
-        (retryable or not, as the answer said) and does not send it again."""
-        self._db.execute(
-            "UPDATE msg SET state = ?, retryable = ?, http_status = ?, errors = ? "
-            "WHERE source_uuid = ? AND state = ?",
-            (
-                State.FAILED,
-                int(outcome.retryable),
-                outcome.http_status,
-                orjson.dumps(outcome.errors) if outcome.errors else None,
-                outcome.source_uuid,
-                State.PENDING,
-            ),
-        )
-
-    @_writes
+    @writes
     def describe_unsent(self, errors: tuple[dict[str, Any], ...]) -> None:
         """Give the messages no request carried these errors (why they were not sent), once
         sending is over and settled: the failed file lists them so, retryable."""
@@ -521,89 +498,14 @@ class Ledger:
             (orjson.dumps(errors), State.PENDING, State.IN_FLIGHT),
         )
 
-    @_writes
+    @writes
     def forget_refusals(self) -> None:
         """--fresh: the platform's earlier refusals are not carried into this run."""
         self._db.execute("DELETE FROM refused WHERE target = ?", (self.target,))
 
     # -- staging -----------------------------------------------------------------------
 
-    def stage(self, rows: Iterable[Valid | Rejected]) -> None:
-        """Store every checked row of the run in batched transactions: each batch's messages
-        customer by customer, in input order within each, so that a customer's messages are
-        read back from a few places instead of one per message. Interrupted, it stores what
-        it can; `staged_rows` says how much that was."""
-        keys: list[tuple[int, str, str]] = []
-        held: dict[int, list[tuple[str, int, int, bytes]]] = {}  # by key id, input order
-        rejected: list[tuple[int, int, str | None, str | None, str | None, bytes]] = []
-        held_bytes = 0
-        try:
-            for row in rows:
-                if isinstance(row, Valid):
-                    key = (row.department, row.customer)
-                    key_id = self._keys.get(key)
-                    if key_id is None:
-                        key_id = self._keys[key] = len(self._keys) + 1
-                        keys.append((key_id, *key))
-                    group = held.get(key_id)
-                    if group is None:
-                        group = held[key_id] = []
-                    group.append((row.source_uuid, row.source, row.line, row.body))
-                    held_bytes += len(row.body) + _HELD_ROW_BYTES
-                    if held_bytes >= _STAGE_BYTES:
-                        self._flush(keys, held, rejected)
-                        held_bytes = 0
-                else:
-                    errors = orjson.dumps([p.as_error() for p in row.problems])
-                    rejected.append(
-                        (
-                            row.source,
-                            row.line,
-                            row.department,
-                            row.customer,
-                            row.source_uuid,
-                            errors,
-                        )
-                    )
-                    if len(rejected) >= _STAGE_BATCH:
-                        self._flush(keys, held, rejected)
-                        held_bytes = 0
-        finally:
-            self._flush(keys, held, rejected)
-
-    @_writes
-    def _flush(self, keys: list[Any], held: dict[int, list[Any]], rejected: list[Any]) -> None:
-        # Taken out first, all at once (an interruption waits for that): interrupted
-        # anywhere, a batch is stored once, whole, or not at all (the transaction).
-        with deferred():
-            keys, rejected = _take(keys), _take(rejected)
-            groups = list(held.items())
-            held.clear()
-        assert self._bodies is not None, "begin_run first"
-        write = self._bodies.write
-        at = self._bodies_size
-        located = []
-        for key_id, group in groups:
-            for source_uuid, src, line, body in group:
-                write(body)
-                located.append((key_id, source_uuid, src, line, at, len(body)))
-                at += len(body)
-        self._bodies_size = at
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
-            self._db.executemany(
-                "INSERT INTO msg(key_id, source_uuid, src, line, body_at, body_size) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                located,
-            )
-            self._db.executemany(
-                "INSERT INTO rejected(src, line, department, customer, source_uuid, errors) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rejected,
-            )
-
-    @_writes
+    @writes
     def staged_among(
         self, uuids: Iterable[str], lines: Iterable[tuple[int, int, str | None]]
     ) -> tuple[set[str], dict[tuple[int, int], str | None]]:
@@ -674,132 +576,36 @@ class Ledger:
         ).fetchone()
         return int(n)
 
-    @_writes
-    def finish_staging(self, *, carry_refused: bool = True) -> None:
-        """Reject repeated sourceUuids (the first one wins), skip what was accepted before
-        and, unless told otherwise, carry over what the platform refused before: a resumed
-        run sends neither again."""
-        assert self._bodies is not None, "begin_run first"
-        self._bodies.flush()
-        db = self._db
-        with db:
-            db.execute("BEGIN")
-            try:
-                # Usually no sourceUuid repeats: the index proves it as it is built, and
-                # a rejected row rarely has one of the messages' (looked up in it).
-                db.execute("CREATE UNIQUE INDEX msg_uuid ON msg(source_uuid)")
-                repeats = db.execute(
-                    "SELECT 1 FROM rejected r WHERE r.source_uuid IS NOT NULL AND EXISTS "
-                    "(SELECT 1 FROM msg m WHERE m.source_uuid = r.source_uuid) LIMIT 1"
-                ).fetchone()
-            except sqlite3.IntegrityError:
-                db.execute("CREATE INDEX msg_uuid ON msg(source_uuid, id)")
-                repeats = True
-            if repeats:
-                self._reject_repeats()
-            # Accepted by an earlier run, or by this one's first request (sent alone,
-            # before staging): this run's own is counted as accepted.
-            db.execute(
-                "UPDATE msg SET state = IIF(a.run_id = ?, ?, ?) FROM accepted a "
-                "WHERE a.target = ? AND a.source_uuid = msg.source_uuid",
-                (self.run_id, State.ACCEPTED, State.ALREADY_ACCEPTED, self.target),
-            )
-            if carry_refused:
-                db.execute(
-                    "UPDATE msg SET state = ?, retryable = 0, http_status = r.http_status, "
-                    "errors = r.errors FROM refused r "
-                    "WHERE r.target = ? AND r.source_uuid = msg.source_uuid AND msg.state = ?",
-                    (State.FAILED, self.target, State.PENDING),
-                )
-            db.execute("CREATE INDEX msg_key ON msg(key_id, id)")
-
-    def _reject_repeats(self) -> None:
-        """Every staged message whose sourceUuid an earlier row has, valid or rejected (the
-        first row with a sourceUuid is the one it names): rejected, not sent."""
-        db = self._db
-        db.execute(
-            # Staged customer by customer, rows are in input order by (src, line), not by id.
-            """CREATE TEMP TABLE dup AS
-               SELECT id, src, line, key_id, source_uuid, first_src, first_line FROM (
-                 SELECT id, src, line, key_id, source_uuid, staged,
-                        FIRST_VALUE(src) OVER w AS first_src,
-                        FIRST_VALUE(line) OVER w AS first_line, ROW_NUMBER() OVER w AS n
-                   FROM (SELECT id, src, line, key_id, source_uuid, 1 AS staged FROM msg
-                         UNION ALL SELECT id, src, line, NULL, source_uuid, 0 FROM rejected
-                          WHERE source_uuid IN (SELECT source_uuid FROM msg))
-                  WHERE source_uuid IN
-                        (SELECT source_uuid FROM msg GROUP BY source_uuid HAVING COUNT(*) > 1)
-                     OR source_uuid IN (SELECT source_uuid FROM rejected)
-                 WINDOW w AS (PARTITION BY source_uuid ORDER BY src, line))
-               WHERE n > 1 AND staged"""
-        )
-        db.execute(
-            # In another source than its repeat's, the first one is named by its path.
-            """INSERT INTO rejected(src, line, department, customer, source_uuid, errors)
-               SELECT d.src, d.line, k.department, k.customer, d.source_uuid,
-                      json_array(json_object('errorCode', 'DUPLICATE_SOURCE_UUID',
-                        'errorDescription', 'sourceUuid: "' || d.source_uuid ||
-                        '" was already read at ' || CASE WHEN d.first_src = d.src
-                          THEN 'line ' || d.first_line
-                          ELSE coalesce(s.path, 'source ' || d.first_src) || ':' || d.first_line
-                        END))
-               FROM dup d JOIN keys k ON k.id = d.key_id
-               LEFT JOIN sources s ON s.run_id = ? AND s.idx = d.first_src""",
-            (self.run_id,),
-        )
-        db.execute("DELETE FROM msg WHERE id IN (SELECT id FROM dup)")
-        db.execute("DROP TABLE dup")
-
     # -- sending -----------------------------------------------------------------------
 
-    def keys(self) -> list[tuple[int, str, str]]:
-        """The (department, customer) keys with something to send, in order of first row."""
-        return [
-            (int(r[0]), str(r[1]), str(r[2]))
-            for r in self._db.execute(
-                "SELECT id, department, customer FROM keys WHERE EXISTS "
-                f"(SELECT 1 FROM msg WHERE key_id = keys.id AND state = {_PENDING}) ORDER BY id"
-            )
-        ]
-
-    def pending(self, key_id: int, after: int, limit: int) -> list[Pending]:
-        """The next pending messages of a key, in input order."""
-        assert self._bodies is not None, "begin_run first"
-        fd = self._bodies.fileno()
-        rows = self._db.execute(
-            "SELECT id, source_uuid, body_at, body_size FROM msg "
-            f"WHERE key_id = ? AND id > ? AND state = {_PENDING} ORDER BY id LIMIT ?",
-            (key_id, after, limit),
-        ).fetchall()
-        out = []
-        first, count = 0, len(rows)
-        while first < count:
-            # One read for each run of bodies that lie one after another in the file.
-            start = end = rows[first][2]
-            last = first
-            while last < count and rows[last][2] == end and end - start < _READ_BYTES:
-                end += rows[last][3]
-                last += 1
-            data = _pread(fd, end - start, start)
-            if last == first + 1:
-                out.append(Pending(rows[first][0], rows[first][1], data))
-            else:
-                for id_, source_uuid, at, size in rows[first:last]:
-                    at -= start
-                    out.append(Pending(id_, source_uuid, data[at : at + size]))
-            first = last
-        return out
-
-    @_writes
-    def mark_in_flight(self, messages: Iterable[Pending]) -> None:
+    @writes
+    def mark_in_flight(self, messages: Iterable[Pending]) -> int:
         """A request is about to leave: one journal row lists its messages' ids, for `status`
-        to tell; settling passes over it (with no later word, a message is pending)."""
-        self._db.execute(
+        to tell; settling passes over it (with no later word, a message is pending). Its
+        sequence number, for `prune_journal`."""
+        cursor = self._db.execute(
             "INSERT INTO jl.journal(state, items) VALUES (?, ?)",
             (State.IN_FLIGHT, orjson.dumps([m.id for m in messages])),
         )
+        return int(cursor.lastrowid or 0)
 
-    @_writes
+    @writes
+    def prune_journal(self, oldest_in_flight: int | None) -> None:
+        """Drop the journal rows that were settled, and the marks of requests no longer in
+        flight (all those before `oldest_in_flight`, the mark of the oldest request still
+        in flight; None: none is): the journal holds what is still to settle, not a run's
+        every answer."""
+        (settled,) = self._db.execute("SELECT settled FROM stage_meta").fetchone()
+        self._db.execute(
+            "DELETE FROM jl.journal WHERE seq <= ? AND (state != ? OR seq < ?)",
+            (
+                settled,
+                State.IN_FLIGHT,
+                settled + 1 if oldest_in_flight is None else oldest_in_flight,
+            ),
+        )
+
+    @writes
     def record(self, outcomes: list[Outcome]) -> None:
         """Commit the outcomes of one request before anything relies on it: a row per run of
         outcomes alike, its messages as [[id, sourceUuid, messageUuid], ...]."""
@@ -830,7 +636,7 @@ class Ledger:
                 ],
             )
 
-    @_writes
+    @writes
     def settle(self) -> None:
         """Apply what is left of the journal: each message's last word goes into `outcome`,
         and what the platform accepted or refused is kept for later runs. Idempotent.
@@ -841,7 +647,7 @@ class Ledger:
         self._db.execute("DELETE FROM jl.journal")  # whole: SQLite drops its pages at once
 
     @contextmanager
-    def settling(self, every: float = 0.5) -> Iterator[None]:
+    def settling(self, every: float = 0.25) -> Iterator[None]:
         """Settle the journal in steps, in a thread, while the body runs (sending): the end
         of the run has only the last step left. The body may append to the journal; it must
         not write anything else to the ledger meanwhile."""
@@ -862,16 +668,19 @@ class Ledger:
 
     def _settle_until(self, stop: threading.Event, every: float) -> None:
         try:
-            db = _connect(self._dir)
+            db = connect(self._dir)
             try:
                 while not stop.wait(every):
                     _settle_step(db, self.target, self.run_id)
-                    _, pages, _ = db.execute("PRAGMA jl.wal_checkpoint(PASSIVE)").fetchone()
-                    if pages > _JOURNAL_LOG_PAGES:
-                        # The next append starts the log over: this waits for the append
-                        # under way, and holds the next one back while the little left
-                        # after the passive checkpoint is copied.
-                        db.execute("PRAGMA jl.wal_checkpoint(RESTART)")
+                    for schema in ("main", "jl"):
+                        _, pages, _ = db.execute(
+                            f"PRAGMA {schema}.wal_checkpoint(PASSIVE)"
+                        ).fetchone()
+                        if pages > _LOG_PAGES:
+                            # The log starts over, empty: this waits for the write under
+                            # way, and holds the next one back while the little left
+                            # after the passive checkpoint is copied.
+                            db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)")
             finally:
                 db.close()
         except (OSError, sqlite3.Error):

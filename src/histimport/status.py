@@ -13,13 +13,15 @@ from typing import Any
 
 import orjson
 
+from .chunking import clear_spill
 from .errors import LedgerError, UsageError
 from .ledger import (
-    BODIES_FILE,
     JOURNAL_FILE,
     LATEST_ENTRIES,
     LEDGER_FILE,
     LOCK_FILE,
+    OLD_BODIES_FILE,
+    STAGING_FILE,
     has_table,
 )
 from .records import State
@@ -62,6 +64,9 @@ def _read(state_dir: Path, runs: int, *, immutable: bool) -> dict[str, Any]:
         attached = journal.is_file()
         if attached:
             db.execute("ATTACH DATABASE ? AS jl", (_read_only(journal, immutable=immutable),))
+        staging = state_dir / STAGING_FILE
+        if staging.is_file():
+            db.execute("ATTACH DATABASE ? AS st", (_read_only(staging, immutable=immutable),))
         return _summary(db, state_dir, runs, journal=attached and has_table(db, "jl", "journal"))
     finally:
         db.close()
@@ -114,7 +119,11 @@ def _summary(
         )
     current: dict[str, int] = {}
     errors: Counter[str] = Counter()
-    if has_table(db, "main", "msg"):
+    staged = has_table(db, "main", "msg") or (
+        any(name == "st" for _, name, _ in db.execute("PRAGMA database_list"))
+        and has_table(db, "st", "msg")
+    )
+    if staged:
         # During a run, the latest word on a message may still be in the journal.
         entries = f"({LATEST_ENTRIES})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
         for state, n in db.execute(
@@ -191,6 +200,7 @@ def purge(state_dir: Path, *, force: bool = False) -> bool:
                 raise LedgerError(f"{state_dir} is in use by a running import") from exc
             for name in _MADE:
                 (directory / name).unlink(missing_ok=True)
+            clear_spill(directory)
             # Still locked: a run starting now finds no lock file to share with this one.
             (directory / LOCK_FILE).unlink()
         if any(directory.iterdir()):
@@ -205,7 +215,7 @@ def purge(state_dir: Path, *, force: bool = False) -> bool:
 
 _MADE = [
     f"{name}{suffix}"
-    for name in (LEDGER_FILE, JOURNAL_FILE)
+    for name in (LEDGER_FILE, JOURNAL_FILE, STAGING_FILE)
     for suffix in ("", "-wal", "-shm", "-journal")
-] + [BODIES_FILE]
+] + [OLD_BODIES_FILE]
 """The files of a state dir, but for its lock file."""

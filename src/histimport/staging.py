@@ -1,0 +1,154 @@
+"""Recording rows as they are read: each checked row takes its place in the ledger, in input
+order, a batch at a time, before anything of it is sent. A message gets its id and its
+state there: to send, or not, because an earlier row has its sourceUuid (rejected, as a
+duplicate), the platform accepted it before (skipped), or refused it for good (carried).
+Only ids and states are written: the bodies go on to the chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .check import Rejected, Valid
+from .ledger import connect, writes
+from .records import Outcome, State
+from .signals import deferred
+
+_LOOKUP = """
+WITH u(v) AS (SELECT DISTINCT value FROM json_each(:uuids))
+SELECT v, 0, m.src, m.line, NULL FROM u JOIN msg m ON m.source_uuid = v
+UNION ALL SELECT v, 0, r.src, r.line, NULL FROM u JOIN rejected r ON r.source_uuid = v
+UNION ALL SELECT v, 1, a.run_id, NULL, NULL FROM u
+    JOIN accepted a ON a.target = :target AND a.source_uuid = v
+UNION ALL SELECT v, 2, r.http_status, NULL, r.errors FROM u
+    JOIN refused r ON r.target = :target AND r.source_uuid = v
+"""
+"""What the ledger knows of a batch's sourceUuids: where a row of this run had one (0), the
+run that had it accepted (1), its refusal for good (2)."""
+
+
+_LOG_PAGES = 2_500
+"""Pages (10 MB) of the staging's write-ahead log past which recording a batch checkpoints
+it (this connection alone writes the staging; the settling thread checkpoints the rest)."""
+
+
+class Staging:
+    """The current run's rows entering the ledger. One thread uses it at a time (it has a
+    connection of its own, beside the ones that record answers and settle them)."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        run_id: int,
+        target: str,
+        paths: Sequence[str],
+        carry_refused: bool,
+        decided: Outcome | None = None,
+    ) -> None:
+        self._db = connect(state_dir, any_thread=True)
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_LOG_PAGES}")
+        self._dir = state_dir
+        self.run_id = run_id
+        self.target = target
+        self._paths = list(paths)
+        self._carry_refused = carry_refused
+        self._decided = decided  # the first message's failure, if it was sent alone
+        self._keys: dict[tuple[str, str], int] = {}
+        (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM msg").fetchone()
+        self._next_id = int(last) + 1
+        self.rows = 0  # rows of the run in the ledger
+
+    def close(self) -> None:
+        self._db.close()
+
+    @writes
+    def admit(self, rows: Sequence[Valid | Rejected]) -> list[tuple[int, Valid]]:
+        """Record a batch of rows, in input order; the messages to send, with their ids."""
+        uuids = [r.source_uuid for r in rows if r.source_uuid is not None]
+        first: dict[str, tuple[int, int]] = {}  # by sourceUuid, the earliest row with it
+        accepted: dict[str, int] = {}  # by sourceUuid, the run that had it accepted
+        refused: dict[str, tuple[int | None, bytes | None]] = {}
+        for uuid, kind, a, b, errors in self._db.execute(
+            _LOOKUP, {"uuids": orjson.dumps(uuids).decode(), "target": self.target}
+        ):
+            if kind == 0:
+                first[uuid] = min(first.get(uuid, (a, b)), (a, b))
+            elif kind == 1:
+                accepted[uuid] = a
+            else:
+                refused[uuid] = (a, errors)
+        keys: list[tuple[int, str, str]] = []
+        messages: list[tuple[Any, ...]] = []
+        rejected: list[tuple[Any, ...]] = []
+        to_send: list[tuple[int, Valid]] = []
+        for row in rows:
+            where = (row.source, row.line)
+            if isinstance(row, Rejected):
+                if row.source_uuid is not None and row.source_uuid not in first:
+                    first[row.source_uuid] = where
+                errors = orjson.dumps([p.as_error() for p in row.problems])
+                rejected.append((*where, row.department, row.customer, row.source_uuid, errors))
+                continue
+            uuid = row.source_uuid
+            earlier = first.get(uuid)
+            if earlier is not None:
+                rejected.append(
+                    (*where, row.department, row.customer, uuid, self._repeat(row, earlier))
+                )
+                continue
+            first[uuid] = where
+            key = (row.department, row.customer)
+            key_id = self._keys.get(key)
+            if key_id is None:
+                key_id = self._keys[key] = len(self._keys) + 1
+                keys.append((key_id, *key))
+            id_ = self._next_id
+            self._next_id += 1
+            state, status, retryable, errors_blob = State.PENDING, None, None, None
+            decided = self._decided
+            if uuid in accepted:
+                state = State.ACCEPTED if accepted[uuid] == self.run_id else State.ALREADY_ACCEPTED
+            elif decided is not None and decided.source_uuid == uuid:
+                # The first message, sent alone: listed as its answer said, not sent again.
+                state, status, retryable = State.FAILED, decided.http_status, decided.retryable
+                errors_blob = orjson.dumps(decided.errors) if decided.errors else None
+            elif self._carry_refused and uuid in refused:
+                state, retryable = State.FAILED, False
+                status, errors_blob = refused[uuid]
+            else:
+                to_send.append((id_, row))
+            messages.append((id_, key_id, uuid, *where, state, status, retryable, errors_blob))
+        # Recorded and counted together: an interruption (in a dry run, which records in
+        # the thread that takes Ctrl-C) waits for both.
+        with deferred(), self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
+            self._db.executemany(
+                "INSERT INTO msg(id, key_id, source_uuid, src, line, state, http_status, "
+                "retryable, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                messages,
+            )
+            self._db.executemany(
+                "INSERT INTO rejected(src, line, department, customer, source_uuid, errors) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rejected,
+            )
+            self.rows += len(rows)
+        return to_send
+
+    def _repeat(self, row: Valid, earlier: tuple[int, int]) -> bytes:
+        """The error of a row whose sourceUuid an earlier row has (the first one wins)."""
+        src, line = earlier
+        at = f"line {line}"
+        if src != row.source:
+            path = self._paths[src] if src < len(self._paths) else f"source {src}"
+            at = f"{path}:{line}"
+        description = f'sourceUuid: "{row.source_uuid}" was already read at {at}'
+        return orjson.dumps(
+            [{"errorCode": "DUPLICATE_SOURCE_UUID", "errorDescription": description}]
+        )

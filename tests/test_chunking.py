@@ -1,0 +1,114 @@
+"""Chunking as rows are read: full chunks handed on at once, partial ones at a source's end,
+what waits beyond the memory budget spilled to the state dir and deleted once read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import histimport.chunking as chunking_module
+from histimport.batch import Chunk, Envelope
+from histimport.chunking import SPILL_PREFIX, Chunker, Spill
+from histimport.records import Pending
+
+ENVELOPE = Envelope(None)
+
+
+def message(n: int, size: int = 50) -> Pending:
+    return Pending(n, f"uuid-{n:05d}", b'{"n":%d,"pad":"%s"}' % (n, b"x" * size))
+
+
+def chunker(
+    handed: list[Chunk], *, chunk_size: int = 10, max_bytes: int = 1 << 20, **options: object
+) -> Chunker:
+    return Chunker(
+        handed.append,
+        chunk_size=chunk_size,
+        max_bytes=lambda: max_bytes,
+        envelope=ENVELOPE,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_a_full_chunk_is_handed_on_as_soon_as_it_is_full() -> None:
+    handed: list[Chunk] = []
+    chunks = chunker(handed, chunk_size=3)
+    for n in range(5):
+        chunks.add("d", "a" if n < 3 else "b", message(n))
+        if n == 2:
+            assert [[m.id for m in c.messages] for c in handed] == [[0, 1, 2]]
+    assert len(handed) == 1 and chunks.waiting == 2
+    chunks.flush()
+    assert [(c.customer, [m.id for m in c.messages]) for c in handed] == [
+        ("a", [0, 1, 2]),
+        ("b", [3, 4]),
+    ]
+    assert chunks.waiting == 0
+
+
+def test_a_chunk_is_cut_by_bytes_too() -> None:
+    handed: list[Chunk] = []
+    one = ENVELOPE.size([message(0)])
+    chunks = chunker(handed, chunk_size=100, max_bytes=one * 2)
+    for n in range(5):
+        chunks.add("d", "a", message(n))
+    chunks.flush()
+    assert [len(c.messages) for c in handed] == [2, 2, 1]
+    assert all(ENVELOPE.size(c.messages) <= one * 2 for c in handed)
+
+
+def test_what_waits_beyond_the_budget_spills_and_comes_back_whole_and_in_order(
+    tmp_path: Path,
+) -> None:
+    handed: list[Chunk] = []
+    spill = Spill(tmp_path)
+    chunks = chunker(handed, chunk_size=40, spill=spill, held_bytes=2_000)
+    customers = 7
+    for n in range(customers * 40):  # interleaved: no chunk is full before the end
+        chunks.add("d", f"c{n % customers}", message(n))
+    assert spill.written > 0
+    assert len(handed) == customers
+    for chunk in handed:
+        ids = [m.id for m in chunk.messages]
+        assert ids == sorted(ids) and len(ids) == 40
+        assert {n % customers for n in ids} == {int(chunk.customer[1:])}
+        assert all(m == message(m.id) for m in chunk.messages)  # bodies intact
+    # Read back, every spill file but the one still written to is gone; closed, none is.
+    assert len(list(tmp_path.glob(f"{SPILL_PREFIX}*"))) <= 1
+    spill.close()
+    assert not list(tmp_path.glob(f"{SPILL_PREFIX}*"))
+
+
+def test_spill_files_are_deleted_as_they_are_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chunking_module, "_SEGMENT_BYTES", 500)
+    handed: list[Chunk] = []
+    spill = Spill(tmp_path)
+    chunks = chunker(handed, chunk_size=30, spill=spill, held_bytes=1_000)
+    for n in range(300):  # five customers, then five others
+        chunks.add("d", f"c{n % 5 + 5 * (n // 150)}", message(n))
+    assert spill.peak < spill.written / 1.5  # files went while others were written
+    assert len(handed) == 10
+    spill.close()
+    assert not list(tmp_path.glob(f"{SPILL_PREFIX}*"))
+
+
+def test_short_reads_of_the_spill_are_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read may return fewer bytes than asked (Linux: at most about 2 GiB at once)."""
+    real = chunking_module.os.pread
+    monkeypatch.setattr(chunking_module.os, "pread", lambda fd, n, at: real(fd, min(n, 7), at))
+    spill = Spill(tmp_path)
+    first = spill.write([message(1), message(2)], None)
+    second = spill.write([message(3)], first)
+    assert spill.read(second) == [message(1), message(2), message(3)]
+    spill.close()
+
+
+def test_a_new_run_deletes_the_spill_a_killed_one_left(tmp_path: Path) -> None:
+    (tmp_path / f"{SPILL_PREFIX}3").write_bytes(b"left")
+    Spill(tmp_path).close()
+    assert not list(tmp_path.glob(f"{SPILL_PREFIX}*"))

@@ -33,6 +33,11 @@ _MESSAGE_BYTES = 200
 
 Where = tuple[int, int, int]
 """A part of the spill: (file number, offset, size)."""
+Room = tuple[int, int, int]
+"""What is left of a customer's extent: (file number, offset, end)."""
+_BLOCK = 4096
+_EXTENT = 2 * _BLOCK
+"""A customer's parts go to extents of this size (or of the part's, rounded up to blocks)."""
 _LINK = struct.Struct("<IQI")
 """A part's header: where the part written before it for the same customer is (file 0:
 none), so that a customer's parts are found from its last one alone."""
@@ -47,54 +52,84 @@ class _Lane:
     held: list[Pending] = field(default_factory=list)
     held_bytes: int = 0
     spilled: Where | None = None  # the last part spilled; it leads to the ones before
+    room: Room | None = None  # what is left of the extent the parts go to
 
 
 class Spill:
-    """Messages that wait, written compressed to numbered files in the state dir. A file
-    is deleted once every part written to it was read back."""
+    """Messages that wait, written compressed to numbered files in the state dir, each
+    customer's parts in extents of its own, so that reading a customer's parts back gives
+    their disk blocks back to the file system at once (where it can: Linux, most file
+    systems). A file is deleted once every part written to it was read back."""
 
     def __init__(self, state_dir: Path) -> None:
         self._dir = state_dir
         self._number = 0
         self._file: int | None = None  # the file written to, as a descriptor
-        self._size = 0
+        self._size = 0  # of the file written to: where the next extent begins
         self._parts: dict[int, int] = {}  # by file number: parts not read back yet
         self._fds: dict[int, int] = {}
-        self._sizes: dict[int, int] = {}  # by file number: its size
+        self._sizes: dict[int, int] = {}  # by file number: bytes it holds on disk
         self.written = 0  # bytes written, for the figures
-        self.peak = 0  # bytes in the files at most
+        self.peak = 0  # bytes the files held on disk at most
         self._on_disk = 0
         clear_spill(state_dir)
 
-    def write(self, messages: list[Pending], before: Where | None) -> Where:
-        """Store messages after the part `before` (of the same customer); where they are."""
+    def write(
+        self, messages: list[Pending], before: Where | None, room: Room | None
+    ) -> tuple[Where, Room]:
+        """Store messages after the part `before` of the same customer, in its extent
+        `room` if they fit; where they are, and the room left."""
         link = _LINK.pack(*(before or (0, 0, 0)))
         data = link + zlib.compress(marshal.dumps([tuple(m) for m in messages]), 1)
-        if self._file is None or self._size >= _SEGMENT_BYTES:
-            self._next_file()
-        assert self._file is not None
+        if room is None or room[0] not in self._fds or room[1] + len(data) > room[2]:
+            room = self._extent(len(data))
+        number, at, end = room
         try:
-            os.write(self._file, data)  # a regular file: written whole or an error
+            os.pwrite(self._fds[number], data, at)  # a regular file: written whole or an error
         except OSError as exc:
             raise _cannot(self._dir, exc) from exc
-        at = self._size
-        self._size += len(data)
-        self._sizes[self._number] = self._sizes.get(self._number, 0) + len(data)
-        self._parts[self._number] += 1
+        self._parts[number] += 1
         self.written += len(data)
-        self._on_disk += len(data)
-        self.peak = max(self.peak, self._on_disk)
-        return self._number, at, len(data)
+        return (number, at, len(data)), (number, at + len(data), end)
 
     def read(self, last: Where) -> list[Pending]:
-        """The messages of a part and of every part before it, in the order written."""
+        """The messages of a part and of every part before it, in the order written; their
+        extents are given back."""
         parts = []
+        spans: list[list[int]] = []  # [file, start, end] of the parts read, merged
         where: Where | None = last
         while where is not None:
             before, messages = self._read_part(where)
             parts.append(messages)
+            number, at, size = where
+            if spans and spans[-1][0] == number and spans[-1][1] == at + size:
+                spans[-1][1] = at  # read backwards, the parts of an extent lie downwards
+            else:
+                spans.append([number, at, at + size])
             where = before
+        for number, start, end in spans:
+            # An extent begins at a block and is the customer's to its end: so are the
+            # blocks its parts began in and ended in.
+            start, end = start - start % _BLOCK, -(-end // _BLOCK) * _BLOCK
+            if number in self._fds and _punch_hole(self._fds[number], start, end - start):
+                self._on_disk -= end - start
+                self._sizes[number] -= end - start
+        for number in {number for number, _, _ in spans}:
+            if not self._parts.get(number) and number != self._number and number in self._fds:
+                self._drop(number)
         return [m for messages in reversed(parts) for m in messages]
+
+    def _extent(self, size: int) -> Room:
+        """Room of its own for a customer's parts, at the end of the file written to."""
+        if self._file is None or self._size >= _SEGMENT_BYTES:
+            self._next_file()
+        length = max(_EXTENT, -(-size // _BLOCK) * _BLOCK)
+        at = self._size
+        self._size += length
+        self._sizes[self._number] += length
+        self._on_disk += length
+        self.peak = max(self.peak, self._on_disk)
+        return self._number, at, at + length
 
     def _read_part(self, where: Where) -> tuple[Where | None, list[Pending]]:
         number, at, size = where
@@ -109,12 +144,7 @@ class Spill:
             data += more
         before = _LINK.unpack_from(data)
         messages = [Pending(*m) for m in marshal.loads(zlib.decompress(data[_LINK.size :]))]
-        if _punch_hole(self._fds[number], at, size):
-            self._on_disk -= size
-            self._sizes[number] -= size
         self._parts[number] -= 1
-        if not self._parts[number] and number != self._number:
-            self._drop(number)
         return (before if before[0] else None), messages
 
     def close(self) -> None:
@@ -128,12 +158,13 @@ class Spill:
         self._number += 1
         path = self._path(self._number)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
             raise _cannot(self._dir, exc) from exc
         self._file = self._fds[self._number] = fd
         self._size = 0
         self._parts[self._number] = 0
+        self._sizes[self._number] = 0
 
     def _drop(self, number: int) -> None:
         os.close(self._fds.pop(number))
@@ -273,7 +304,7 @@ class Chunker:
         for lane in sorted(self._lanes.values(), key=lambda lane: -lane.held_bytes):
             if self._held <= self._budget // 2 or not lane.held:
                 break
-            lane.spilled = self._spill.write(lane.held, lane.spilled)
+            lane.spilled, lane.room = self._spill.write(lane.held, lane.spilled, lane.room)
             self._held -= lane.held_bytes
             lane.held = []
             lane.held_bytes = 0

@@ -23,6 +23,7 @@ run's journal before it starts, so nothing the platform answered is ever forgott
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -190,6 +191,9 @@ def _configure(db: sqlite3.Connection, schema: str) -> None:
     db.execute(f"PRAGMA {schema}.journal_size_limit={_LOG_BYTES}")
 
 
+_STEP_ROWS = 100
+"""Journal rows (requests' answers) settled in one transaction at most: a step's writes,
+scattered over the ledger, go through its log, which is cut back between two steps."""
 _LOG_BYTES = 16 << 20
 """A write-ahead log is truncated to this size when a checkpoint starts it over."""
 _LOG_PAGES = 2_500
@@ -222,16 +226,20 @@ _UNREFUSE = f"""DELETE FROM refused WHERE target = :target AND source_uuid IN
 """What the platform accepted is no longer refused, whenever it was refused."""
 
 
-def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
-    """Apply the journal past the watermark in one transaction, the watermark with it;
-    return the new watermark. Only the ledger is written (the journal is read), so this
-    runs beside a connection appending to the journal."""
+def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> bool:
+    """Apply the journal past the watermark in one transaction, the watermark with it, up
+    to _STEP_ROWS of its rows; whether rows are left. Only the ledger is written (the
+    journal is read), so this runs beside a connection appending to the journal."""
     with db:
         db.execute("BEGIN")
         (settled,) = db.execute("SELECT settled FROM stage_meta").fetchone()
-        (upto,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jl.journal").fetchone()
+        (upto,) = db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM (SELECT seq FROM jl.journal WHERE seq > ? "
+            "ORDER BY seq LIMIT ?)",
+            (settled, _STEP_ROWS),
+        ).fetchone()
         if upto <= settled:
-            return int(settled)
+            return False
         params = {"target": target, "run": run_id, "at": _now(), "upto": upto}
         db.execute(
             f"CREATE TEMP TABLE step AS {_ENTRIES} AND j.seq > :after AND j.seq <= :upto "
@@ -245,7 +253,20 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> int:
             # Only then: gathering the step's sourceUuids takes a tenth of the step.
             db.execute(_UNREFUSE, params)
         db.execute("DROP TABLE temp.step")
-    return int(upto)
+    left = db.execute("SELECT 1 FROM jl.journal WHERE seq > ? LIMIT 1", (upto,)).fetchone()
+    return left is not None
+
+
+def _cut_logs(db: sqlite3.Connection, state_dir: Path) -> None:
+    """Checkpoint the ledger's and the journal's logs once grown past _LOG_PAGES, and have
+    them start over, empty: this waits for the write under way, and holds the next one
+    back meanwhile. (Checkpointed less often, a page written by several steps is copied
+    into the database once.)"""
+    for schema in ("main", "jl"):
+        log = state_dir / f"{_SCHEMAS[schema]}-wal"
+        with contextlib.suppress(OSError):
+            if log.stat().st_size > _LOG_PAGES * 4096:
+                db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
@@ -410,9 +431,9 @@ class Ledger:
             # list or send; the ledger keeps what later runs need, the accepted ids.
             self._replace(*SCRATCH, attach=False)
             self._db.execute("DROP TABLE IF EXISTS main.stage_meta")
+            # Its pages (ids and states) are left free for the next run: moving the rest
+            # into them would write most of the ledger again.
             self._db.execute("DROP TABLE IF EXISTS main.outcome")
-            # Stepped to its end by executescript: execute() frees one page only.
-            self._db.executescript("PRAGMA main.incremental_vacuum;")
             self._db.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
 
     def read_before(self, realpaths: Iterable[str | None]) -> bool:
@@ -643,8 +664,10 @@ class Ledger:
         In-flight marks are left out: a message with no later word is still pending, that
         is, not sent. The journal, all applied, is then emptied (its sequence goes on).
         Nothing may append to the journal meanwhile: the settling thread is stopped."""
-        _settle_step(self._db, self.target, self.run_id)
+        while _settle_step(self._db, self.target, self.run_id):
+            _cut_logs(self._db, self._dir)
         self._db.execute("DELETE FROM jl.journal")  # whole: SQLite drops its pages at once
+        _cut_logs(self._db, self._dir)
 
     @contextmanager
     def settling(self, every: float = 0.25) -> Iterator[None]:
@@ -669,18 +692,12 @@ class Ledger:
     def _settle_until(self, stop: threading.Event, every: float) -> None:
         try:
             db = connect(self._dir)
+            db.execute(f"PRAGMA wal_autocheckpoint={_LOG_PAGES}")
             try:
-                while not stop.wait(every):
-                    _settle_step(db, self.target, self.run_id)
-                    for schema in ("main", "jl"):
-                        _, pages, _ = db.execute(
-                            f"PRAGMA {schema}.wal_checkpoint(PASSIVE)"
-                        ).fetchone()
-                        if pages > _LOG_PAGES:
-                            # The log starts over, empty: this waits for the write under
-                            # way, and holds the next one back while the little left
-                            # after the passive checkpoint is copied.
-                            db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)")
+                behind = False
+                while behind or not stop.wait(every):
+                    behind = _settle_step(db, self.target, self.run_id) and not stop.is_set()
+                    _cut_logs(db, self._dir)
             finally:
                 db.close()
         except (OSError, sqlite3.Error):

@@ -18,10 +18,12 @@ from .ledger import connect, writes
 from .records import Outcome, State
 from .signals import deferred
 
-_LOOKUP = """
+_THIS_RUN = """
 WITH u(v) AS (SELECT DISTINCT value FROM json_each(:uuids))
 SELECT v, 0, m.src, m.line, NULL FROM u JOIN msg m ON m.source_uuid = v
-UNION ALL SELECT v, 0, r.src, r.line, NULL FROM u JOIN rejected r ON r.source_uuid = v
+UNION ALL SELECT v, 0, r.src, r.line, NULL FROM u JOIN rejected r ON r.source_uuid = v"""
+"""Where a row of this run had one of a batch's sourceUuids (0)."""
+_LOOKUP = f"""{_THIS_RUN}
 UNION ALL SELECT v, 1, a.run_id, NULL, NULL FROM u
     JOIN accepted a ON a.target = :target AND a.source_uuid = v
 UNION ALL SELECT v, 2, r.http_status, NULL, r.errors FROM u
@@ -52,6 +54,9 @@ class Staging:
     ) -> None:
         self._db = connect(state_dir, any_thread=True)
         self._db.execute(f"PRAGMA wal_autocheckpoint={_LOG_PAGES}")
+        # 16 MiB of pages: the sourceUuid index, looked up and written at random by every
+        # batch, stays in memory longer (SQLite's default is 2 MiB).
+        self._db.execute("PRAGMA cache_size=-16384")
         self._dir = state_dir
         self.run_id = run_id
         self.target = target
@@ -61,6 +66,21 @@ class Staging:
         self._keys: dict[tuple[str, str], int] = {}
         (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM msg").fetchone()
         self._next_id = int(last) + 1
+        # Without earlier acceptances or refusals on this target, a batch is looked up among
+        # this run's rows alone (what this run has accepted since, it recorded first),
+        # but for the first message, sent alone before anything was recorded.
+        history = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM accepted WHERE target = ? AND run_id != ?) "
+            "OR EXISTS (SELECT 1 FROM refused WHERE target = ? AND run_id != ?)",
+            (target, run_id, target, run_id),
+        ).fetchone()[0]
+        self._lookup = _LOOKUP if history else _THIS_RUN
+        self._own = dict(  # sourceUuid: run, of what the platform accepted from this run
+            self._db.execute(
+                "SELECT source_uuid, run_id FROM accepted WHERE target = ? AND run_id = ?",
+                (target, run_id),
+            ).fetchall()
+        )
         self.rows = 0  # rows of the run in the ledger
 
     def close(self) -> None:
@@ -73,8 +93,9 @@ class Staging:
         first: dict[str, tuple[int, int]] = {}  # by sourceUuid, the earliest row with it
         accepted: dict[str, int] = {}  # by sourceUuid, the run that had it accepted
         refused: dict[str, tuple[int | None, bytes | None]] = {}
+        accepted.update((u, self._own[u]) for u in uuids if u in self._own)
         for uuid, kind, a, b, errors in self._db.execute(
-            _LOOKUP, {"uuids": orjson.dumps(uuids).decode(), "target": self.target}
+            self._lookup, {"uuids": orjson.dumps(uuids).decode(), "target": self.target}
         ):
             if kind == 0:
                 first[uuid] = min(first.get(uuid, (a, b)), (a, b))

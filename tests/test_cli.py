@@ -566,7 +566,7 @@ def test_an_output_that_cannot_be_written_at_the_end_says_so(
     """A full disk at the very end: exit 3 with what to do, not a traceback; the ledger has
     the outcomes, and the same command writes the file without sending anything again."""
     import histimport
-    from histimport import ExitStatus, outputs, run
+    from histimport import ExitStatus, accounting, outputs
     from histimport.errors import OutputError
 
     from .conftest import config_for
@@ -577,11 +577,11 @@ def test_an_output_that_cannot_be_written_at_the_end_says_so(
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run, "write_failed", full)
+    monkeypatch.setattr(accounting, "write_failed", full)
     with pytest.raises(OutputError, match="No space left on device") as raised:
         histimport.load([tmp_path / "e.jsonl"], config)
     assert raised.value.exit_status is ExitStatus.ABORTED
-    monkeypatch.setattr(run, "write_failed", outputs.write_failed)
+    monkeypatch.setattr(accounting, "write_failed", outputs.write_failed)
     again = histimport.load([tmp_path / "e.jsonl"], config)
     assert again.counts["alreadyAccepted"] == 3 and again.report["requests"] == 0
     assert (tmp_path / "failed.json").exists()

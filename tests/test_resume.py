@@ -452,12 +452,12 @@ def test_a_signal_while_the_outputs_are_written_waits_for_them(
     write_jsonl(tmp_path / "e.jsonl", [message("d", "c", n) for n in range(5)])
     script = (
         "import os, signal, sys\n"
-        "from histimport import run\n"
-        "write = run.write_failed\n"
+        "from histimport import accounting\n"
+        "write = accounting.write_failed\n"
         "def signalled(*args, **kwargs):\n"
         f"    os.kill(os.getpid(), {int(sig)})\n"
         "    write(*args, **kwargs)\n"
-        "run.write_failed = signalled\n"
+        "accounting.write_failed = signalled\n"
         "from histimport.cli import main\n"
         f"main(['load', 'e.jsonl', '--base-url', {server.base_url!r}, '--report', 'r.json'])\n"
     )

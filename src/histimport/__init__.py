@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .accounting import RunResult
     from .config import Config
     from .errors import ExitStatus, HistimportError
     from .resend import retry
-    from .run import RunResult, load, validate
+    from .run import load, validate
 
 __all__ = [
     "Config",
@@ -34,7 +35,7 @@ _LAZY = {
     "Config": "config",
     "ExitStatus": "errors",
     "HistimportError": "errors",
-    "RunResult": "run",
+    "RunResult": "accounting",
     "load": "run",
     "retry": "resend",
     "validate": "run",

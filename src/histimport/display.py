@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .run import RunResult
+from .accounting import RunResult
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from .accounting import RunResult
 from .config import Config
 from .matching import select
-from .run import Observer, Run, RunResult
+from .run import Observer, Run
 
 
 def retry(

@@ -1,7 +1,7 @@
 """The library API: `load`, `retry` and `validate`, one pipeline: read and check
 (`intake`) -> record (`staging`, `ledger`) -> chunk (`chunking`) -> deliver (`deliver`),
-reading and sending at once (`stream`) -> account and write the outputs. Nothing here
-knows of the command line."""
+reading and sending at once (`stream`) -> account and write the outputs (`accounting`).
+Nothing here knows of the command line."""
 
 from __future__ import annotations
 
@@ -13,29 +13,22 @@ import os
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .accounting import Ending, RunResult, account
 from .check import Rejected, Valid
 from .chunking import Chunker, Spill
 from .config import Config
-from .deliver import Deliverer, DeliveryStats, Lanes, Pause
-from .errors import ExitStatus, InvariantError, UsageError
+from .deliver import Deliverer, Lanes, Pause
+from .errors import UsageError
 from .intake import Intake, open_sources, realpath
 from .ledger import Ledger
-from .matching import unmet
 from .outputs import (
-    NOT_READ,
-    REPORT_FORMAT,
-    FailedEntry,
     check_outputs,
-    write_failed,
-    write_report,
-    writing,
 )
 from .read import Source
 from .records import Outcome, Pending, State
@@ -80,20 +73,6 @@ class Silent:
 
     def done(self) -> None:
         pass
-
-
-@dataclass
-class RunResult:
-    """What a run did: its counts, its report and how the process should exit."""
-
-    exit_status: ExitStatus
-    counts: dict[str, int]
-    report: dict[str, Any]
-    failed_path: Path | None  # None: no failed file was written (validate without --failed-out)
-    preview: list[str]
-    plan: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[dict[str, Any]] = field(default_factory=list)
-    message: str | None = None
 
 
 def load(
@@ -246,7 +225,20 @@ class Run:
                         # Only once every row was read: a --fresh run stopped before that
                         # leaves them for the next run.
                         ledger.forget_refusals()
-                    result = self._account(ledger, sources, base_url, stats, started)
+                    assert self.intake is not None
+                    ending = Ending(
+                        config=config,
+                        sources=sources,
+                        base_url=base_url,
+                        intake=self.intake,
+                        selection=self.selection,
+                        read=self.read,
+                        interrupted=self.interrupted,
+                        read_whole=self.read_whole,
+                        stats=stats,
+                        started=started,
+                    )
+                    result = account(ledger, ending)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -415,54 +407,6 @@ class Run:
             raise reader.error
         self.read_whole = reader.completed
 
-    def _shards(self, sources: list[Source]) -> dict[int, str]:
-        """By source index, the shard whose rows alone were read of it (K/N): this run's
-        --shard, or, for a retry without one, the shard of the entries it read on from
-        (one shard's alone); an UNREADABLE entry records it."""
-        shard = self.config.shard
-        if shard is not None:
-            return dict.fromkeys(range(len(sources)), f"{shard[0]}/{shard[1]}")
-        if self.selection is None:
-            return {}
-        out = {}
-        for i, source in enumerate(sources):
-            found = {e.shard for e in self.selection.read_on if e.source == source.path}
-            if len(found) == 1 and None not in found:
-                out[i] = str(found.pop())
-        return out
-
-    def _unread(self, ledger: Ledger, sources: list[Source]) -> list[FailedEntry]:
-        """`load` stopped while reading: an entry for where each source's unstaged rest
-        begins (after its last row staged: a source's rows are staged in order, and the
-        last batch handed on may not have been), which `retry` reads on from. Without it,
-        those rows would stand in no failed file, and a retry would find nothing left."""
-        if self.read_whole or self.selection is not None or self.config.dry_run:
-            return []
-        reached = ledger.last_lines()
-        shards = self._shards(sources)
-        unread = []
-        for index, source in enumerate(sources):
-            staged = reached.get(index, 0)
-            assert self.intake is not None
-            if index in self.intake.read_through and self.intake.yielded.get(index, 0) <= staged:
-                continue
-            error = {
-                "errorCode": NOT_READ,
-                "errorDescription": "the run was stopped before this line was read: retry "
-                "reads this source again (or run the same command again)",
-            }
-            unread.append(
-                FailedEntry(
-                    source=source.path,
-                    line=staged + 1,
-                    stage="notSent",
-                    retryable=True,
-                    errors=[error],
-                    shard=shards.get(index),
-                )
-            )
-        return unread
-
     def _check_unchanged(self, ledger: Ledger, sources: list[Source], command: str) -> None:
         """Resuming a load over a source whose content changed would mix two imports: a
         source an earlier load read is fingerprinted before anything is sent."""
@@ -525,146 +469,3 @@ class Run:
 
     def _mark_interrupted(self) -> None:
         self.interrupted = True
-
-    def _account(
-        self,
-        ledger: Ledger,
-        sources: list[Source],
-        base_url: str | None,
-        stats: DeliveryStats | None,
-        started: float,
-    ) -> RunResult:
-        config = self.config
-        intake = self.intake
-        assert intake is not None
-        delivered = stats or DeliveryStats()
-        counts = {"read": self.read, **ledger.counts()}
-        parts = sum(v for k, v in counts.items() if k != "read")
-        if parts != counts["read"]:
-            raise InvariantError(
-                f"the counts do not add up: read {counts['read']} but accounted for {parts}",
-                hint="please report this with the command you ran",
-            )
-        error_codes: Counter[str] = Counter()
-        preview: list[str] = []
-        if delivered.gave_up:
-            error = {"errorCode": "PLATFORM_UNAVAILABLE", "errorDescription": delivered.gave_up}
-            ledger.describe_unsent((error,))
-        carried = self._unread(ledger, sources)
-        if self.selection is not None:
-            carried = unmet(self.selection, ledger, sources, read_whole=self.read_whole) + carried
-        with writing(config.failed_out, "--failed-out"):
-            write_failed(
-                config.failed_out,
-                base_url=base_url,
-                sources=sources,
-                counts={**counts, "notSent": 0} if config.dry_run else counts,
-                failures=ledger.failures(rejected_only=config.dry_run),
-                error_codes=error_codes,
-                preview=preview,
-                carried=carried,
-                shards=self._shards(sources),
-            )
-        elapsed = time.monotonic() - started
-        report: dict[str, Any] = {
-            "format": REPORT_FORMAT,
-            **counts,
-            "warnings": intake.warning_count + delivered.server_warnings,
-            "requests": delivered.requests,
-            "retries": delivered.retries,
-            "unknownOutcomes": delivered.unknown_outcomes,
-            "splits": delivered.splits,
-            "reconnects": delivered.reconnects,
-            "statusCodes": dict(sorted(delivered.statuses.items())),
-            "finalConcurrency": delivered.final_concurrency,
-            "pacing": {
-                "rate": _rounded(delivered.pace.rate),
-                "limitEstimate": _rounded(delivered.pace.limit),
-                "peakRate": _rounded(delivered.peak_rate),
-                "pushBacks": dict(delivered.push_backs.most_common()),
-                "pausedSeconds": round(delivered.paused_seconds, 3),
-            },
-            "gaveUp": delivered.gave_up,
-            "elapsedSeconds": round(elapsed, 3),
-            "messagesPerSecond": round(counts["accepted"] / elapsed, 1) if elapsed > 0 else 0.0,
-            "errorCodes": dict(error_codes.most_common()),
-        }
-        if config.report is not None:
-            with writing(config.report, "--report"):
-                write_report(config.report, report)
-        plan = []
-        if config.dry_run:
-            plan = [
-                {"departmentUUID": d, "customerUUID": c, "messages": n, "requests": r}
-                for d, c, n, r in ledger.plan(config.chunk_size)
-            ]
-        message = None
-        if delivered.aborted:
-            status = ExitStatus.ABORTED
-            message = f"{delivered.aborted}: nothing more was sent"
-        elif delivered.gave_up:
-            status = ExitStatus.INCOMPLETE
-            message = (
-                f"{delivered.gave_up}. Nothing more was sent; {counts['notSent']} messages are "
-                "listed as notSent: run the same command again to go on"
-            )
-        elif self.interrupted and not self.read_whole:
-            status = ExitStatus.INTERRUPTED
-            message = f"interrupted while reading, after {self.read} rows: nothing was sent"
-            if stats is not None and stats.requests:
-                message = (
-                    f"interrupted while reading, after {self.read} rows: requests in flight "
-                    "were settled; what was read and not accepted is listed as notSent"
-                )
-                if delivered.abandoned:
-                    message = (
-                        f"interrupted twice while reading, after {self.read} rows: requests "
-                        "in flight were abandoned; what was read and not accepted is listed "
-                        "as notSent"
-                    )
-            if config.dry_run:
-                message = f"interrupted while reading, after {self.read} rows"
-            elif self.selection is None:
-                message += (
-                    "; the failed file says where the rows not read begin: run the same "
-                    "command again, or retry the failed file, to go on"
-                )
-            else:
-                message += "; the new failed file lists again what the failed files listed"
-        elif self.interrupted:
-            status = ExitStatus.INTERRUPTED
-            message = "interrupted: requests in flight were settled; the rest is listed as notSent"
-            if delivered.abandoned:
-                message = (
-                    "interrupted twice: requests in flight were abandoned; their messages and "
-                    "the rest are listed as notSent (the platform may have stored the "
-                    "abandoned ones: sent again, it knows them by sourceUuid)"
-                )
-        elif counts["rejected"] or (not config.dry_run and counts["failed"] + counts["notSent"]):
-            status = ExitStatus.INCOMPLETE
-        elif carried:
-            # retry: every row read was accepted, but the new failed file lists again what
-            # was not sent (refused for good, or no longer in the sources): not done yet.
-            status = ExitStatus.INCOMPLETE
-            message = (
-                f"the failed file lists again {len(carried)} entries this run did not send: "
-                "refused for good (--include-permanent sends them again) or not found in "
-                "the sources"
-            )
-        else:
-            status = ExitStatus.OK
-        ledger.finish_run(status.name.lower(), report)
-        return RunResult(
-            status,
-            counts,
-            report,
-            config.failed_out,
-            preview,
-            plan=plan,
-            warnings=intake.warnings,
-            message=message,
-        )
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)

@@ -42,6 +42,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/pacing.py
+	$(BIN)/python bench/stream.py
 
 # 400,000 messages interleaving 8,000 customers: peak RSS and requests against the ideal.
 bench-memory: $(STAMP)

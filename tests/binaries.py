@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +25,28 @@ def required(name: str, *, install: str) -> str:
             pytrace=False,
         )
     pytest.skip(f"{name} is not installed: {install}")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server the test starts next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(
+    process: subprocess.Popen[bytes], port: int, *, name: str, timeout: float, log: Path
+) -> None:
+    """Return once `process` accepts connections on `port`; it exited or did not in time:
+    an error, with the end of its `log`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+            raise RuntimeError(f"{name} exited with {process.returncode}: {text[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout:g}s")

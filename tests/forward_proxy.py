@@ -4,15 +4,13 @@ what `HTTP_PROXY` names in a corporate network."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .binaries import required
+from .binaries import free_port, required, wait_listening
 
 _START_TIMEOUT = 10.0
 _INSTALL_HINT = "apt-get install tinyproxy"
@@ -44,18 +42,12 @@ class RunningProxy:
         ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def running_tinyproxy(directory: Path) -> Iterator[RunningProxy]:
     """tinyproxy in the foreground on a free loopback port, until exit."""
     binary = tinyproxy_binary()
     directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     log = directory / "tinyproxy.log"
     conf = directory / "tinyproxy.conf"
     conf.write_text(
@@ -72,17 +64,7 @@ def running_tinyproxy(directory: Path) -> Iterator[RunningProxy]:
             stderr=stderr,
         )
     try:
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"tinyproxy exited with {process.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("tinyproxy did not listen in time") from None
-                time.sleep(0.05)
+        wait_listening(process, port, name="tinyproxy", timeout=_START_TIMEOUT, log=log)
         yield RunningProxy(port, log)
     finally:
         if process.poll() is None:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .binaries import required
+from .binaries import free_port, required, wait_listening
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -71,12 +69,6 @@ class RunningNginx:
             for line in self.access_log.read_text(encoding="utf-8").splitlines():
                 counts[line.split(" ", 1)[0]] += 1
         return counts
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _version(binary: str) -> tuple[int, ...]:
@@ -131,20 +123,6 @@ http {{
 """
 
 
-def _wait_listening(process: subprocess.Popen[bytes], port: int, directory: Path) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log = (directory / "error.log").read_text(encoding="utf-8", errors="replace")
-            raise RuntimeError(f"nginx exited with {process.returncode}: {log[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nginx did not listen on port {port} within {_START_TIMEOUT:g}s")
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -169,7 +147,7 @@ def running_nginx(
     early_log = ["-e", str(directory / "error.log")] if _version(binary) >= (1, 19, 5) else []
     last_error: Exception | None = None
     for _ in range(3):  # the free port may be taken by someone else before nginx binds it
-        port = _free_port()
+        port = free_port()
         conf = directory / "nginx.conf"
         conf.write_text(_config(directory, port, upstream_port, rules), encoding="utf-8")
         with (directory / "stderr.log").open("ab") as stderr:
@@ -180,7 +158,9 @@ def running_nginx(
                 stderr=stderr,
             )
         try:
-            _wait_listening(process, port, directory)
+            wait_listening(
+                process, port, name="nginx", timeout=_START_TIMEOUT, log=directory / "error.log"
+            )
         except RuntimeError as exc:
             _stop(process)
             if "Address already in use" not in str(exc):

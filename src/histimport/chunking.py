@@ -240,7 +240,6 @@ class Chunker:
         self._budget = held_bytes
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._held = 0  # bytes held in memory, over every lane
-        self.chunks = 0  # handed on
 
     def add(self, department: str, customer: str, message: Pending) -> None:
         key = (department, customer)
@@ -288,7 +287,6 @@ class Chunker:
             max_bytes=self._max_bytes,
             envelope=self._envelope,
         ):
-            self.chunks += 1
             self._sink(chunk)
 
     def _messages(self, lane: _Lane) -> Iterator[Pending]:

@@ -724,13 +724,6 @@ class Ledger:
             "alreadyAccepted": int(by_state.get(State.ALREADY_ACCEPTED, 0)),
         }
 
-    def to_send(self) -> int:
-        """Messages still pending."""
-        (n,) = self._db.execute(
-            "SELECT COUNT(*) FROM msg WHERE state = ?", (State.PENDING,)
-        ).fetchone()
-        return int(n)
-
     def plan(self, chunk_size: int) -> Iterator[tuple[str, str, int, int]]:
         """(department, customer, messages, requests at most chunk_size each) still to send."""
         for dep, cus, n in self._db.execute(

@@ -57,7 +57,7 @@ class Staging:
         # 16 MiB of pages: the sourceUuid index, looked up and written at random by every
         # batch, stays in memory longer (SQLite's default is 2 MiB).
         self._db.execute("PRAGMA cache_size=-16384")
-        self._dir = state_dir
+        self._dir = state_dir  # named by `writes` when a write fails
         self.run_id = run_id
         self.target = target
         self._paths = list(paths)
@@ -93,7 +93,8 @@ class Staging:
         first: dict[str, tuple[int, int]] = {}  # by sourceUuid, the earliest row with it
         accepted: dict[str, int] = {}  # by sourceUuid, the run that had it accepted
         refused: dict[str, tuple[int | None, bytes | None]] = {}
-        accepted.update((u, self._own[u]) for u in uuids if u in self._own)
+        if self._own:
+            accepted.update((u, self._own[u]) for u in uuids if u in self._own)
         for uuid, kind, a, b, errors in self._db.execute(
             self._lookup, {"uuids": orjson.dumps(uuids).decode(), "target": self.target}
         ):

@@ -1,0 +1,150 @@
+"""Where a load's client CPU goes, thread by thread, and the SQLite index beneath recording.
+
+    .venv/bin/python bench/layers.py [--messages 100000] [--customers 1000] [--repeat 3]
+
+1. Runs `histimport load` in this process against the benchmark server at 0 ms (a fresh
+   server and state dir each run), with the check workers and without them, and prints
+   the CPU time of each of its threads (`time.thread_time()` as each thread ends), of its
+   check workers (the children it reaped) and the start-up (an empty export), per message:
+   - `histimport-read`: reading, recording batches of rows in the staging, chunking and
+     spilling, handing chunks to the event loop (and, without workers, parsing and checking);
+   - the main thread: start-up, the event loop's HTTP exchanges through httpx, the journal
+     of requests and answers, the delivery's bookkeeping;
+   - `histimport-settle`: settling answers into the ledger.
+2. Times SQLite alone doing what recording does to its sourceUuid index: batches of 4,096
+   random UUIDs looked up, then inserted and committed in WAL mode, at 100,000 and
+   1,000,000 rows; with the UUID text indexed, and with a 64-bit integer of it instead.
+
+Informational: exits 0 unless a load fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from gen_data import data_file
+from run import DATA, OUT, Profile, Server
+
+_ended: dict[str, float] = {}
+_original_run = threading.Thread.run
+
+
+def _timed_run(self: threading.Thread) -> None:
+    try:
+        _original_run(self)
+    finally:
+        _ended[self.name] = _ended.get(self.name, 0.0) + time.thread_time()
+
+
+def load(source: Path, base_url: str, workdir: Path, workers: int | None) -> dict[str, float]:
+    """CPU seconds of one in-process `histimport load`, by thread and for its workers."""
+    from histimport.cli import app
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    argv = ["load", str(source), "--base-url", base_url, "--state-dir", str(workdir / "state")]
+    argv += ["--failed-out", str(workdir / "failed.json"), "--quiet"]
+    if workers is not None:
+        argv += ["--check-workers", str(workers)]
+    _ended.clear()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    main_before = time.thread_time()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit) as code:
+        app(argv, prog_name="histimport", standalone_mode=True)
+    main = time.thread_time() - main_before
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if code is not None and code.exc_value is not None and code.exc_value.code not in (0, None):
+        raise SystemExit(f"histimport load exited {code.exc_value.code}; see {workdir}")
+    return {
+        "main": main,
+        "read": _ended.get("histimport-read", 0.0),
+        "settle": _ended.get("histimport-settle", 0.0),
+        "workers": (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime),
+    }
+
+
+def index_cost(rows: int, key: str, batch: int = 4096) -> float:
+    """µs a row to look up and insert `rows` random UUIDs, committed a batch at a time."""
+    folder = OUT / "layers" / "sqlite"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    db = sqlite3.connect(folder / "st.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA cache_size=-16384")
+    column = "u" if key == "text" else "h"
+    db.execute("CREATE TABLE msg(id INTEGER PRIMARY KEY, h INTEGER, u TEXT, src INTEGER)")
+    db.execute(f"CREATE INDEX msg_key ON msg({column})")
+    uuids = [str(uuid.uuid4()) for _ in range(rows)]
+    started = time.process_time()
+    for first in range(0, rows, batch):
+        part = uuids[first : first + batch]
+        keys = part if key == "text" else [hash(u) & (2**62 - 1) for u in part]
+        found = db.execute(
+            f"SELECT m.id FROM json_each(?) j JOIN msg m ON m.{column} = j.value",
+            (json.dumps(keys),),
+        )
+        found.fetchall()
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO msg VALUES (?, ?, ?, 0)",
+            [(first + i, hash(u) & (2**62 - 1), u) for i, u in enumerate(part)],
+        )
+        db.execute("COMMIT")
+    spent = time.process_time() - started
+    db.close()
+    return spent * 1e6 / rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--customers", type=int, default=1_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    threading.Thread.run = _timed_run  # type: ignore[method-assign]
+    os.environ.update(HISTIMPORT_USERNAME="bench", HISTIMPORT_PASSWORD="bench")
+    source = data_file(DATA, args.messages, args.customers)
+    empty = OUT / "layers" / "empty.jsonl"
+    empty.parent.mkdir(parents=True, exist_ok=True)
+    empty.write_text("")
+    per = 1e6 / args.messages
+    print(f"{args.messages:,} messages over {args.customers:,} customers, interleaved, 0 ms")
+    print("CPU in µs a message: main thread (start-up included), read, settle, workers, total")
+    for workers in (None, 0):
+        label = "default check workers" if workers is None else "--check-workers 0"
+        for n in range(args.repeat):
+            server = Server(Profile("0ms", 0), "memory", OUT / "layers" / "server.log")
+            try:
+                start = load(empty, server.base_url, OUT / "layers" / "empty", workers)
+                cpu = load(source, server.base_url, OUT / "layers" / "run", workers)
+            finally:
+                server.stop()
+            total = sum(cpu.values())
+            print(
+                f"{label}, run {n + 1}: main {cpu['main'] * per:.1f} "
+                f"(an empty export: {start['main'] * per:.1f}), read {cpu['read'] * per:.1f}, "
+                f"settle {cpu['settle'] * per:.1f}, workers {cpu['workers'] * per:.1f}, "
+                f"total {total * per:.1f}"
+            )
+    print("SQLite, batches of 4,096 looked up, inserted and committed (WAL), µs a row:")
+    for rows in (100_000, 1_000_000):
+        text, integer = index_cost(rows, "text"), index_cost(rows, "int")
+        print(f"{rows:>9,} rows: UUID text index {text:.1f}, 64-bit integer index {integer:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -300,4 +300,5 @@ def test_the_quick_and_the_lenient_reading_of_an_answer_agree() -> None:
     quick = read_answer(answer)
     messages = pending("a", "b", "c", "d")
     assert outcomes_of(messages, 200, quick) == outcomes_of(messages, 200, lenient)
-    assert policy.server_warnings(quick) == policy.server_warnings(lenient) == 2
+    assert policy.server_warnings(quick) == policy.server_warnings(lenient)
+    assert len(policy.server_warnings(quick)) == 2

@@ -19,6 +19,7 @@ from .outputs import (
     NOT_READ,
     REPORT_FORMAT,
     FailedEntry,
+    write_accepted,
     write_failed,
     write_report,
     writing,
@@ -92,6 +93,9 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
             shards=_shards(end),
         )
     report = _report(counts, end, delivered, error_codes)
+    if config.accepted_out is not None:
+        with writing(config.accepted_out, "--accepted-out"):
+            write_accepted(config.accepted_out, ledger.accepted(this_run=True))
     if config.report is not None:
         with writing(config.report, "--report"):
             write_report(config.report, report)
@@ -142,6 +146,10 @@ def _report(
         "elapsedSeconds": round(elapsed, 3),
         "messagesPerSecond": round(counts["accepted"] / elapsed, 1) if elapsed > 0 else 0.0,
         "errorCodes": dict(error_codes.most_common()),
+        "platformWarnings": {
+            "byCode": dict(delivered.warning_codes.most_common()),
+            "listed": delivered.warnings_listed,
+        },
     }
 
 

@@ -12,9 +12,9 @@ import enum
 import functools
 import getpass
 import inspect
+import logging
 import os
 import sys
-import threading
 import tomllib
 import typing
 from collections.abc import Callable
@@ -145,6 +145,14 @@ _RUN_OPTIONS: dict[str, Any] = {
     "log_format": Annotated[
         str, _opt("--log-format", help="text, or json (one object per line on stderr).")
     ],
+    "progress_interval": Annotated[
+        float,
+        _opt(
+            "--progress-interval",
+            help="Seconds between two progress events in the logs (--log-format json, or "
+            "text off a terminal).",
+        ),
+    ],
 }
 # Defaults live in Config; the command line adds only what is not a Config field.
 _DEFAULTS: dict[str, Any] = {
@@ -164,7 +172,7 @@ def _exits(func: Callable[..., int]) -> Callable[..., None]:
         try:
             status = func(*args, **kwargs)
         except HistimportError as exc:
-            _report_error(exc.message, exc.hint)
+            _report_error(exc.message, exc.hint, as_json=kwargs.get("log_format") == "json")
             status = exc.exit_status
         except KeyboardInterrupt:
             status = ExitStatus.INTERRUPTED
@@ -224,7 +232,6 @@ def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = Fal
 
 
 def _password(from_stdin: bool) -> str | None:
-    import os
 
     if from_stdin:
         line = sys.stdin.readline()
@@ -238,6 +245,11 @@ def _password(from_stdin: bool) -> str | None:
     return None
 
 
+_ACCEPTED_OUT = _opt(
+    "--accepted-out",
+    help="Write one line per message accepted in this run: sourceUuid, messageUuid, "
+    "departmentUUID, customerUUID (JSONL, or CSV if the name ends in .csv).",
+)
 _SOURCES = typer.Argument(help="JSONL or CSV files (.gz too), or - .", metavar="SOURCE...")
 
 
@@ -249,7 +261,11 @@ def _finish(result: Any, display: Any, title: str) -> int:
 def _display(options: dict[str, Any]) -> Any:
     from .display import Display
 
-    return Display(quiet=options["quiet"], log_format=options["log_format"])
+    return Display(
+        quiet=options["quiet"],
+        log_format=options["log_format"],
+        progress_interval=options["progress_interval"],
+    )
 
 
 @app.command()
@@ -266,6 +282,7 @@ def load(
             "--fresh", help="Start over instead of resuming (accepted messages still skipped)."
         ),
     ] = False,
+    accepted_out: Annotated[Path | None, _ACCEPTED_OUT] = None,
     **options: Any,
 ) -> int:
     """Read, validate, send; write the failed file (and the report)."""
@@ -276,7 +293,7 @@ def load(
     # Checked here too, so that a missing file is said before a password is asked for.
     intake.open_sources(sources, options["format"])
     display = _display(options)
-    config = _config(options, dry_run=dry_run, fresh=fresh)
+    config = _config({**options, "accepted_out": accepted_out}, dry_run=dry_run, fresh=fresh)
     result = (run.validate if dry_run else run.load)(sources, config, observer=display)
     return _finish(result, display, "validate" if dry_run else "load")
 
@@ -294,13 +311,14 @@ def retry(
             "--include-permanent", help="Also re-send messages the platform refused outright."
         ),
     ] = False,
+    accepted_out: Annotated[Path | None, _ACCEPTED_OUT] = None,
     **options: Any,
 ) -> int:
     """Re-send exactly what the failed files list as retryable, unsent or rejected."""
     from .resend import retry as retry_run
 
     display = _display(options)
-    config = _config(options)
+    config = _config({**options, "accepted_out": accepted_out})
     result = retry_run(failed_files, config, include_permanent=include_permanent, observer=display)
     return _finish(result, display, "retry")
 
@@ -419,7 +437,6 @@ def sandbox(
     """Serve the bundled sandbox API on loopback (demos, tests, rehearsals).
 
     With --username, the password is read from HISTIMPORT_SANDBOX_PASSWORD."""
-    import os
 
     from .sandbox import SandboxConfig, serve
     from .sandbox.limits import LimiterShape
@@ -471,12 +488,25 @@ def status(
     force: Annotated[bool, typer.Option("--force", help="With --purge: even if unfinished.")] = (
         False
     ),
+    accepted: Annotated[
+        Path | None,
+        typer.Option(
+            "--accepted",
+            help="Write every message the ledger knows as accepted, one line each: "
+            "sourceUuid, messageUuid, departmentUUID, customerUUID, target (JSONL, or CSV if "
+            "the name ends in .csv).",
+        ),
+    ] = None,
 ) -> int:
     """What the state ledger knows: runs, sources, counts per state, frequent errors."""
     from . import status as ledger_status
     from .display import render_status
 
     dirs = state_dirs or [Path(".histimport")]
+    if accepted is not None:
+        written = ledger_status.export_accepted(dirs, accepted)
+        print(f"{accepted}: {written} accepted messages", file=sys.stderr)
+        return 0
     if purge:
         for state_dir in dirs:
             if ledger_status.purge(state_dir, force=force):
@@ -640,42 +670,16 @@ def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) ->
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `histimport` command."""
-    try:
-        app(args=argv, prog_name="histimport")
-    except SystemExit as done:
-        _exit(done)
-        raise
+    app(args=argv, prog_name="histimport")
 
 
-def _exit(done: SystemExit) -> None:
-    """Leave without tearing the interpreter down, as mypy does: freeing every module and
-    object takes about 0.15 s that nothing needs, once the command has written and closed
-    everything (its temporary directories, ledger and outputs are closed by the commands
-    themselves). Only with no other thread left, and no profiler or tracer that writes its
-    results at exit (cProfile, coverage); otherwise the usual exit follows."""
-    code = done.code
-    if threading.active_count() > 1 or not (code is None or isinstance(code, int)):
+def _report_error(message: str, hint: str | None, *, as_json: bool = False) -> None:
+    if as_json:
+        from . import logs
+
+        logs.configure("json")
+        logs.event("error", logging.ERROR, message=message, hint=hint)
         return
-    if sys.getprofile() is not None or sys.gettrace() is not None or _monitored():
-        return
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        return  # a closed or broken stream: let the usual exit report it
-    os._exit(code or 0)
-
-
-def _monitored() -> bool:
-    """Whether a tool watches the run through sys.monitoring (Python 3.12 on: cProfile and
-    coverage may, with sys.getprofile() and sys.gettrace() left None)."""
-    monitoring = getattr(sys, "monitoring", None)
-    if monitoring is None:
-        return False
-    return any(monitoring.get_tool(tool) is not None for tool in range(6))
-
-
-def _report_error(message: str, hint: str | None) -> None:
     print(f"error: {message}", file=sys.stderr)
     if hint:
         print(f"  hint: {hint}", file=sys.stderr)

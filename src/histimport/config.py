@@ -34,6 +34,7 @@ class Config:
     notify: bool = False
     failed_out: Path = Path("failed.json")
     report: Path | None = None
+    accepted_out: Path | None = None
     state_dir: Path = Path(".histimport")
     map_file: Path | None = None
     unordered: bool = False
@@ -52,10 +53,11 @@ class Config:
     max_response_bytes: int = 16 * 1024 * 1024
     quiet: bool = False
     log_format: LogFormat = "text"
+    progress_interval: float = 10.0
 
     def __post_init__(self) -> None:
         # The Python API takes str paths too.
-        for name in ("failed_out", "report", "state_dir", "map_file", "ca_bundle"):
+        for name in ("failed_out", "report", "accepted_out", "state_dir", "map_file", "ca_bundle"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -74,6 +76,10 @@ class Config:
                 self.give_up_after > 0 and math.isfinite(self.give_up_after),
                 "--give-up-after must be a positive number of seconds",
             ),
+            (
+                self.progress_interval > 0 and math.isfinite(self.progress_interval),
+                "--progress-interval must be a positive number of seconds",
+            ),
             (self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024"),
             (
                 self.check_workers is None or 0 <= self.check_workers <= 64,
@@ -89,8 +95,10 @@ class Config:
             raise UsageError(f"--delimiter must be one ASCII character, not {self.delimiter!r}")
         if self.encoding is not None:
             try:
-                text = codecs.lookup(self.encoding)._is_text_encoding
+                codecs.lookup(self.encoding)
             except LookupError:
                 raise UsageError(f"--encoding {self.encoding!r} is not a known encoding") from None
-            if not text:  # hex, rot13, zlib...: codecs, but not of text
-                raise UsageError(f"--encoding {self.encoding!r} is not a text encoding")
+            try:
+                "".encode(self.encoding)
+            except LookupError:  # hex, rot13, zlib...: codecs, but not of text
+                raise UsageError(f"--encoding {self.encoding!r} is not a text encoding") from None

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import ssl
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -47,6 +49,8 @@ _WORKERS_PER_SLOT = 4
 # Before the platform has answered anything, a connection that cannot be made is most
 # likely a wrong URL: the run gives up after this many seconds, not --give-up-after.
 FIRST_CONTACT_SECONDS = 10.0
+WARNINGS_LISTED = 1000
+"""The platform's warnings a report lists one by one at most (all are counted by code)."""
 _WATCH_EVERY = 0.25
 _PRUNE_EVERY = 2.0
 """Seconds between two prunings of the journal's settled rows."""
@@ -62,6 +66,8 @@ class DeliveryStats:
     splits: int = 0
     reconnects: int = 0
     server_warnings: int = 0
+    warning_codes: Counter[str] = field(default_factory=Counter)  # the platform's, by code
+    warnings_listed: list[dict[str, Any]] = field(default_factory=list)  # the first ones
     abandoned: bool = False  # a second Ctrl-C abandoned requests in flight
     statuses: Counter[str] = field(default_factory=Counter)
     final_concurrency: int = 0
@@ -251,6 +257,9 @@ class Lanes:
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
 Paused = Callable[[Pause], None]
+"""A request the platform pushed back."""
+Noticed = Callable[[str, int, dict[str, Any]], None]
+"""An event for the logs, at once: its name, its logging level, its fields."""
 """Called for each request the platform pushes back."""
 
 
@@ -266,6 +275,7 @@ class Deliverer:
         credentials: tuple[str, str] | None,
         progress: Progress | None = None,
         paused: Paused | None = None,
+        noticed: Noticed | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         stats: DeliveryStats | None = None,
     ) -> None:
@@ -280,6 +290,7 @@ class Deliverer:
         self.envelope = Envelope(config.callback_url)
         self._progress = progress or (lambda accepted, failed: None)
         self._paused = paused or (lambda pause: None)
+        self._noticed = noticed or (lambda event, level, fields: None)
         self._transport = transport
         self._backoff = Backoff(base=config.backoff_base, cap=config.backoff_cap)
         self._stopping = asyncio.Event()
@@ -366,6 +377,7 @@ class Deliverer:
             verdict = self._health.verdict(time.monotonic())
             if verdict is not None:
                 self.stats.gave_up = verdict
+                self._noticed("platform-down", logging.ERROR, {"reason": verdict})
                 self.stop()
 
     async def first_contact(
@@ -392,8 +404,7 @@ class Deliverer:
                     (outcome,) = self._outcomes(chunk, decision, State.FAILED)
                     return outcome
                 if decision.action is Action.ABORT:
-                    self.stats.aborted = decision.description
-                    self.stop()
+                    self._abort(decision)
                     return None
                 waited = time.monotonic() - started
                 if decision.status is not None or decision.unknown_outcome:
@@ -403,6 +414,7 @@ class Deliverer:
                         f"the platform could not be reached at {self.base_url} "
                         f"({decision.description}); check --base-url and the network"
                     )
+                    self._noticed("platform-down", logging.ERROR, {"reason": self.stats.gave_up})
                     self.stop()
                     return None
                 await asyncio.sleep(
@@ -505,11 +517,10 @@ class Deliverer:
             self._heed(decision, sent_at, (chunk.department, chunk.customer))
             if decision.action is Action.ACCEPT:
                 outcomes = self._accepted(chunk, decision)
-                self._record(outcomes)
+                self._record(outcomes, (chunk.department, chunk.customer))
                 return not any(o.retryable for o in outcomes)
             if decision.action is Action.ABORT:
-                self.stats.aborted = decision.description
-                self.stop()
+                self._abort(decision)
                 return False
             if decision.action is Action.SPLIT:
                 return await self._split(chunk, decision)
@@ -524,11 +535,19 @@ class Deliverer:
             attempt += not paced
             if attempt >= self.config.max_attempts or throttled >= _THROTTLE_ATTEMPTS:
                 self._fail(chunk, decision, retryable=True)
+                self._noticed(
+                    "gave-up",
+                    logging.WARNING,
+                    {**self._about(chunk, decision), "attempts": attempt + throttled},
+                )
                 return False
             self.stats.retries += 1
             wait = self._backoff.delay(max(attempt, throttled), decision.retry_after)
             if decision.backpressure:
                 self._pushed_back(decision, wait)
+            else:
+                fields = {**self._about(chunk, decision), "attempt": attempt}
+                self._noticed("retry", logging.INFO, {**fields, "waitSeconds": round(wait, 3)})
             await self._sleep(wait)
         if last is not None:
             # Stopped between two attempts: not sent, as far as the ledger knows, with the
@@ -536,10 +555,49 @@ class Deliverer:
             self._record(self._outcomes(chunk, last, State.PENDING, retryable=True))
         return False
 
+    def _abort(self, decision: Decision) -> None:
+        self.stats.aborted = decision.description
+        self._noticed("aborted", logging.ERROR, {"reason": decision.description})
+        self.stop()
+
+    @staticmethod
+    def _about(chunk: Chunk, decision: Decision) -> dict[str, Any]:
+        """A request's fields in the logs: whose messages, how many, what came back."""
+        return {
+            "department": chunk.department,
+            "customer": chunk.customer,
+            "messages": len(chunk.messages),
+            "status": decision.status,
+            "cause": decision.description,
+        }
+
+    def live(self) -> dict[str, Any]:
+        """The delivery's figures now, for the progress events."""
+        pace = self.pacer.state
+        return {
+            "requests": self.stats.requests,
+            "retries": self.stats.retries,
+            "requestsInFlight": self._in_flight,
+            "paceRequestsPerSecond": None if pace.rate is None else round(pace.rate, 1),
+        }
+
     def _accepted(self, chunk: Chunk, decision: Decision) -> list[Outcome]:
         """The messages' outcomes in a 200 answer (its warnings counted)."""
         assert decision.body is not None and decision.status is not None
-        self.stats.server_warnings += server_warnings(decision.body)
+        warnings = server_warnings(decision.body)
+        if warnings:
+            stats = self.stats
+            stats.server_warnings += len(warnings)
+            for source_uuid, code, description in warnings:
+                stats.warning_codes[code] += 1
+                if len(stats.warnings_listed) < WARNINGS_LISTED:
+                    stats.warnings_listed.append(
+                        {
+                            "sourceUuid": source_uuid,
+                            "warningCode": code,
+                            "warningDescription": description,
+                        }
+                    )
         return outcomes_of(chunk.messages, decision.status, decision.body)
 
     @staticmethod
@@ -686,9 +744,9 @@ class Deliverer:
     def _fail(self, chunk: Chunk, decision: Decision, *, retryable: bool = False) -> None:
         self._record(self._outcomes(chunk, decision, State.FAILED, retryable=retryable))
 
-    def _record(self, outcomes: list[Outcome]) -> None:
+    def _record(self, outcomes: list[Outcome], key: tuple[str, str] | None = None) -> None:
         # A commit of one request's outcomes takes well under a millisecond; a writer thread
         # was tried and cost more in contention for the GIL than it saved.
-        self.ledger.record(outcomes)
+        self.ledger.record(outcomes, key)
         accepted = sum(1 for o in outcomes if o.state is State.ACCEPTED)
         self._progress(accepted, len(outcomes) - accepted)

@@ -1,19 +1,24 @@
 """What a person sees: a progress bar on a TTY, a summary at the end, error lines.
 
 Everything goes to stderr, so that stdout stays free for machine output (`validate
---output json`). Nothing is animated off a TTY or with --quiet; `--log-format json` prints
-one JSON object per event instead of text. rich is imported only for what is shown with it:
-a quiet run does without it (about 40 ms of start-up).
+--output json`). Nothing is animated off a TTY or with --quiet. Off a TTY, or with
+`--log-format json`, the run's events are logged instead (`logs`): its start, a progress
+event every --progress-interval seconds, each pause and each give-up as it happens, the
+summary. rich is imported only for what is shown with it: a quiet run does without it
+(about 40 ms of start-up).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from . import logs
 from .accounting import RunResult
 
 if TYPE_CHECKING:
@@ -48,10 +53,24 @@ _SUMMARY = (
 class Display:
     """Progress and summary for one command; also the run's Observer."""
 
-    def __init__(self, *, quiet: bool, log_format: str) -> None:
+    def __init__(self, *, quiet: bool, log_format: str, progress_interval: float = 10.0) -> None:
         self.quiet = quiet
         self.json = log_format == "json"
         self.animate = not quiet and not self.json and self.console.is_terminal
+        # Logged: everything in JSON, or in text off a terminal; only errors when quiet.
+        self.logged = self.json or not (quiet or self.console.is_terminal)
+        if self.logged:
+            level = logging.WARNING if quiet else logging.INFO
+            logs.configure("json" if self.json else "text", level=level)
+        self._interval = progress_interval
+        self._ticker: threading.Thread | None = None
+        self._stop_ticking = threading.Event()
+        self._live: Callable[[], dict[str, Any]] | None = None
+        self._started_at = time.monotonic()
+        self._last: tuple[float, int] = (self._started_at, 0)  # (when, accepted) last told
+        self._accepted = 0
+        self._bytes: tuple[int, int | None] = (0, None)
+        self._last_pause: str | None = None
         self._progress: Progress | None = None
         self._read: Any = None  # the progress display's tasks
         self._sent: Any = None
@@ -69,6 +88,27 @@ class Display:
 
     # -- Observer ------------------------------------------------------------------------
 
+    def starting(self, details: dict[str, Any]) -> None:
+        """The run begins: what it reads, where it sends, the settings that matter."""
+        self._started_at = time.monotonic()
+        self._last = (self._started_at, 0)
+        self.event("start", **details)
+
+    def delivering(self, live: Callable[[], dict[str, Any]]) -> None:
+        """Sending begins; `live()` tells the delivery's figures at any time. A progress
+        event is logged every --progress-interval seconds until `done`."""
+        self._live = live
+        if self.logged and not self.quiet and self._ticker is None:
+            self._ticker = threading.Thread(
+                target=self._tick, name="histimport-progress", daemon=True
+            )
+            self._ticker.start()
+
+    def notice(self, event: str, level: int, fields: dict[str, Any]) -> None:
+        """Something the delivery did that a reader of the logs wants to know at once (a
+        retry, a give-up)."""
+        self.event(event, level=level, **fields)
+
     def staging(self, source: str) -> None:
         self.event("reading", source=source)
         self._source = source
@@ -76,6 +116,7 @@ class Display:
 
     def reading(self, done: int, total: int | None) -> None:
         """Bytes of the current source read so far (compressed bytes for gzip)."""
+        self._bytes = (done, total)
         progress = self._started()
         if progress is None:
             return
@@ -97,21 +138,67 @@ class Display:
 
     def progress(self, accepted: int, failed: int) -> None:
         self._answered += accepted + failed
+        self._accepted += accepted
         self._failed += failed
         self._show_sent()
 
     def paused(self, pause: Pause) -> None:
         """A request the platform pushed back: its cause, its wait and the new pace."""
         rate = None if pause.rate is None else round(pause.rate, 1)
-        self.event("pause", cause=pause.cause, waitSeconds=round(pause.wait, 3), rate=rate)
+        self.event(
+            "pause",
+            level=logging.WARNING,
+            cause=pause.cause,
+            waitSeconds=round(pause.wait, 3),
+            rate=rate,
+        )
         paced = "unpaced" if rate is None else f"paced at {rate:g} req/s"
         self._pace = f"{paced} (last push-back: {pause.cause})"
+        self._last_pause = pause.cause
         self._show_sent()
 
     def done(self) -> None:
+        if self._ticker is not None:
+            self._stop_ticking.set()
+            self._ticker.join()
+            self._ticker = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def _tick(self) -> None:
+        while not self._stop_ticking.wait(self._interval):
+            self.event("progress", **self.figures())
+
+    def figures(self) -> dict[str, Any]:
+        """The run's progress now: what was answered, what waits, the pace, the ETA."""
+        now = time.monotonic()
+        since, before = self._last
+        accepted, answered = self._accepted, self._answered
+        rate = (accepted - before) / (now - since) if now > since else 0.0
+        self._last = (now, accepted)
+        live = self._live() if self._live is not None else {}
+        waiting = self._handed_on - answered
+        done, total = self._bytes
+        eta = None
+        if rate > 0 and total:
+            # Messages to come, estimated from the share of the source read so far.
+            expected = self._handed_on * total / max(done, 1)
+            eta = round(max(expected - answered, waiting) / rate)
+        figures = {
+            "elapsedSeconds": round(now - self._started_at, 1),
+            "accepted": accepted,
+            "failed": self._failed,
+            "waiting": waiting,
+            **live,
+            "messagesPerSecond": round(rate, 1),
+            "pushedBack": self._last_pause,
+            "etaSeconds": eta,
+        }
+        if total:
+            figures["readPercent"] = round(100 * done / total, 1)
+        self._last_pause = None
+        return figures
 
     def _show_sent(self) -> None:
         progress = self._started()
@@ -151,15 +238,13 @@ class Display:
 
     # -- messages ------------------------------------------------------------------------
 
-    def event(self, event: str, **fields: Any) -> None:
-        if self.json and not self.quiet:
-            sys.stderr.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+    def event(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
+        if self.logged:
+            logs.event(event, level, **fields)
 
     def error(self, message: str, hint: str | None = None) -> None:
         if self.json:
-            sys.stderr.write(
-                orjson.dumps({"event": "error", "message": message, "hint": hint}).decode() + "\n"
-            )
+            logs.event("error", logging.ERROR, message=message, hint=hint)
             return
         self.console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
         if hint:
@@ -169,7 +254,7 @@ class Display:
         self.done()
         if self.json:
             for line in result.preview:
-                self.event("problem", text=line)
+                self.event("problem", logging.WARNING, text=line)
             if result.message:
                 self.error(result.message)
             self.event(
@@ -200,6 +285,12 @@ class Display:
         if len(result.warnings) > _WARNINGS_SHOWN:
             more = report["warnings"] - _WARNINGS_SHOWN
             self.console.print(f"... {more} more warnings (validate --output json)", markup=False)
+        by_code = report.get("platformWarnings", {}).get("byCode")
+        if by_code:
+            codes = ", ".join(f"{code} {n}" for code, n in by_code.items())
+            self.console.print(
+                f"platform warnings: {codes} (listed in the report)", markup=False, soft_wrap=True
+            )
         rows = _VALIDATION if title == "validate" else _SUMMARY
         if self.console.is_terminal:
             from rich.table import Table

@@ -82,13 +82,19 @@ _MIGRATIONS: tuple[str, ...] = (
     #    refused. "IF NOT EXISTS": a state dir from before the schema had versions takes it
     #    as it stands.
     _SCHEMA,
+    # 2: whose message each acceptance was (department and customer, a small id each):
+    #    `status --accepted` hands the map of old ids to new ones over whole. Rows accepted
+    #    before have none.
+    """CREATE TABLE customers(
+           id INTEGER PRIMARY KEY, department TEXT, customer TEXT, UNIQUE(department, customer));
+       ALTER TABLE accepted ADD COLUMN customer_id INTEGER;""",
 )
 """The ledger's schema, one numbered step at a time: the step a state dir is at is its
 `PRAGMA user_version`. (The staging tables are made anew by every run, in `_STAGING`.)"""
 SCHEMA_VERSION = len(_MIGRATIONS)
 _JOURNAL_TABLE = """CREATE TABLE IF NOT EXISTS jl.journal(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, state INTEGER, http_status INTEGER,
-    retryable INTEGER, errors BLOB, items BLOB)"""
+    retryable INTEGER, errors BLOB, items BLOB, department TEXT, customer TEXT)"""
 """One row per request in flight and per kind of outcome of an answer (AUTOINCREMENT: a
 sequence number is never given twice, even after the journal is emptied)."""
 _LEGACY_STAGING = """
@@ -126,7 +132,7 @@ no message content)."""
 _ENTRIES = f"""
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
-           json_extract(e.value, '$[2]') AS message_uuid, j.seq
+           json_extract(e.value, '$[2]') AS message_uuid, j.seq, j.department, j.customer
       FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
 """Every word on a message in the journal, one row each; in-flight marks are left out."""
 LATEST_ENTRIES = f"SELECT *, MAX(seq) FROM ({_ENTRIES}) GROUP BY msg_id"
@@ -210,9 +216,14 @@ _STEP = (
        SELECT msg_id, state, http_status, retryable, errors FROM temp.step ORDER BY rowid""",
     # Sorted, so that the B-tree grows page by page instead of at random. The staged
     # messages are not read: the journal entries carry their sourceUuids.
-    f"""INSERT OR IGNORE INTO accepted
-       SELECT :target, source_uuid, message_uuid, :run, :at
-         FROM temp.step WHERE state = {_ACCEPTED} ORDER BY source_uuid""",
+    f"""INSERT OR IGNORE INTO customers(department, customer)
+       SELECT DISTINCT department, customer FROM temp.step
+        WHERE state = {_ACCEPTED} AND customer IS NOT NULL""",
+    f"""INSERT OR IGNORE INTO accepted(target, source_uuid, message_uuid, run_id, at, customer_id)
+       SELECT :target, s.source_uuid, s.message_uuid, :run, :at, c.id
+         FROM temp.step s LEFT JOIN customers c
+              ON c.department = s.department AND c.customer = s.customer
+        WHERE s.state = {_ACCEPTED} ORDER BY s.source_uuid""",
     # A refusal never undoes an acceptance (a message is in one of the two, at most).
     f"""INSERT OR REPLACE INTO refused
        SELECT :target, source_uuid, http_status, errors, :run
@@ -415,6 +426,10 @@ class Ledger:
             db.execute("ALTER TABLE stage_meta ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
         row = db.execute("SELECT run_id, target FROM stage_meta").fetchone()
         if row is not None and has_table(db, "jl", "journal"):
+            columns = {row[1] for row in db.execute("PRAGMA jl.table_info(journal)")}
+            for column in ("department", "customer"):
+                if column not in columns:  # written by a version that did not keep them
+                    db.execute(f"ALTER TABLE jl.journal ADD COLUMN {column} TEXT")
             self.run_id, self.target = row
             self.settle()
 
@@ -485,13 +500,27 @@ class Ledger:
         )
 
     @writes
-    def remember(self, outcome: Outcome) -> None:
+    def remember(self, outcome: Outcome, department: str, customer: str) -> None:
         """The platform's word on a message sent before staging (the run's first, alone):
         staged later, it is this run's accepted or refused message, not sent again."""
         if outcome.state is State.ACCEPTED:
             self._db.execute(
-                "INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?)",
-                (self.target, outcome.source_uuid, outcome.message_uuid, self.run_id, _now()),
+                "INSERT OR IGNORE INTO customers(department, customer) VALUES (?, ?)",
+                (department, customer),
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO accepted(target, source_uuid, message_uuid, run_id, at, "
+                "customer_id) SELECT ?, ?, ?, ?, ?, id FROM customers "
+                "WHERE department = ? AND customer = ?",
+                (
+                    self.target,
+                    outcome.source_uuid,
+                    outcome.message_uuid,
+                    self.run_id,
+                    _now(),
+                    department,
+                    customer,
+                ),
             )
             self._db.execute(
                 "DELETE FROM refused WHERE target = ? AND source_uuid = ?",
@@ -627,9 +656,11 @@ class Ledger:
         )
 
     @writes
-    def record(self, outcomes: list[Outcome]) -> None:
+    def record(self, outcomes: list[Outcome], key: tuple[str, str] | None = None) -> None:
         """Commit the outcomes of one request before anything relies on it: a row per run of
-        outcomes alike, its messages as [[id, sourceUuid, messageUuid], ...]."""
+        outcomes alike, its messages as [[id, sourceUuid, messageUuid], ...], and whose
+        messages they are (`key`, department and customer: kept with what was accepted)."""
+        department, customer = key if key is not None else (None, None)
         rows = []
         items: list[list[Any]] = []
         previous = None
@@ -643,8 +674,8 @@ class Ledger:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO jl.journal(state, http_status, retryable, errors, items) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO jl.journal(state, http_status, retryable, errors, items, "
+                "department, customer) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         state,
@@ -652,6 +683,8 @@ class Ledger:
                         int(retryable),
                         orjson.dumps(errors) if errors else None,
                         orjson.dumps(items),
+                        department,
+                        customer,
                     )
                     for state, status, retryable, errors, items in rows
                 ],
@@ -706,6 +739,19 @@ class Ledger:
             return
 
     # -- accounting --------------------------------------------------------------------
+
+    def accepted(self, *, this_run: bool) -> Iterator[tuple[str, str, str | None, str | None]]:
+        """What the platform accepted on this target (`this_run`: in this run alone), as
+        (sourceUuid, messageUuid, department, customer), by sourceUuid; read as it goes."""
+        query = (
+            "SELECT a.source_uuid, a.message_uuid, c.department, c.customer FROM accepted a "
+            "LEFT JOIN customers c ON c.id = a.customer_id WHERE a.target = ?"
+        )
+        params: tuple[Any, ...] = (self.target,)
+        if this_run:
+            query += " AND a.run_id = ?"
+            params += (self.run_id,)
+        yield from self._db.execute(query + " ORDER BY a.source_uuid", params)
 
     def counts(self) -> dict[str, int]:
         """Counts per contract name for the current run."""

@@ -5,6 +5,8 @@ Neither ever holds a credential or a message body: identifiers, locations and er
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import stat
 import tempfile
@@ -254,6 +256,43 @@ def write_failed(
             out.write((b",\n" if written else b"\n") + entry_json.encode())
             written += 1
         out.write(b"\n]}\n")
+
+
+ACCEPTED_FIELDS = ("sourceUuid", "messageUuid", "departmentUUID", "customerUUID")
+"""The columns of an accepted file, in order."""
+
+
+def write_accepted(
+    path: Path, rows: Iterable[tuple[str | None, ...]], *, extra: tuple[str, ...] = ()
+) -> int:
+    """One line per accepted message (`ACCEPTED_FIELDS`, then `extra`): JSONL, or CSV when
+    the name ends in `.csv`, its cells made safe from spreadsheet formulas. The number of
+    lines."""
+    fields = ACCEPTED_FIELDS + extra
+    written = 0
+    with atomic_writer(path) as out:
+        if path.suffix.lower() == ".csv":
+            text = io.TextIOWrapper(out, encoding="utf-8", newline="")
+            writer = csv.writer(text)
+            writer.writerow(fields)
+            for row in rows:
+                writer.writerow([formula_safe(cell) for cell in row])
+                written += 1
+            text.flush()
+            text.detach()
+        else:
+            for row in rows:
+                out.write(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n")
+                written += 1
+    return written
+
+
+def formula_safe(cell: str | None) -> str:
+    """A CSV cell a spreadsheet shows as text: one that begins with = + - @ (or a tab or a
+    carriage return) gets a leading apostrophe."""
+    if cell is None:
+        return ""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 def has_error(errors: Iterable[dict[str, Any]], *codes: str) -> bool:

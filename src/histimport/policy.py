@@ -278,10 +278,20 @@ def outcomes_of(messages: Sequence[Pending], status: int, body: Answer) -> list[
     return outcomes
 
 
-def server_warnings(body: Answer) -> int:
-    return len(body.get("warnings") or ()) + sum(
-        len(e.get("warnings") or ()) for e in body.get("saveMessageResponse") or ()
-    )
+def server_warnings(body: Answer) -> list[tuple[str | None, str, str]]:
+    """The answer's warnings: (sourceUuid, or None for the request's own; code;
+    description), the description cut to an excerpt."""
+    found = [(None, w) for w in body.get("warnings") or ()]
+    for entry in body.get("saveMessageResponse") or ():
+        found += [(entry.get("sourceUuid"), w) for w in entry.get("warnings") or ()]
+    return [
+        (
+            uuid,
+            str(w.get("warningCode") or "UNSPECIFIED"),
+            _excerpt(str(w.get("warningDescription") or "").encode()),
+        )
+        for uuid, w in found
+    ]
 
 
 def _dump(errors: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...]:

@@ -13,12 +13,13 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import __version__
 from .accounting import Ending, RunResult, account
 from .check import Rejected, Valid
 from .chunking import Chunker, Spill
@@ -27,9 +28,7 @@ from .deliver import Deliverer, Lanes, Pause
 from .errors import UsageError
 from .intake import Intake, open_sources, realpath
 from .ledger import Ledger
-from .outputs import (
-    check_outputs,
-)
+from .outputs import check_outputs
 from .read import Source
 from .records import Outcome, Pending, State
 from .signals import deferred, install_async_signals, sigterm_as_interrupt
@@ -45,6 +44,9 @@ class Observer(Protocol):
     """Hooks for a progress display; every method is optional to act on. They are called
     from the thread that runs the command."""
 
+    def starting(self, details: dict[str, Any]) -> None: ...
+    def delivering(self, live: Callable[[], dict[str, Any]]) -> None: ...
+    def notice(self, event: str, level: int, fields: dict[str, Any]) -> None: ...
     def staging(self, source: str) -> None: ...
     def reading(self, done: int, total: int | None) -> None: ...
     def sending(self, messages: int) -> None: ...
@@ -55,6 +57,15 @@ class Observer(Protocol):
 
 class Silent:
     """An observer that acts on nothing: subclass it to act on some events only."""
+
+    def starting(self, details: dict[str, Any]) -> None:
+        """The run begins: its command, sources, target and settings."""
+
+    def delivering(self, live: Callable[[], dict[str, Any]]) -> None:
+        """Sending begins; `live()` gives the delivery's figures (requests, pace)."""
+
+    def notice(self, event: str, level: int, fields: dict[str, Any]) -> None:
+        """The delivery retried a request, or gave up on one or on the platform."""
 
     def staging(self, source: str) -> None:
         pass
@@ -166,6 +177,8 @@ class Run:
         outputs = {"--failed-out": config.failed_out}
         if config.report is not None:
             outputs["--report"] = config.report
+        if config.accepted_out is not None:
+            outputs["--accepted-out"] = config.accepted_out
         check_outputs(outputs, sources)
         started = time.monotonic()
         # Forked checkers are safe while no thread but ours runs (`--sandbox` runs one).
@@ -173,6 +186,7 @@ class Run:
         with ExitStack() as stack:
             # SIGTERM interrupts as Ctrl-C does, instead of killing the process outright.
             stack.enter_context(sigterm_as_interrupt())
+            stack.callback(self.observer.done)  # whatever ends the run, progress events stop
             base_url = self._target(stack)
             state_dir = config.state_dir
             if config.dry_run:
@@ -180,6 +194,7 @@ class Run:
             ledger = Ledger(state_dir)
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
+            self.observer.starting(self._details(command, sources, base_url))
             intake = self.intake = Intake(
                 config,
                 sources,
@@ -195,6 +210,7 @@ class Run:
                     # Made before anything is read: a --ca-bundle or a proxy setting that
                     # cannot be used is told at once.
                     deliverer = self._deliverer(ledger, base_url)
+                    self.observer.delivering(deliverer.live)
                 self._check_unchanged(ledger, sources, command)
                 with _fewer_collections():
                     self._stream(ledger, state_dir, sources, intake, deliverer)
@@ -441,6 +457,23 @@ class Run:
             )
         return check_base_url(config.base_url, allow_insecure_http=config.allow_insecure_http)
 
+    def _details(self, command: str, sources: list[Source], base_url: str | None) -> dict[str, Any]:
+        """What a start event tells: enough to know, reading the logs later, what ran."""
+        config = self.config
+        return {
+            "command": command,
+            "version": __version__,
+            "sources": [s.path for s in sources],
+            "target": base_url,
+            "stateDir": str(config.state_dir),
+            "dryRun": config.dry_run,
+            "chunkSize": config.chunk_size,
+            "concurrency": config.concurrency,
+            "rate": config.rate,
+            "ordered": not config.unordered,
+            "shard": None if config.shard is None else "/".join(map(str, config.shard)),
+        }
+
     def _sent_first(self, ledger: Ledger, deliverer: Deliverer, row: Valid) -> Outcome | None:
         """Send the first valid row alone. Its outcome, if the answer gave one, is kept:
         recorded, the message is this run's, not sent again (`deliverer.stopping`: the run
@@ -450,7 +483,7 @@ class Run:
         if deliverer.stopping:
             return None
         if outcome is not None:
-            ledger.remember(outcome)
+            ledger.remember(outcome, row.department, row.customer)
         return outcome
 
     def _deliverer(self, ledger: Ledger, base_url: str) -> Deliverer:
@@ -465,6 +498,7 @@ class Run:
             credentials=credentials,
             progress=self.observer.progress,
             paused=self.observer.paused,
+            noticed=self.observer.notice,
         )
 
     def _mark_interrupted(self) -> None:

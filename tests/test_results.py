@@ -1,0 +1,113 @@
+"""What a run hands over besides its failures: the map of old ids to new ones
+(`--accepted-out`, `status --accepted`), and the platform's warnings by code."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import orjson
+from typer.testing import CliRunner
+
+from histimport.cli import app
+from histimport.sandbox import RunningSandbox
+
+from .factory import interleaved, message, write_jsonl
+
+CREDENTIALS = {"HISTIMPORT_USERNAME": "importer", "HISTIMPORT_PASSWORD": "pw"}
+
+
+def load(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["load", *args, "-q"], env=CREDENTIALS)
+    return result.exit_code, result.output
+
+
+def stored(server: RunningSandbox) -> dict[str, tuple[str, str, str]]:
+    """sourceUuid -> (messageUuid, department, customer), as the platform stored them."""
+    return {
+        m.source_uuid: (m.message_uuid, m.department, m.customer) for m in server.store.messages()
+    }
+
+
+def test_accepted_out_lists_exactly_what_the_platform_accepted_with_its_ids(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    rows = list(interleaved(customers=4, per_customer=5))
+    rows.append({"customerUUID": "c", "sourceUuid": "no-department"})  # rejected
+    write_jsonl(workdir / "e.jsonl", rows[:10])
+    code, output = load("e.jsonl", "--base-url", server.base_url, "--accepted-out", "a.jsonl")
+    assert code == 0, output
+    first = [orjson.loads(line) for line in (workdir / "a.jsonl").read_bytes().splitlines()]
+    write_jsonl(workdir / "f.jsonl", rows)  # the first ten again, then ten more and a bad row
+    code, output = load("f.jsonl", "--base-url", server.base_url, "--accepted-out", "b.jsonl")
+    assert code == 1, output
+    second = [orjson.loads(line) for line in (workdir / "b.jsonl").read_bytes().splitlines()]
+    platform = stored(server)
+    for lines, expected in ((first, rows[:10]), (second, rows[10:20])):
+        assert sorted(line["sourceUuid"] for line in lines) == sorted(
+            r["sourceUuid"] for r in expected
+        )
+        for line in lines:
+            assert platform[line["sourceUuid"]] == (
+                line["messageUuid"],
+                line["departmentUUID"],
+                line["customerUUID"],
+            )
+
+    result = CliRunner().invoke(app, ["status", "--accepted", "all.csv"])
+    assert result.exit_code == 0, result.output
+    with (workdir / "all.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 20 == len(platform)
+    assert {r["sourceUuid"]: r["messageUuid"] for r in table} == {
+        uuid: ids[0] for uuid, ids in platform.items()
+    }
+    assert {r["target"] for r in table} == {server.base_url}
+
+
+def test_an_accepted_csv_is_safe_to_open_in_a_spreadsheet(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    write_jsonl(
+        workdir / "e.jsonl",
+        [message("-dept", "-cust", 1), message("d", "c", 2, sourceUuid="=HYPERLINK(1)")],
+    )
+    code, output = load("e.jsonl", "--base-url", server.base_url, "--accepted-out", "a.csv")
+    assert code == 0, (output, (workdir / "failed.json").read_text())
+    with (workdir / "a.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert sorted((r["sourceUuid"], r["departmentUUID"], r["customerUUID"]) for r in table) == [
+        ("'-dept.-cust.000001", "'-dept", "'-cust"),
+        ("'=HYPERLINK(1)", "d", "c"),
+    ]
+
+
+def test_the_platform_s_warnings_are_reported_by_code_and_message(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    rows = list(interleaved(customers=2, per_customer=3))
+    write_jsonl(workdir / "e.jsonl", rows)
+    assert load("e.jsonl", "--base-url", server.base_url)[0] == 0
+    # Sent again from a state dir that knows none of it: the platform stores nothing twice
+    # and says so in a warning per message.
+    result = CliRunner().invoke(
+        app,
+        [
+            "load",
+            "e.jsonl",
+            "--base-url",
+            server.base_url,
+            "--state-dir",
+            "other",
+            "--report",
+            "r.json",
+        ],
+        env=CREDENTIALS,
+    )
+    assert result.exit_code == 0, result.output
+    warnings = orjson.loads((workdir / "r.json").read_bytes())["platformWarnings"]
+    assert warnings["byCode"] == {"DUPLICATE_SOURCE_UUID": 6}
+    assert sorted(w["sourceUuid"] for w in warnings["listed"]) == sorted(
+        r["sourceUuid"] for r in rows
+    )
+    assert "platform warnings: DUPLICATE_SOURCE_UUID 6" in result.output

@@ -111,3 +111,46 @@ def test_the_platform_s_warnings_are_reported_by_code_and_message(
         r["sourceUuid"] for r in rows
     )
     assert "platform warnings: DUPLICATE_SOURCE_UUID 6" in result.output
+
+
+def test_no_command_replaces_the_failed_file_of_another_import(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    rows = [*interleaved(customers=2, per_customer=3), {"sourceUuid": "no-ids"}]
+    write_jsonl(workdir / "e.jsonl", rows)
+    assert load("e.jsonl", "--base-url", server.base_url)[0] == 1
+    written = (workdir / "failed.json").read_bytes()
+    head = orjson.loads(written)
+    assert head["command"] == "load"
+    assert head["stateDir"] == str((workdir / ".histimport").resolve())
+
+    checked = CliRunner().invoke(app, ["validate", "e.jsonl", "--failed-out", "failed.json"])
+    assert checked.exit_code == 2 and "is not replaced" in checked.output
+    other = load("e.jsonl", "--base-url", server.base_url, "--state-dir", "other")
+    assert other[0] == 2 and "state dir" in other[1]
+    assert (workdir / "failed.json").read_bytes() == written
+
+    # The same import's next run, or its retry, replaces it.
+    retried = CliRunner().invoke(
+        app, ["retry", "failed.json", "--base-url", server.base_url, "-q"], env=CREDENTIALS
+    )
+    assert retried.exit_code == 1, retried.output
+    assert orjson.loads((workdir / "failed.json").read_bytes())["command"] == "retry"
+
+
+def test_out_dir_gives_each_run_a_folder_of_its_own(workdir: Path, server: RunningSandbox) -> None:
+    write_jsonl(workdir / "e.jsonl", interleaved(customers=2, per_customer=3))
+    for _ in range(2):
+        code, output = load("e.jsonl", "--base-url", server.base_url, "--out-dir", "runs")
+        assert code == 0, output
+    first, second = sorted((workdir / "runs").iterdir())
+    assert first.name.endswith("-run1") and second.name.endswith("-run2")
+    for folder, accepted in ((first, 6), (second, 0)):
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "accepted.jsonl",
+            "failed.json",
+            "report.json",
+        ]
+        assert len((folder / "accepted.jsonl").read_bytes().splitlines()) == accepted
+        assert orjson.loads((folder / "report.json").read_bytes())["accepted"] == accepted
+    assert not (workdir / "failed.json").exists()

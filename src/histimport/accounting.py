@@ -58,6 +58,7 @@ class Ending:
     read_whole: bool  # every row of every source was recorded
     stats: DeliveryStats | None  # None: nothing was to be sent (validate)
     started: float  # monotonic
+    owner: dict[str, Any]  # who writes the failed file (`outputs.owner`)
 
 
 def account(ledger: Ledger, end: Ending) -> RunResult:
@@ -91,6 +92,7 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
             preview=preview,
             carried=carried,
             shards=_shards(end),
+            owner=end.owner,
         )
     report = _report(counts, end, delivered, error_codes)
     if config.accepted_out is not None:

@@ -93,6 +93,15 @@ _RUN_OPTIONS: dict[str, Any] = {
         Path, _opt("--failed-out", help="The failed file, written on every run.")
     ],
     "report": Annotated[Path | None, _opt("--report", help="Write a JSON run report here.")],
+    "out_dir": Annotated[
+        Path | None,
+        _opt(
+            "--out-dir",
+            help="Write the run's outputs (failed.json, report.json, accepted.jsonl) in a new "
+            "folder DIR/TIME-runN of their own, instead of --failed-out, --report and "
+            "--accepted-out.",
+        ),
+    ],
     "state_dir": Annotated[
         Path, _opt("--state-dir", help="The run ledger (resume and de-duplication).")
     ],

@@ -35,6 +35,7 @@ class Config:
     failed_out: Path = Path("failed.json")
     report: Path | None = None
     accepted_out: Path | None = None
+    out_dir: Path | None = None
     state_dir: Path = Path(".histimport")
     map_file: Path | None = None
     unordered: bool = False
@@ -57,7 +58,15 @@ class Config:
 
     def __post_init__(self) -> None:
         # The Python API takes str paths too.
-        for name in ("failed_out", "report", "accepted_out", "state_dir", "map_file", "ca_bundle"):
+        for name in (
+            "failed_out",
+            "report",
+            "accepted_out",
+            "out_dir",
+            "state_dir",
+            "map_file",
+            "ca_bundle",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))

@@ -176,6 +176,46 @@ class FailedFile(BaseModel):
     failures: list[FailedEntry]
 
 
+def owner(command: str, state_dir: Path | None) -> dict[str, Any]:
+    """Who writes a failed file: the command, and the state dir of the import it belongs
+    to (None for a check, which has none)."""
+    return {
+        "command": command,
+        "stateDir": None if state_dir is None else os.path.realpath(state_dir),
+    }
+
+
+def check_not_anothers(path: Path, mine: dict[str, Any]) -> None:
+    """A failed file already at `path` that another import (another state dir), or another
+    kind of command (a check, an import), wrote is not replaced: it is what `retry` needs.
+    One that lists nothing, one an earlier version wrote (no owner in it), or a file that is
+    no failed file is."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64 * 1024)
+    except OSError:
+        return  # none there, or unreadable: its writing says what is wrong
+    cut = head.find(b',"failures":[')
+    try:
+        found = orjson.loads(head[:cut] + b"}") if cut > 0 else None
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(found, dict) or found.get("format") != FAILED_FORMAT:
+        return
+    if "stateDir" not in found or not any((found.get("counts") or {}).values()):
+        return  # an earlier version's, or one that lists nothing: nothing is lost
+    theirs = found.get("stateDir")
+    if theirs == mine["stateDir"] and (theirs is not None or found.get("command") == "validate"):
+        return
+    what = "a check (validate)" if theirs is None else f"the import of state dir {theirs}"
+    raise UsageError(
+        f"--failed-out {path}: holds the failures of {what}, "
+        f"written by {found.get('command')} at {found.get('createdAt')}; it is not replaced",
+        hint="name another file with --failed-out, give each run a folder of its own with "
+        "--out-dir DIR, or delete the file if it is no longer needed",
+    )
+
+
 def read_failed_file(path: Path) -> FailedFile:
     from .errors import UsageError
 
@@ -204,6 +244,7 @@ def write_failed(
     carried: Sequence[FailedEntry] = (),
     preview_size: int = 20,
     shards: dict[int, str] | None = None,
+    owner: dict[str, Any] | None = None,
 ) -> None:
     """Stream every failure into the failed file; tally error codes and keep a short preview
     of the rejected rows for the summary on the way. `carried` entries (those of an earlier
@@ -221,6 +262,7 @@ def write_failed(
         "baseUrl": base_url,
         "sources": [source_entry(s) for s in sources],
         "counts": {k: counts[k] for k in ("rejected", "failed", "notSent")},
+        **(owner or {}),
     }
     with atomic_writer(path) as out:
         out.write(orjson.dumps(head)[:-1] + b',"failures":[')

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,7 +29,7 @@ from .deliver import Deliverer, Lanes, Pause
 from .errors import UsageError
 from .intake import Intake, open_sources, realpath
 from .ledger import Ledger
-from .outputs import check_outputs
+from .outputs import check_not_anothers, check_outputs, owner
 from .read import Source
 from .records import Outcome, Pending, State
 from .signals import deferred, install_async_signals, sigterm_as_interrupt
@@ -180,6 +181,9 @@ class Run:
         if config.accepted_out is not None:
             outputs["--accepted-out"] = config.accepted_out
         check_outputs(outputs, sources)
+        mine = owner(*(("validate", None) if config.dry_run else (command, config.state_dir)))
+        if config.out_dir is None:
+            check_not_anothers(config.failed_out, mine)
         started = time.monotonic()
         # Forked checkers are safe while no thread but ours runs (`--sandbox` runs one).
         forks = threading.active_count() == 1
@@ -194,6 +198,8 @@ class Run:
             ledger = Ledger(state_dir)
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
+            if config.out_dir is not None:
+                config = self.config = self._in_out_dir(config, ledger.run_id, sources)
             self.observer.starting(self._details(command, sources, base_url))
             intake = self.intake = Intake(
                 config,
@@ -253,6 +259,7 @@ class Run:
                         read_whole=self.read_whole,
                         stats=stats,
                         started=started,
+                        owner=mine,
                     )
                     result = account(ledger, ending)
             return result
@@ -457,6 +464,28 @@ class Run:
             )
         return check_base_url(config.base_url, allow_insecure_http=config.allow_insecure_http)
 
+    @staticmethod
+    def _in_out_dir(config: Config, run_id: int, sources: list[Source]) -> Config:
+        """The run's outputs in a folder of their own under --out-dir, named by the time
+        and the run: failed.json, report.json, accepted.jsonl."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        assert config.out_dir is not None
+        folder = config.out_dir / f"{stamp}-run{run_id}"
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise UsageError(
+                f"--out-dir {config.out_dir}: cannot make {folder}: {exc.strerror or exc}"
+            ) from exc
+        outputs = {"--failed-out": folder / "failed.json", "--report": folder / "report.json"}
+        check_outputs(outputs, sources)
+        return replace(
+            config,
+            failed_out=outputs["--failed-out"],
+            report=outputs["--report"],
+            accepted_out=None if config.dry_run else folder / "accepted.jsonl",
+        )
+
     def _details(self, command: str, sources: list[Source], base_url: str | None) -> dict[str, Any]:
         """What a start event tells: enough to know, reading the logs later, what ran."""
         config = self.config
@@ -472,6 +501,7 @@ class Run:
             "rate": config.rate,
             "ordered": not config.unordered,
             "shard": None if config.shard is None else "/".join(map(str, config.shard)),
+            "failedOut": str(config.failed_out),
         }
 
     def _sent_first(self, ledger: Ledger, deliverer: Deliverer, row: Valid) -> Outcome | None:

@@ -679,3 +679,26 @@ def test_the_first_message_refused_alone_is_not_sent_again_by_a_fresh_run(
         receipts = running.store.receipt_count()
     assert code == 1 and "failed 3" in output, output
     assert receipts == 3  # each once: the first alone, then the two others
+
+
+def test_help_works_whatever_the_settings_say_and_every_command_refuses_a_typo(
+    workdir: Path,
+) -> None:
+    (workdir / "histimport.toml").write_text("[load]\nconcurency = 4\n")
+    code, output = invoke("load", "--help")
+    assert code == 0 and "<jsonl|csv>" in output and "Examples:" in output
+    for command in ("load", "validate", "retry"):
+        code, output = invoke(command, "x.jsonl")
+        assert code == 2 and "[load] concurency: is not an option of load" in output, command
+    code, _ = invoke("status", "--help")
+    assert code == 0
+
+
+def test_config_names_the_settings_file(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", [message("d", "c", n) for n in range(3)])
+    (workdir / "ci.toml").write_text("chunk-size = 1\n")
+    code, output = invoke("--config", "ci.toml", "validate", "e.jsonl", "--output", "json")
+    assert code == 0, output
+    assert orjson.loads(output)["plan"]["requests"] == 3
+    code, output = invoke("--config", "missing.toml", "validate", "e.jsonl")
+    assert code == 2 and "--config missing.toml: no such file" in output

@@ -33,12 +33,57 @@ app = typer.Typer(
     help="Import customer-communication history through the platform's historical-import "
     "endpoint: nothing lost, nothing duplicated, nobody notified.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
 )
 
 CONFIG_FILE = "histimport.toml"
+
+
+class SourceFormat(enum.StrEnum):
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class OutputFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+    GITHUB = "github"
+
+
+_INPUT, _TARGET, _DELIVERY, _OUTPUTS = "Input", "Target", "Delivery", "Outputs and logs"
+"""The groups the run options are shown in by --help."""
+
+_EXAMPLES = {
+    "load": (
+        "Examples:  histimport load export.jsonl.gz --base-url https://platform.example/api  ·  "
+        "histimport load export.csv --map map.toml --out-dir runs  ·  "
+        "histimport load export.jsonl --sandbox"
+    ),
+    "retry": (
+        "Example:  histimport retry failed.json --base-url https://platform.example/api "
+        "(with the load's --state-dir)"
+    ),
+    "validate": (
+        "Examples:  histimport validate export.jsonl  ·  "
+        "histimport validate export.csv --map map.toml --output github"
+    ),
+    "sandbox": ("Example:  histimport sandbox --port 8080 --rate-limit 20 --fail-rate 0.05"),
+    "status": (
+        "Examples:  histimport status  ·  "
+        "histimport status --accepted accepted.csv  ·  "
+        "histimport status --purge"
+    ),
+    "map init": ("Example:  histimport map init legacy.csv > legacy.map.toml"),
+}
+"""One example or more per command, shown at the end of its --help."""
+
 _COMMANDS_WITH_SETTINGS = ("load", "retry", "validate")
 
 
@@ -48,7 +93,67 @@ def _env(name: str) -> str:
 
 def _opt(*decls: str, help: str, env: str | None = None, **kw: Any) -> Any:
     name = env or decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    kw.setdefault("rich_help_panel", _PANELS.get(name))
     return typer.Option(*decls, help=help, envvar=_env(name), show_envvar=True, **kw)
+
+
+_PANELS = {
+    **dict.fromkeys(
+        [
+            "format",
+            "delimiter",
+            "encoding",
+            "map",
+            "generate_source_uuid",
+            "strict",
+            "max_line_bytes",
+            "check_workers",
+            "shard",
+            "shards",
+        ],
+        _INPUT,
+    ),
+    **dict.fromkeys(
+        [
+            "base_url",
+            "username",
+            "password_stdin",
+            "sandbox",
+            "allow_insecure_http",
+            "ca_bundle",
+            "callback_url",
+            "notify",
+        ],
+        _TARGET,
+    ),
+    **dict.fromkeys(
+        [
+            "chunk_size",
+            "max_request_bytes",
+            "concurrency",
+            "rate",
+            "max_attempts",
+            "timeout",
+            "give_up_after",
+            "unordered",
+            "state_dir",
+        ],
+        _DELIVERY,
+    ),
+    **dict.fromkeys(
+        [
+            "failed_out",
+            "report",
+            "out_dir",
+            "accepted_out",
+            "quiet",
+            "log_format",
+            "progress_interval",
+        ],
+        _OUTPUTS,
+    ),
+}
+"""The --help group of each run option."""
 
 
 # Options every sending command takes (load, retry, validate), added to their signatures by
@@ -115,7 +220,8 @@ _RUN_OPTIONS: dict[str, Any] = {
         Path | None, _opt("--ca-bundle", help="PEM file of extra CAs to trust (TLS).")
     ],
     "format": Annotated[
-        str | None, _opt("--format", help="Source format (jsonl or csv); required for stdin.")
+        SourceFormat | None,
+        _opt("--format", help="Source format; required for stdin."),
     ],
     "delimiter": Annotated[
         str | None, _opt("--delimiter", help="CSV delimiter (default: guessed from , ; tab |).")
@@ -152,7 +258,8 @@ _RUN_OPTIONS: dict[str, Any] = {
     ],
     "quiet": Annotated[bool, _opt("--quiet", "-q", help="No progress bar, no summary.")],
     "log_format": Annotated[
-        str, _opt("--log-format", help="text, or json (one object per line on stderr).")
+        LogFormat,
+        _opt("--log-format", help="json: one object per event on stderr."),
     ],
     "progress_interval": Annotated[
         float,
@@ -179,6 +286,8 @@ def _exits(func: Callable[..., int]) -> Callable[..., None]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
+            if _settings_error is not None:
+                raise _settings_error
             status = func(*args, **kwargs)
         except HistimportError as exc:
             _report_error(exc.message, exc.hint, as_json=kwargs.get("log_format") == "json")
@@ -216,8 +325,6 @@ def _run_options(func: Callable[..., int]) -> Callable[..., int]:
 def _config(options: dict[str, Any], *, dry_run: bool = False, fresh: bool = False) -> Config:
     from .shard import parse_shard, shard_suffix
 
-    if options["log_format"] not in ("text", "json"):
-        raise UsageError("--log-format must be text or json")
     password = None if dry_run or options["sandbox"] else _password(options["password_stdin"])
     username = options["username"]
     if not dry_run and not options["sandbox"] and (username is None or password is None):
@@ -259,7 +366,7 @@ _ACCEPTED_OUT = _opt(
     help="Write one line per message accepted in this run: sourceUuid, messageUuid, "
     "departmentUUID, customerUUID (JSONL, or CSV if the name ends in .csv).",
 )
-_SOURCES = typer.Argument(help="JSONL or CSV files (.gz too), or - .", metavar="SOURCE...")
+_SOURCES = typer.Argument(help="JSONL or CSV files (.gz too), or - .", metavar="SOURCE")
 
 
 def _finish(result: Any, display: Any, title: str) -> int:
@@ -277,7 +384,7 @@ def _display(options: dict[str, Any]) -> Any:
     )
 
 
-@app.command()
+@app.command(epilog=_EXAMPLES["load"])
 @_exits
 @_run_options
 def load(
@@ -307,12 +414,12 @@ def load(
     return _finish(result, display, "validate" if dry_run else "load")
 
 
-@app.command()
+@app.command(epilog=_EXAMPLES["retry"])
 @_exits
 @_run_options
 def retry(
     failed_files: Annotated[
-        list[Path], typer.Argument(help="One or more failed files.", metavar="FAILED_JSON...")
+        list[Path], typer.Argument(help="One or more failed files.", metavar="FAILED_JSON")
     ],
     include_permanent: Annotated[
         bool,
@@ -332,15 +439,16 @@ def retry(
     return _finish(result, display, "retry")
 
 
-@app.command()
+@app.command(epilog=_EXAMPLES["validate"])
 @_exits
 @_run_options
 def validate(
     ctx: typer.Context,
     sources: Annotated[list[str], _SOURCES],
     output: Annotated[
-        str, typer.Option("--output", help="text, json (one document on stdout) or github.")
-    ] = "text",
+        OutputFormat,
+        typer.Option("--output", help="json: one document on stdout; github: annotations."),
+    ] = OutputFormat.TEXT,
     **options: Any,
 ) -> int:
     """Check sources offline, for CI: no network, no credentials (= load --dry-run).
@@ -353,8 +461,6 @@ def validate(
     from . import run
     from .outputs import render_validation
 
-    if output not in ("text", "json", "github"):
-        raise UsageError("--output must be text, json or github")
     source = ctx.get_parameter_source("failed_out")
     asked = source is not None and source.name == "COMMANDLINE"
     display = _display({**options, "quiet": options["quiet"] or output != "text"})
@@ -378,7 +484,7 @@ class _RateWindow(enum.StrEnum):
     FIXED = "fixed"
 
 
-@app.command()
+@app.command(epilog=_EXAMPLES["sandbox"])
 @_exits
 def sandbox(
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
@@ -483,7 +589,7 @@ def sandbox(
     return 0
 
 
-@app.command()
+@app.command(epilog=_EXAMPLES["status"])
 @_exits
 def status(
     state_dirs: Annotated[
@@ -540,7 +646,7 @@ map_app = typer.Typer(help="Mapping files for sources whose fields are not the A
 app.add_typer(map_app, name="map")
 
 
-@map_app.command("init")
+@map_app.command("init", epilog=_EXAMPLES["map init"])
 @_exits
 def map_init(
     source: Annotated[str, typer.Argument(help="A CSV or JSONL source.", metavar="SOURCE")],
@@ -572,16 +678,34 @@ def _root(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="HISTIMPORT_CONFIG",
+            show_envvar=True,
+            help=f"Settings file (TOML; default: ./{CONFIG_FILE} if there is one).",
+        ),
+    ] = None,
 ) -> None:
     """Import customer-communication history: load, retry, validate, sandbox."""
     # Read here, before a command's options are, so that histimport.toml applies however
-    # the app is invoked.
+    # the app is invoked. An error in them is told when the command runs: a command's
+    # --help shows what it would do whatever the settings say.
+    global _settings_error
+    _settings_error = None
     try:
-        settings = _settings(Path(CONFIG_FILE), _option_names(ctx), ctx.invoked_subcommand)
+        if config is not None and not config.is_file():
+            raise UsageError(f"--config {config}: no such file", hint="name a TOML settings file")
+        path = config or Path(CONFIG_FILE)
+        settings = _settings(path, _option_names(ctx), ctx.invoked_subcommand)
         ctx.default_map = {**settings, **(ctx.default_map or {})}
     except HistimportError as exc:
-        _report_error(exc.message, exc.hint)
-        raise typer.Exit(exc.exit_status) from exc
+        _settings_error = exc
+
+
+_settings_error: HistimportError | None = None
+"""What is wrong with the settings, raised by the command about to run (`_exits`)."""
 
 
 _Options = dict[str, tuple[str, bool, type | None]]
@@ -654,11 +778,14 @@ def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) ->
                 )
         elif key.replace("_", "-") not in every:
             raise UsageError(f"{path}: {key}: is not an option of any command", hint=hint)
+    for command, its_options in commands.items():  # every table, whichever command runs
+        for key in data.get(command, {}):
+            if key.replace("_", "-") not in its_options:
+                raise UsageError(
+                    f"{path}: [{command}] {key}: is not an option of {command}", hint=hint
+                )
     options = commands[invoked]
     table = data.get(invoked, {})
-    for key in table:
-        if key.replace("_", "-") not in options:
-            raise UsageError(f"{path}: [{invoked}] {key}: is not an option of {invoked}", hint=hint)
     settings: dict[str, Any] = {}
     for where, key, value in [
         *(("", k, v) for k, v in data.items() if not isinstance(v, dict)),

@@ -702,3 +702,22 @@ def test_config_names_the_settings_file(workdir: Path) -> None:
     assert orjson.loads(output)["plan"]["requests"] == 3
     code, output = invoke("--config", "missing.toml", "validate", "e.jsonl")
     assert code == 2 and "--config missing.toml: no such file" in output
+
+
+def test_on_windows_the_command_refuses_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from histimport.cli import main
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(SystemExit) as done:
+        main(["load", "export.jsonl", "--sandbox"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: histimport runs on Linux and macOS, not on Windows: use WSL, or the container "
+        "image (see README.md, Install)"
+    ]
+    with pytest.raises(ImportError, match="not on Windows"):
+        import histimport
+
+        histimport.load  # noqa: B018 - the attribute's lookup is the import

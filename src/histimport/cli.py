@@ -806,6 +806,12 @@ def _settings(path: Path, commands: dict[str, _Options], invoked: str | None) ->
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `histimport` command."""
+    from . import unsupported
+
+    why = unsupported()
+    if why is not None and not {"--version", "--help"} & set(argv or sys.argv[1:]):
+        _report_error(why, None)
+        raise SystemExit(ExitStatus.USAGE)
     app(args=argv, prog_name="histimport")
 
 

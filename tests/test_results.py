@@ -154,3 +154,36 @@ def test_out_dir_gives_each_run_a_folder_of_its_own(workdir: Path, server: Runni
         assert len((folder / "accepted.jsonl").read_bytes().splitlines()) == accepted
         assert orjson.loads((folder / "report.json").read_bytes())["accepted"] == accepted
     assert not (workdir / "failed.json").exists()
+
+
+def test_retry_and_status_say_what_was_carried_over_and_how_a_run_ended(
+    workdir: Path,
+) -> None:
+    from histimport.sandbox import SandboxConfig, sandbox
+
+    write_jsonl(workdir / "e.jsonl", [*interleaved(customers=4, per_customer=10), {"x": 1}])
+    with sandbox(SandboxConfig(port=0, reject_rate=0.25)) as server:
+        code, output = load("e.jsonl", "--base-url", server.base_url)
+        assert code == 1, output
+        refused = orjson.loads((workdir / "failed.json").read_bytes())["counts"]["failed"]
+        assert refused > 0
+        result = CliRunner().invoke(
+            app,
+            ["retry", "failed.json", "--base-url", server.base_url, "--report", "r.json"],
+            env=CREDENTIALS,
+        )
+    assert result.exit_code == 1, result.output
+    assert (
+        f"listed again unchanged: {refused} messages the platform refused for good" in result.output
+    )
+    assert "--include-permanent sends them" in result.output
+    report = orjson.loads((workdir / "r.json").read_bytes())
+    assert report["carriedOver"] == {"refusedForGood": refused, "notRead": 0, "notFound": 0}
+    status = CliRunner().invoke(app, ["status"])
+    assert f"finished; its failed file lists {refused} failed" not in status.output
+    lines = [line for line in status.output.splitlines() if line.startswith("  run ")]
+    assert lines[0].endswith(
+        f"finished; its failed file lists 1 rejected, {refused} carried over from earlier "
+        "failed files"
+    ), lines
+    assert lines[1].endswith(f"finished; its failed file lists 1 rejected, {refused} failed")

@@ -228,7 +228,7 @@ def test_status_and_purge(server: RunningSandbox, workdir: Path) -> None:
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0
     assert f"{server.base_url}: 3 accepted" in result.stdout
-    assert "run 1 load" in result.stdout and ": ok" in result.stdout
+    assert "run 1 load" in result.stdout and ": finished: everything accepted" in result.stdout
     both = runner.invoke(
         app, ["status", "--state-dir", ".histimport", "--state-dir", "other", "--json"]
     )

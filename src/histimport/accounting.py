@@ -42,6 +42,7 @@ class RunResult:
     plan: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     message: str | None = None
+    notes: list[str] = field(default_factory=list)  # plain lines for the summary
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Ending:
     stats: DeliveryStats | None  # None: nothing was to be sent (validate)
     started: float  # monotonic
     owner: dict[str, Any]  # who writes the failed file (`outputs.owner`)
+    include_permanent: bool = False  # retry: refusals for good were sent again
 
 
 def account(ledger: Ledger, end: Ending) -> RunResult:
@@ -95,6 +97,10 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
             owner=end.owner,
         )
     report = _report(counts, end, delivered, error_codes)
+    notes: list[str] = []
+    if end.selection is not None:
+        report["carriedOver"] = _carried_over(carried)
+        notes = _retry_notes(report["carriedOver"], include_permanent=end.include_permanent)
     if config.accepted_out is not None:
         with writing(config.accepted_out, "--accepted-out"):
             write_accepted(config.accepted_out, ledger.accepted(this_run=True))
@@ -118,6 +124,7 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
         plan=plan,
         warnings=intake.warnings,
         message=message,
+        notes=notes,
     )
 
 
@@ -216,6 +223,41 @@ def _verdict(
     else:
         status = ExitStatus.OK
     return status, message
+
+
+def _carried_over(carried: list[FailedEntry]) -> dict[str, int]:
+    """retry: the entries of its failed files it lists again unchanged, by why."""
+    refused = sum(1 for e in carried if e.stage == "failed" and not e.retryable)
+    unread = sum(1 for e in carried if any(x.get("errorCode") == NOT_READ for x in e.errors))
+    return {
+        "refusedForGood": refused,
+        "notRead": unread,
+        "notFound": len(carried) - refused - unread,
+    }
+
+
+def _retry_notes(carried: dict[str, int], *, include_permanent: bool) -> list[str]:
+    """What a retry did not send, in words: its counts are of the rows it read again."""
+    notes = []
+    if carried["refusedForGood"]:
+        notes.append(
+            f"listed again unchanged: {carried['refusedForGood']} messages the platform "
+            "refused for good (not sent again; --include-permanent sends them, once they "
+            "are fixed in the source)"
+        )
+    if carried["notFound"]:
+        notes.append(
+            f"listed again unchanged: {carried['notFound']} entries whose rows were not "
+            "found in the sources (moved, or another shard's)"
+        )
+    if carried["notRead"]:
+        notes.append(
+            f"listed again: {carried['notRead']} sources not read to their end "
+            "(the run was stopped); retry the new failed file to read on"
+        )
+    if not notes and include_permanent:
+        notes.append("messages refused for good were sent again (--include-permanent)")
+    return notes
 
 
 def _shards(end: Ending) -> dict[int, str]:

@@ -285,6 +285,8 @@ class Display:
         if len(result.warnings) > _WARNINGS_SHOWN:
             more = report["warnings"] - _WARNINGS_SHOWN
             self.console.print(f"... {more} more warnings (validate --output json)", markup=False)
+        for note in result.notes:
+            self.console.print(note, markup=False, soft_wrap=True)
         by_code = report.get("platformWarnings", {}).get("byCode")
         if by_code:
             codes = ", ".join(f"{code} {n}" for code, n in by_code.items())
@@ -332,8 +334,7 @@ def render_status(summaries: list[dict[str, Any]]) -> None:
         if summary["errorCodes"]:
             out.append("  most frequent errors: " + _pairs(summary["errorCodes"]))
         for run in summary["runs"]:
-            # A run still "running" with no finish time is running now, or was killed.
-            state = run["status"] if run["finishedAt"] else "running, or killed"
+            state = _run_state(run)
             out.append(f"  run {run['id']} {run['command']} {run['startedAt']}: {state}")
             if run["sources"]:
                 out.append("    sources: " + ", ".join(s["path"] for s in run["sources"]))
@@ -344,6 +345,24 @@ def render_status(summaries: list[dict[str, Any]]) -> None:
     if len(summaries) > 1:
         out.append("total: " + _pairs(totals))
     sys.stdout.write("\n".join(out) + "\n")
+
+
+def _run_state(run: dict[str, Any]) -> str:
+    """A run's outcome in words: what its exit status meant."""
+    if not run["finishedAt"]:
+        return "running, or killed"  # a run with no finish time
+    counts = run["counts"]
+    listed = {k: counts.get(k, 0) for k in ("rejected", "failed", "notSent")}
+    if run.get("carriedOver"):
+        listed["carried over from earlier failed files"] = run["carriedOver"]
+    left = ", ".join(f"{n} {k}" for k, n in listed.items() if n)
+    return {
+        "ok": "finished: everything accepted",
+        "incomplete": f"finished; its failed file lists {left or 'entries'}",
+        "interrupted": f"interrupted; its failed file lists {left or 'nothing'}",
+        "aborted": "stopped at once (credentials, TLS, the ledger or an output)",
+        "usage": "refused before anything was sent (a usage error)",
+    }.get(run["status"], str(run["status"]))
 
 
 def _pairs(values: dict[str, Any]) -> str:

@@ -260,6 +260,7 @@ class Run:
                         stats=stats,
                         started=started,
                         owner=mine,
+                        include_permanent=self.include_permanent,
                     )
                     result = account(ledger, ending)
             return result

@@ -79,6 +79,18 @@ def _summary(
 ) -> dict[str, Any]:
     """`journal`: the journal is attached as `jl` and has its table."""
     accepted = dict(db.execute("SELECT target, COUNT(*) FROM accepted GROUP BY target"))
+    if journal and has_table(db, "main", "stage_meta"):
+        # During a run, what the platform accepted since the last settling step is still in
+        # the journal: counted too, so that the target's count and the run's agree.
+        for target, n in db.execute(
+            f"""SELECT s.target, COUNT(*) FROM ({LATEST_ENTRIES}) e, stage_meta s
+                 WHERE e.state = {int(State.ACCEPTED)} AND e.seq > s.settled AND NOT EXISTS
+                       (SELECT 1 FROM accepted a
+                         WHERE a.target = s.target AND a.source_uuid = e.source_uuid)
+                 GROUP BY 1"""
+        ):
+            if n:
+                accepted[target] = accepted.get(target, 0) + n
     refused = dict(db.execute("SELECT target, COUNT(*) FROM refused GROUP BY target"))
     run_rows = db.execute(
         "SELECT id, command, target, started_at, finished_at, status, counts FROM runs "
@@ -119,6 +131,8 @@ def _summary(
                 },
             }
         )
+        if "carriedOver" in report:  # retry: entries of its failed files listed again
+            run_list[-1]["carriedOver"] = sum(report["carriedOver"].values())
     current: dict[str, int] = {}
     errors: Counter[str] = Counter()
     staged = has_table(db, "main", "msg") or (

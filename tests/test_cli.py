@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -721,3 +722,58 @@ def test_on_windows_the_command_refuses_with_one_line(
         import histimport
 
         histimport.load  # noqa: B018 - the attribute's lookup is the import
+
+
+def test_map_init_proposes_what_imports_the_helpdesk_sample_once_its_values_are_filled_in(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    sample = REPO / "samples" / "legacy-helpdesk.csv"
+    code, starter = invoke("map", "init", str(sample))
+    assert code == 0, starter
+    # ticket_id repeats; ticket_id with msg_no does not. The times are day first.
+    assert 'sourceUuid = { template = "{ticket_id}-{msg_no}" }' in starter
+    assert 'timestamp = "%d/%m/%Y %H:%M"' in starter
+    # What needs the user's knowledge is marked "?": the platform's ids and values.
+    knowledge = {
+        "Support Nordics": "support-nordics",
+        "Sales EMEA": "sales-emea",
+        "sms": "SMS",
+        "chat": "CHAT",
+        "mail": "EMAIL",
+        "in": "INBOUND",
+        "out": "OUTBOUND",
+    }
+    filled = re.sub(r'"([^"]+)" = "\?"', lambda m: f'"{m[1]}" = "{knowledge[m[1]]}"', starter)
+    assert not re.search(r'^[^#].*" = "\?"', filled, re.MULTILINE)
+    (workdir / "starter.toml").write_text(filled)
+    code, output = invoke("validate", str(sample), "--map", "starter.toml")
+    assert code == 0 and "rejected 0" in output, output
+    code, output = invoke(
+        "load",
+        str(sample),
+        "--map",
+        "starter.toml",
+        "--base-url",
+        server.base_url,
+        env=CREDENTIALS,
+    )
+    assert code == 0, output
+    assert server.store.count() == 99
+    departments = {m.department for m in server.store.messages()}
+    assert departments == {"support-nordics", "sales-emea", "Billing"}
+
+
+def test_map_init_reads_the_values_it_proposes_for() -> None:
+    from histimport.mapping import starter_mapping
+
+    rows = [
+        {"id": "1", "created": "03/29/2025 10:00", "sent": "2025-03-29T10:00:00Z"},
+        {"id": "1", "created": "12/01/2025 09:30", "sent": "2025-12-01T09:30:00+01:00"},
+    ]
+    starter = starter_mapping(["id", "sent"], "x.csv", rows)
+    assert "run with --generate-source-uuid" in starter  # "id" repeats
+    assert 'sentOn = { column = "sent", timestamp = "iso" }' in starter
+    only_month_first = starter_mapping(["created"], "x.csv", rows[:1])
+    assert 'column = "created", timestamp = "%m/%d/%Y %H:%M"' in only_month_first
+    ambiguous = starter_mapping(["created"], "x.csv", rows[1:])
+    assert 'timestamp = "%d/%m/%Y %H:%M"' in ambiguous and "day or month first?" in ambiguous

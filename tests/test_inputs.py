@@ -429,7 +429,7 @@ def test_a_source_refused_while_staging_ends_the_run_as_a_usage_error(workdir: P
     assert result.exit_code == 2, result.output
     status = runner.invoke(app, ["status", "--state-dir", "st"])
     assert status.exit_code == 0, status.output
-    assert "load" in status.output and ": usage" in status.output
+    assert "load" in status.output and ": stopped by a usage error" in status.output
     assert "killed" not in status.output
 
 

@@ -657,11 +657,11 @@ def map_init(
     encoding: Annotated[str | None, typer.Option("--encoding", help="CSV encoding.")] = None,
 ) -> int:
     """Print a starter mapping file from a source's headers (or first JSONL object)."""
-    from .intake import source_fields
+    from .intake import source_sample
     from .mapping import starter_mapping
 
-    fields = source_fields(source, format, delimiter=delimiter, encoding=encoding)
-    sys.stdout.write(starter_mapping(fields, source))
+    fields, rows = source_sample(source, format, delimiter=delimiter, encoding=encoding)
+    sys.stdout.write(starter_mapping(fields, source, rows))
     return 0
 
 

@@ -361,7 +361,7 @@ def _run_state(run: dict[str, Any]) -> str:
         "incomplete": f"finished; its failed file lists {left or 'entries'}",
         "interrupted": f"interrupted; its failed file lists {left or 'nothing'}",
         "aborted": "stopped at once (credentials, TLS, the ledger or an output)",
-        "usage": "refused before anything was sent (a usage error)",
+        "usage": "stopped by a usage error (exit 2)",
     }.get(run["status"], str(run["status"]))
 
 

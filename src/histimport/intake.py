@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import IO, TYPE_CHECKING, Any
 
+import orjson
+
 from .batch import Envelope
 from .check import Rejected, Valid, check_row, normalise_timestamp
 from .config import Config
@@ -171,6 +173,54 @@ def source_fields(
             if row.data is not None:
                 return _paths(row.data)
     raise UsageError(f"{path}: no JSON object found")
+
+
+SAMPLE_ROWS = 100_000
+"""Rows of a source that `map init` checks its guesses against."""
+
+
+def source_sample(
+    path: str,
+    fmt: str | None,
+    *,
+    delimiter: str | None = None,
+    encoding: str | None = None,
+    rows: int = SAMPLE_ROWS,
+) -> tuple[list[str], list[dict[str, str]]]:
+    """A source's field names and its first `rows` rows, each value as text (JSON
+    objects by their dotted paths)."""
+    headers = source_fields(path, fmt, delimiter=delimiter, encoding=encoding)
+    (source,) = open_sources([path], fmt)
+    sample: list[dict[str, str]] = []
+    with open_source(source) as stream:
+        if source.format == "csv":
+            found = read_csv(
+                stream, 0, max_line_bytes=1 << 24, delimiter=delimiter, encoding=encoding
+            )
+        else:
+            found = read_jsonl(stream, 0, max_line_bytes=1 << 24, name=path)
+        for row in found:
+            if len(sample) >= rows:
+                break
+            if isinstance(row.data, dict):
+                sample.append({k: _text(v) for k, v in _flat(row.data).items()})
+    return headers, sample
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
 def _paths(data: dict[str, Any], prefix: str = "") -> list[str]:

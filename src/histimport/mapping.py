@@ -9,6 +9,7 @@ the field and the value in plain words.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -16,7 +17,7 @@ import tomllib
 import types
 import typing
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -407,29 +408,49 @@ _GUESSES: dict[str, Iterable[str]] = {
 }
 
 
-def starter_mapping(headers: Sequence[str], source: str) -> str:
-    """A mapping file to start from: best guesses filled in, the rest commented out."""
+def starter_mapping(
+    headers: Sequence[str], source: str, rows: Sequence[dict[str, str]] = ()
+) -> str:
+    """A mapping file to start from: best guesses filled in, the rest commented out. With
+    `rows` (the source's first rows), the guesses are checked against the values: a
+    sourceUuid from a column (or two) whose values are unique, the time stamps' format as
+    the values spell it, and value maps where ids or enum-like values need them."""
     normal = {re.sub(r"[^a-z0-9]+", "_", h.lower()).strip("_"): h for h in headers}
     lines = [
         f"# Mapping for {source}: API path = source column (or a table with transforms).",
         "# Keys of a table: column | const | template, and strip, lower, upper, map,",
         '# default, timestamp ("iso", "epoch", "epoch_ms" or a strptime pattern), tz.',
-        "",
-        "[fields]",
     ]
+    if rows:
+        lines.append(f"# Checked against the first {len(rows):,} rows of the source.")
+    lines += ["", "[fields]"]
     used: set[str] = set()
     for path, names in _GUESSES.items():
         found = next((normal[n] for n in names if n in normal and normal[n] not in used), None)
         if path in headers:
             found = path
+        if path == "sourceUuid" and rows:
+            lines.append(_source_uuid(headers, rows, normal, used))
+            continue
         if found is None:
             lines.append(f'# {_toml_key(path)} = {{ column = "?" }}')
             continue
         used.add(found)
+        values = _values(rows, found)
         if path in ("sentOn", "receivedOn"):
+            lines.append(_timestamp(path, found, values))
+        elif path in _IDS and values and not all(_is_id(v) for v in values):
+            lines.append(_value_map(path, found, values, lambda v: v if _is_id(v) else "?"))
             lines.append(
-                f'{_toml_key(path)} = {{ column = "{found}", timestamp = "iso", '
-                'tz = "UTC" }  # e.g. timestamp = "%d/%m/%Y %H:%M", tz = "Europe/Berlin"'
+                '#   "?": values that are no id (letters, digits and - . _ ~ only): '
+                "the platform's ids for them"
+            )
+        elif path in _ENUMS and 0 < len(set(values)) <= _ENUM_VALUES:
+            known = _ENUMS[path]
+            lines.append(_value_map(path, found, values, functools.partial(_known, known)))
+            lines.append(
+                f'#   "?": the platform\'s value for each (documented: '
+                f"{', '.join(known.values())}, others unknown)"
             )
         else:
             lines.append(f'{_toml_key(path)} = "{found}"')
@@ -438,6 +459,130 @@ def starter_mapping(headers: Sequence[str], source: str) -> str:
         lines += ["", "# Columns not mapped yet:"]
         lines += [f'# "messageAttributes.metaData.{h}" = "{h}"' for h in rest]
     return "\n".join(lines) + "\n"
+
+
+_IDS = ("departmentUUID", "customerUUID", "userUuid")
+_ENUMS = {
+    "messageAttributes.protocol": {"TEXT": "TEXT"},
+    "messageAttributes.type": {"DRAFT": "DRAFT"},
+    "messageAttributes.purpose": {"F": "F"},
+}
+"""The enum-like fields, and the values the endpoint's documentation names (one each)."""
+_ENUM_VALUES = 20
+"""Distinct values past which a column is no enum: left as it is."""
+_TIME_FORMATS = (
+    "%d/%m/%Y %H:%M",
+    "%d/%m/%Y %H:%M:%S",
+    "%m/%d/%Y %H:%M",
+    "%m/%d/%Y %H:%M:%S",
+    "%d.%m.%Y %H:%M",
+    "%d.%m.%Y %H:%M:%S",
+    "%d-%m-%Y %H:%M",
+    "%d-%m-%Y %H:%M:%S",
+    "%Y/%m/%d %H:%M:%S",
+    "%Y%m%d%H%M%S",
+)
+"""strptime patterns tried in turn, day first before month first, for time stamps that
+are not ISO 8601 nor epoch numbers."""
+_PAIRED = re.compile(r"(^|_)(id|no|num|number|seq|n)$|^(id|no|seq)")
+"""Names of columns that may make a sourceUuid together (ticket_id and msg_no)."""
+
+
+def _values(rows: Sequence[dict[str, str]], column: str) -> list[str]:
+    return [v for row in rows if (v := str(row.get(column) or "").strip())]
+
+
+def _is_id(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9._~-]+", value) is not None and value not in (".", "..")
+
+
+def _known(known: dict[str, str], value: str) -> str:
+    return known.get(value.upper(), "?")
+
+
+def _value_map(path: str, column: str, values: Sequence[str], to: Callable[[str], str]) -> str:
+    """A map of the column's distinct values; lower-cased first when they differ in case
+    alone (Mail, mail)."""
+    distinct = list(dict.fromkeys(values))
+    lower = len({v.lower() for v in distinct}) < len(distinct)
+    if lower:
+        distinct = list(dict.fromkeys(v.lower() for v in distinct))
+    pairs = ", ".join(f"{_quoted(v)} = {_quoted(to(v))}" for v in distinct)
+    case = "lower = true, " if lower else ""
+    return f'{_toml_key(path)} = {{ column = "{column}", strip = true, {case}map = {{ {pairs} }} }}'
+
+
+def _quoted(text: str) -> str:
+    return orjson.dumps(text).decode()
+
+
+def _source_uuid(
+    headers: Sequence[str],
+    rows: Sequence[dict[str, str]],
+    normal: dict[str, str],
+    used: set[str],
+) -> str:
+    """sourceUuid from the first id-like column (named like one) whose values are all
+    there and unique, or else from two together; or --generate-source-uuid."""
+
+    def unique(*columns: str) -> bool:
+        seen = ["-".join(str(row.get(c) or "").strip() for c in columns) for row in rows]
+        filled = all(all(str(row.get(c) or "").strip() for c in columns) for row in rows)
+        return filled and len(set(seen)) == len(seen)
+
+    guessed = [normal[n] for n in _GUESSES["sourceUuid"] if n in normal]
+    paired = [h for n, h in normal.items() if _PAIRED.search(n)]
+    for column in dict.fromkeys([*guessed, *paired]):  # id-like columns only
+        if unique(column):
+            used.add(column)
+            return f'sourceUuid = "{column}"'
+    for i, first in enumerate(paired):
+        for second in paired[i + 1 :]:
+            if unique(first, second):
+                used.update((first, second))
+                return f'sourceUuid = {{ template = "{{{first}}}-{{{second}}}" }}'
+    return (
+        "# sourceUuid: no column, nor two id columns together, is unique in these rows: "
+        "run with --generate-source-uuid"
+    )
+
+
+def _timestamp(path: str, column: str, values: Sequence[str]) -> str:
+    """The column's time stamps, in the form their values have."""
+    key = _toml_key(path)
+    local = ', tz = "UTC" }  # the export\'s time zone if not UTC, e.g. tz = "Europe/Berlin"'
+    if not values:
+        return f'{key} = {{ column = "{column}", timestamp = "iso"{local}'
+    if all(v.isdigit() for v in values):
+        form = "epoch_ms" if min(len(v) for v in values) >= 12 else "epoch"
+        return f'{key} = {{ column = "{column}", timestamp = "{form}" }}'
+    try:
+        moments = [datetime.fromisoformat(v) for v in values]
+    except ValueError:
+        pass
+    else:
+        if all(m.tzinfo is not None for m in moments):
+            return f'{key} = {{ column = "{column}", timestamp = "iso" }}'
+        return f'{key} = {{ column = "{column}", timestamp = "iso"{local}'
+    fitting = [f for f in _TIME_FORMATS if _all_parse(values, f)]
+    if not fitting:
+        return (
+            f'{key} = {{ column = "{column}", timestamp = "?" }}  # a strptime pattern '
+            f"for values such as {orjson.dumps(values[0]).decode()}"
+        )
+    line = f'{key} = {{ column = "{column}", timestamp = "{fitting[0]}"{local}'
+    if len(fitting) > 1 and fitting[0].startswith("%d") and fitting[1].startswith("%m"):
+        line += f'\n#   day or month first? "{fitting[1]}" fits these values too'
+    return line
+
+
+def _all_parse(values: Sequence[str], form: str) -> bool:
+    try:
+        for value in values:
+            datetime.strptime(value, form)
+    except ValueError:
+        return False
+    return True
 
 
 def _toml_key(path: str) -> str:

@@ -197,9 +197,12 @@ def _configure(db: sqlite3.Connection, schema: str) -> None:
     db.execute(f"PRAGMA {schema}.journal_size_limit={_LOG_BYTES}")
 
 
-_STEP_ROWS = 100
+_STEP_ROWS = 300
 """Journal rows (requests' answers) settled in one transaction at most: a step's writes,
-scattered over the ledger, go through its log, which is cut back between two steps."""
+scattered over the ledger, go through its log, which is cut back between two steps. A step
+costs by the pages it writes, which the accepted ids' random keys spread over the whole
+ledger whatever its rows: steps a second apart, of up to 300 rows, cost a third of steps
+of 100 rows back to back (bench/README.md), and keep the log within the export's size."""
 _LOG_BYTES = 16 << 20
 """A write-ahead log is truncated to this size when a checkpoint starts it over."""
 _LOG_PAGES = 2_500
@@ -703,10 +706,11 @@ class Ledger:
         _cut_logs(self._db, self._dir)
 
     @contextmanager
-    def settling(self, every: float = 0.25) -> Iterator[None]:
-        """Settle the journal in steps, in a thread, while the body runs (sending): the end
-        of the run has only the last step left. The body may append to the journal; it must
-        not write anything else to the ledger meanwhile."""
+    def settling(self, every: float = 1.0) -> Iterator[None]:
+        """Settle the journal in steps, in a thread, while the body runs (sending): a step
+        every `every` seconds, every quarter of it while behind; the end of the run has the
+        last steps left. The body may append to the journal; it must not write anything
+        else to the ledger meanwhile."""
         stop = threading.Event()
         thread = threading.Thread(
             target=self._settle_until, args=(stop, every), name="histimport-settle", daemon=True
@@ -728,8 +732,8 @@ class Ledger:
             db.execute(f"PRAGMA wal_autocheckpoint={_LOG_PAGES}")
             try:
                 behind = False
-                while behind or not stop.wait(every):
-                    behind = _settle_step(db, self.target, self.run_id) and not stop.is_set()
+                while not stop.wait(every / 4 if behind else every):
+                    behind = _settle_step(db, self.target, self.run_id)
                     _cut_logs(db, self._dir)
             finally:
                 db.close()

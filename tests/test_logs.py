@@ -35,35 +35,36 @@ def json_events(output: str) -> list[dict[str, Any]]:
     return events
 
 
+def load_against(config: SandboxConfig, *options: str) -> tuple[int, str, str]:
+    """`load e.jsonl` against a sandbox of `config`: exit status, output, base URL."""
+    with sandbox(config) as running:
+        result = CliRunner().invoke(
+            app, ["load", "e.jsonl", "--base-url", running.base_url, *options], env=CREDENTIALS
+        )
+    return result.exit_code, result.output, running.base_url
+
+
 def test_a_paced_run_logs_its_start_progress_every_pause_and_its_summary(workdir: Path) -> None:
     write_jsonl(workdir / "e.jsonl", interleaved(customers=12, per_customer=10))
     config = SandboxConfig(port=0, rate_limit=20, rate_burst=2, latency_ms=20)
-    with sandbox(config) as running:
-        result = CliRunner().invoke(
-            app,
-            [
-                "load",
-                "e.jsonl",
-                "--base-url",
-                running.base_url,
-                "--chunk-size",
-                "2",
-                "--log-format",
-                "json",
-                "--progress-interval",
-                "0.2",
-                "--report",
-                "r.json",
-            ],
-            env=CREDENTIALS,
-        )
-    assert result.exit_code == 0, result.output
-    events = json_events(result.output)
+    code, output, base_url = load_against(
+        config,
+        "--chunk-size",
+        "2",
+        "--log-format",
+        "json",
+        "--progress-interval",
+        "0.2",
+        "--report",
+        "r.json",
+    )
+    assert code == 0, output
+    events = json_events(output)
     names = [e["event"] for e in events]
     assert names[0] == "start" and names[-1] == "summary"
     start = events[0]
     assert start["command"] == "load" and start["sources"] == ["e.jsonl"]
-    assert start["target"] == running.base_url and start["chunkSize"] == 2
+    assert start["target"] == base_url and start["chunkSize"] == 2
     progress = [e for e in events if e["event"] == "progress"]
     assert progress, names
     for event in progress:
@@ -80,12 +81,9 @@ def test_a_paced_run_logs_its_start_progress_every_pause_and_its_summary(workdir
 
 def test_off_a_terminal_text_logs_are_time_stamped_and_levelled(workdir: Path) -> None:
     write_jsonl(workdir / "e.jsonl", interleaved(customers=3, per_customer=4))
-    with sandbox(SandboxConfig(port=0)) as running:
-        result = CliRunner().invoke(
-            app, ["load", "e.jsonl", "--base-url", running.base_url], env=CREDENTIALS
-        )
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    code, output, _ = load_against(SandboxConfig(port=0))
+    assert code == 0, output
+    lines = output.splitlines()
     assert lines[-1].startswith("load: read 12,"), lines
     assert all(TEXT_LINE.match(line) for line in lines[:-1]), lines
     assert any(" start command=load " in line for line in lines)
@@ -94,25 +92,11 @@ def test_off_a_terminal_text_logs_are_time_stamped_and_levelled(workdir: Path) -
 def test_retries_and_give_ups_are_logged_as_they_happen(workdir: Path) -> None:
     write_jsonl(workdir / "e.jsonl", interleaved(customers=2, per_customer=3))
     config = SandboxConfig(port=0, error_after_store_rate=1.0)
-    with sandbox(config) as running:
-        result = CliRunner().invoke(
-            app,
-            [
-                "load",
-                "e.jsonl",
-                "--base-url",
-                running.base_url,
-                "--max-attempts",
-                "2",
-                "--log-format",
-                "json",
-                "--chunk-size",
-                "3",
-            ],
-            env=CREDENTIALS,
-        )
-    assert result.exit_code == 1, result.output
-    events = json_events(result.output)
+    code, output, _ = load_against(
+        config, "--max-attempts", "2", "--log-format", "json", "--chunk-size", "3"
+    )
+    assert code == 1, output
+    events = json_events(output)
     retries = [e for e in events if e["event"] == "retry"]
     gave_up = [e for e in events if e["event"] == "gave-up"]
     assert retries and all(e["status"] == 500 and e["attempt"] == 1 for e in retries)

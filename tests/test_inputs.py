@@ -554,7 +554,11 @@ def test_reading_progress_counts_the_bytes_of_each_source(tmp_path: Path) -> Non
     packed = tmp_path / "b.jsonl.gz"
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     observer = _Reading()
-    result = histimport.validate([plain, packed], Config(check_workers=0), observer=observer)
+    result = histimport.validate(
+        [plain, packed],
+        Config(check_workers=0, failed_out=tmp_path / "failed.json"),
+        observer=observer,
+    )
     assert result.counts["read"] == 20_000
     for path in (plain, packed):
         calls = [(done, total) for source, done, total in observer.calls if source == str(path)]
@@ -576,7 +580,8 @@ def test_a_terminal_sees_the_reading_bar(tmp_path: Path) -> None:
     screen = io.StringIO()
     display.console = Console(file=screen, force_terminal=True, width=160)
     display.animate = True
-    result = histimport.validate([source], Config(check_workers=0), observer=display)
+    config = Config(check_workers=0, failed_out=tmp_path / "failed.json")
+    result = histimport.validate([source], config, observer=display)
     display.summary(result, title="validate")
     shown = screen.getvalue()
     assert f"reading {source}" in shown

@@ -777,3 +777,18 @@ def test_map_init_reads_the_values_it_proposes_for() -> None:
     assert 'column = "created", timestamp = "%m/%d/%Y %H:%M"' in only_month_first
     ambiguous = starter_mapping(["created"], "x.csv", rows[1:])
     assert 'timestamp = "%d/%m/%Y %H:%M"' in ambiguous and "day or month first?" in ambiguous
+
+
+def test_map_init_keeps_an_export_s_own_ids_and_tells_ids_apart_by_case() -> None:
+    from histimport.mapping import starter_mapping
+
+    rows = [
+        {"note_id": str(n), "note": "same", "customer": "AbC1" if n % 2 else "abc 1"}
+        for n in range(300)
+    ]
+    rows[7]["note_id"] = rows[6]["note_id"]  # one repeat in 300: still the export's id
+    starter = starter_mapping(["note", "note_id", "customer"], "x.csv", rows)
+    assert 'sourceUuid = "note_id"' in starter
+    assert 'customerUUID = { column = "customer", strip = true, map = { "abc 1" = "?" } }' in (
+        starter
+    )

@@ -187,3 +187,49 @@ def test_retry_and_status_say_what_was_carried_over_and_how_a_run_ended(
         "failed files"
     ), lines
     assert lines[1].endswith(f"finished; its failed file lists 1 rejected, {refused} failed")
+
+
+def test_a_check_s_failed_file_gives_way_and_so_do_many_sources(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    rows = [*interleaved(customers=2, per_customer=2), {"sourceUuid": "no-ids"}]
+    write_jsonl(workdir / "e.jsonl", rows)
+    dry = CliRunner().invoke(app, ["load", "e.jsonl", "--dry-run", "-q"])
+    assert dry.exit_code == 1, dry.output
+    assert orjson.loads((workdir / "failed.json").read_bytes())["stateDir"] is None
+    assert load("e.jsonl", "--base-url", server.base_url)[0] == 1  # a check gives way
+    # Its owner is found before its sources, however many they are.
+    many = [write_jsonl(workdir / f"s{n}.jsonl", [{"sourceUuid": f"x{n}"}]) for n in range(400)]
+    code, output = load(*map(str, many), "--base-url", server.base_url, "--failed-out", "m.json")
+    assert code == 1, output
+    assert (workdir / "m.json").stat().st_size > 64 * 1024
+    other = load(
+        "e.jsonl", "--base-url", server.base_url, "--state-dir", "b", "--failed-out", "m.json"
+    )
+    assert other[0] == 2 and "is not replaced" in other[1]
+
+
+def test_out_dir_folders_of_one_second_do_not_collide(workdir: Path) -> None:
+    write_jsonl(workdir / "e.jsonl", interleaved(customers=2, per_customer=2))
+    for _ in range(3):  # a check's run is always run 1 of its own ledger
+        result = CliRunner().invoke(app, ["validate", "e.jsonl", "--out-dir", "out", "-q"])
+        assert result.exit_code == 0, result.output
+    assert len(list((workdir / "out").iterdir())) == 3
+
+
+def test_status_reads_a_journal_an_earlier_version_left(
+    workdir: Path, server: RunningSandbox
+) -> None:
+    import sqlite3
+
+    write_jsonl(workdir / "e.jsonl", [*interleaved(customers=2, per_customer=2), {"x": 1}])
+    assert load("e.jsonl", "--base-url", server.base_url)[0] == 1
+    journal = sqlite3.connect(workdir / ".histimport" / "journal.sqlite3")
+    journal.execute("ALTER TABLE journal DROP COLUMN department")
+    journal.execute("ALTER TABLE journal DROP COLUMN customer")
+    journal.commit()
+    journal.close()
+    status = CliRunner().invoke(app, ["status"])
+    assert status.exit_code == 0, status.output
+    assert ": 4 accepted" in status.output
+    assert load("e.jsonl", "--base-url", server.base_url)[0] == 1  # and a run resumes it

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .deliver import DeliveryStats
-from .errors import ExitStatus, InvariantError
+from .errors import ExitStatus, InvariantError, OutputError, UsageError
 from .intake import Intake
 from .ledger import Ledger
 from .matching import unmet
@@ -19,6 +19,7 @@ from .outputs import (
     NOT_READ,
     REPORT_FORMAT,
     FailedEntry,
+    check_not_anothers,
     write_accepted,
     write_failed,
     write_report,
@@ -83,6 +84,8 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
     carried = _unread(ledger, end)
     if end.selection is not None:
         carried = unmet(end.selection, ledger, end.sources, read_whole=end.read_whole) + carried
+    if config.out_dir is None:
+        _still_ours(config.failed_out, end.owner)
     with writing(config.failed_out, "--failed-out"):
         write_failed(
             config.failed_out,
@@ -223,6 +226,19 @@ def _verdict(
     else:
         status = ExitStatus.OK
     return status, message
+
+
+def _still_ours(path: Path, owner: dict[str, Any]) -> None:
+    """The failed file is not another import's, still: one may have written it while this
+    run went on (two imports in one directory, both with the default name)."""
+    try:
+        check_not_anothers(path, owner)
+    except UsageError as exc:
+        raise OutputError(
+            f"{exc.message}, written while this run went on",
+            hint="the outcomes are in the state dir: run the same command again with another "
+            "--failed-out (nothing accepted is sent again)",
+        ) from exc
 
 
 def _carried_over(carried: list[FailedEntry]) -> dict[str, int]:

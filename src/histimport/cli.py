@@ -809,7 +809,8 @@ def main(argv: list[str] | None = None) -> None:
     from . import unsupported
 
     why = unsupported()
-    if why is not None and not {"--version", "--help"} & set(argv or sys.argv[1:]):
+    harmless = {"--version", "--help", "--install-completion", "--show-completion"}
+    if why is not None and not harmless & set(argv or sys.argv[1:]):
         _report_error(why, None)
         raise SystemExit(ExitStatus.USAGE)
     app(args=argv, prog_name="histimport")

@@ -257,10 +257,9 @@ class Lanes:
 Progress = Callable[[int, int], None]
 """Called with (accepted, failed) as outcomes are recorded."""
 Paused = Callable[[Pause], None]
-"""A request the platform pushed back."""
+"""Called for each request the platform pushes back."""
 Noticed = Callable[[str, int, dict[str, Any]], None]
 """An event for the logs, at once: its name, its logging level, its fields."""
-"""Called for each request the platform pushes back."""
 
 
 class Deliverer:

@@ -60,7 +60,7 @@ class Display:
         # Logged: everything in JSON, or in text off a terminal; only errors when quiet.
         self.logged = self.json or not (quiet or self.console.is_terminal)
         if self.logged:
-            level = logging.WARNING if quiet else logging.INFO
+            level = logging.ERROR if quiet else logging.INFO
             logs.configure("json" if self.json else "text", level=level)
         self._interval = progress_interval
         self._ticker: threading.Thread | None = None

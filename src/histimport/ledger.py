@@ -132,9 +132,17 @@ no message content)."""
 _ENTRIES = f"""
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
+           json_extract(e.value, '$[2]') AS message_uuid, j.seq
+      FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
+"""Every word on a message in the journal, one row each; in-flight marks are left out.
+(Without the department and customer, which a journal written by an earlier version lacks:
+`status` reads such a journal as it stands.)"""
+_STEP_ENTRIES = f"""
+    SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
+           j.state, j.http_status, j.retryable, j.errors,
            json_extract(e.value, '$[2]') AS message_uuid, j.seq, j.department, j.customer
       FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
-"""Every word on a message in the journal, one row each; in-flight marks are left out."""
+"""The same, with whose messages they are (the settling keeps it with what was accepted)."""
 LATEST_ENTRIES = f"SELECT *, MAX(seq) FROM ({_ENTRIES}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
 
@@ -256,7 +264,7 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> bool:
             return False
         params = {"target": target, "run": run_id, "at": _now(), "upto": upto}
         db.execute(
-            f"CREATE TEMP TABLE step AS {_ENTRIES} AND j.seq > :after AND j.seq <= :upto "
+            f"CREATE TEMP TABLE step AS {_STEP_ENTRIES} AND j.seq > :after AND j.seq <= :upto "
             "ORDER BY j.seq",
             {"after": settled, "upto": upto},
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import stat
 import tempfile
 from collections import Counter
@@ -186,34 +187,48 @@ def owner(command: str, state_dir: Path | None) -> dict[str, Any]:
 
 
 def check_not_anothers(path: Path, mine: dict[str, Any]) -> None:
-    """A failed file already at `path` that another import (another state dir), or another
-    kind of command (a check, an import), wrote is not replaced: it is what `retry` needs.
-    One that lists nothing, one an earlier version wrote (no owner in it), or a file that is
-    no failed file is."""
+    """A failed file already at `path` that another import (another state dir) wrote is
+    not replaced: it is what `retry` needs. One that lists nothing, a check's (`validate`,
+    `load --dry-run`: run it again), one an earlier version wrote (no owner in it), or a
+    file that is no failed file is."""
     try:
         with path.open("rb") as f:
             head = f.read(64 * 1024)
     except OSError:
         return  # none there, or unreadable: its writing says what is wrong
-    cut = head.find(b',"failures":[')
-    try:
-        found = orjson.loads(head[:cut] + b"}") if cut > 0 else None
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(found, dict) or found.get("format") != FAILED_FORMAT:
+    found = _failed_head(head)
+    if found is None or found.get("format") != FAILED_FORMAT:
         return
     if "stateDir" not in found or not any((found.get("counts") or {}).values()):
         return  # an earlier version's, or one that lists nothing: nothing is lost
     theirs = found.get("stateDir")
-    if theirs == mine["stateDir"] and (theirs is not None or found.get("command") == "validate"):
-        return
-    what = "a check (validate)" if theirs is None else f"the import of state dir {theirs}"
+    if theirs is None or theirs == mine["stateDir"]:
+        return  # a check's (run it again), or this import's own
+    what = f"the import of state dir {theirs}"
     raise UsageError(
         f"--failed-out {path}: holds the failures of {what}, "
         f"written by {found.get('command')} at {found.get('createdAt')}; it is not replaced",
         hint="name another file with --failed-out, give each run a folder of its own with "
         "--out-dir DIR, or delete the file if it is no longer needed",
     )
+
+
+_HEAD_FIELD = re.compile(
+    rb'"(format|createdAt|command|stateDir|counts)":'
+    rb'("(?:[^"\\]|\\.)*"|null|\{[^{}]*\})'
+)
+
+
+def _failed_head(head: bytes) -> dict[str, Any] | None:
+    """The fields of a failed file's head that say who wrote it and what it lists, read
+    from its first bytes, before its sources; None for a file that is no failed file."""
+    if not head.startswith(b'{"format":'):
+        return None
+    found: dict[str, Any] = {}
+    for match in _HEAD_FIELD.finditer(head.split(b'"sources":', 1)[0]):
+        with suppress(orjson.JSONDecodeError):
+            found[match[1].decode()] = orjson.loads(match[2])
+    return found
 
 
 def read_failed_file(path: Path) -> FailedFile:
@@ -259,10 +274,12 @@ def write_failed(
     head = {
         "format": FAILED_FORMAT,
         "createdAt": timestamp(),
+        # Who wrote it and what it lists, before the sources (a run may have thousands):
+        # the next run reads them from the file's start (`check_not_anothers`).
+        **(owner or {}),
+        "counts": {k: counts[k] for k in ("rejected", "failed", "notSent")},
         "baseUrl": base_url,
         "sources": [source_entry(s) for s in sources],
-        "counts": {k: counts[k] for k in ("rejected", "failed", "notSent")},
-        **(owner or {}),
     }
     with atomic_writer(path) as out:
         out.write(orjson.dumps(head)[:-1] + b',"failures":[')

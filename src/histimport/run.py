@@ -198,9 +198,6 @@ class Run:
             ledger = Ledger(state_dir)
             stack.callback(ledger.close)
             ledger.begin_run(command, base_url or "")
-            if config.out_dir is not None:
-                config = self.config = self._in_out_dir(config, ledger.run_id, sources)
-            self.observer.starting(self._details(command, sources, base_url))
             intake = self.intake = Intake(
                 config,
                 sources,
@@ -211,6 +208,9 @@ class Run:
             )
             deliverer = None
             try:
+                if config.out_dir is not None:
+                    config = self.config = self._in_out_dir(config, ledger.run_id, sources)
+                self.observer.starting(self._details(command, sources, base_url))
                 if not config.dry_run:
                     assert base_url is not None
                     # Made before anything is read: a --ca-bundle or a proxy setting that
@@ -471,13 +471,19 @@ class Run:
         and the run: failed.json, report.json, accepted.jsonl."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         assert config.out_dir is not None
-        folder = config.out_dir / f"{stamp}-run{run_id}"
-        try:
-            folder.mkdir(parents=True)
-        except OSError as exc:
-            raise UsageError(
-                f"--out-dir {config.out_dir}: cannot make {folder}: {exc.strerror or exc}"
-            ) from exc
+        name = f"{stamp}-run{run_id}"
+        for n in itertools.count(2):
+            # Another ledger's run (a shard, a check) may have the same id in the same second.
+            folder = config.out_dir / name
+            try:
+                folder.mkdir(parents=True)
+                break
+            except FileExistsError:
+                name = f"{stamp}-run{run_id}-{n}"
+            except OSError as exc:
+                raise UsageError(
+                    f"--out-dir {config.out_dir}: cannot make {folder}: {exc.strerror or exc}"
+                ) from exc
         outputs = {"--failed-out": folder / "failed.json", "--report": folder / "report.json"}
         check_outputs(outputs, sources)
         return replace(

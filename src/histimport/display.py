@@ -71,6 +71,7 @@ class Display:
         self._accepted = 0
         self._bytes: tuple[int, int | None] = (0, None)
         self._last_pause: str | None = None
+        self._sources = 0  # sources begun: the ETA is told from the first one's bytes alone
         self._progress: Progress | None = None
         self._read: Any = None  # the progress display's tasks
         self._sent: Any = None
@@ -112,6 +113,7 @@ class Display:
     def staging(self, source: str) -> None:
         self.event("reading", source=source)
         self._source = source
+        self._sources += 1
         self.reading(0, None)
 
     def reading(self, done: int, total: int | None) -> None:
@@ -181,6 +183,8 @@ class Display:
         waiting = self._handed_on - answered
         done, total = self._bytes
         eta = None
+        if self._sources > 1:
+            total = None  # the current source's share read says nothing of the rest
         if rate > 0 and total:
             # Messages to come, estimated from the share of the source read so far.
             expected = self._handed_on * total / max(done, 1)

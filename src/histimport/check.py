@@ -154,14 +154,15 @@ def _warnings(data: dict[str, Any], now: str | None) -> list[Problem]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _is_path_segment(value: str) -> bool:
-    """Cached: an export names the same departments and customers over and over."""
+def is_path_segment(value: str) -> bool:
+    """Whether `value` is a valid department, customer or user id: one safe URL path
+    segment. Cached: an export names the same departments and customers over and over."""
     return _ID.fullmatch(value) is not None and value not in (".", "..")
 
 
 def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
     """A department or customer id: exactly one safe URL path segment."""
-    if type(value) is str and _is_path_segment(value):
+    if type(value) is str and is_path_segment(value):
         return value
     if value is None:
         problems.append(Problem("MISSING_FIELD", f"{name}: is required"))
@@ -169,7 +170,7 @@ def _path_id(value: Any, name: str, problems: list[Problem]) -> str | None:
     if not isinstance(value, str):
         problems.append(Problem("INVALID_ID", f"{name}: must be a string"))
         return None
-    if not _is_path_segment(value):
+    if not is_path_segment(value):
         shown = _excerpt(value)
         problems.append(
             Problem(

@@ -31,7 +31,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -39,6 +38,7 @@ import orjson
 
 from .chunking import clear_spill
 from .errors import LedgerError
+from .logs import timestamp
 from .read import UNREADABLE
 from .records import Failure, Outcome, Pending, State
 
@@ -262,7 +262,7 @@ def _settle_step(db: sqlite3.Connection, target: str, run_id: int) -> bool:
         ).fetchone()
         if upto <= settled:
             return False
-        params = {"target": target, "run": run_id, "at": _now(), "upto": upto}
+        params = {"target": target, "run": run_id, "at": timestamp(), "upto": upto}
         db.execute(
             f"CREATE TEMP TABLE step AS {_STEP_ENTRIES} AND j.seq > :after AND j.seq <= :upto "
             "ORDER BY j.seq",
@@ -308,10 +308,6 @@ def has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
     """Whether the database `schema` of `db` (main, or an attached one) has table `name`."""
     found = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE name = ?", (name,))
     return found.fetchone() is not None
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class Ledger:
@@ -399,7 +395,7 @@ class Ledger:
         (self._dir / OLD_BODIES_FILE).unlink(missing_ok=True)
         cur = db.execute(
             "INSERT INTO runs(command, target, started_at, status) VALUES (?, ?, ?, 'running')",
-            (command, target, _now()),
+            (command, target, timestamp()),
         )
         self.run_id = int(cur.lastrowid or 0)
         db.execute("INSERT INTO stage_meta(run_id, target) VALUES (?, ?)", (self.run_id, target))
@@ -449,7 +445,7 @@ class Ledger:
         customers' messages, once a run is over (a later run reads the sources again)."""
         self._db.execute(
             "UPDATE runs SET finished_at=?, status=?, counts=? WHERE id=?",
-            (_now(), status, orjson.dumps(counts).decode(), self.run_id),
+            (timestamp(), status, orjson.dumps(counts).decode(), self.run_id),
         )
         clear_spill(self._dir)
         if status == "ok":
@@ -528,7 +524,7 @@ class Ledger:
                     outcome.source_uuid,
                     outcome.message_uuid,
                     self.run_id,
-                    _now(),
+                    timestamp(),
                     department,
                     customer,
                 ),

@@ -27,9 +27,11 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     LOGGER.log(level, name, extra={"fields": fields})
 
 
-def timestamp(created: float) -> str:
-    """ISO 8601 in UTC to the millisecond: 2026-12-07T21:14:00.123Z."""
-    moment = datetime.fromtimestamp(created, UTC)
+def timestamp(created: float | None = None) -> str:
+    """ISO 8601 in UTC to the millisecond, of `created` (seconds since the epoch) or now:
+    2026-12-07T21:14:00.123Z. Every time stamp the tool writes (logs, ledger, failed file)
+    is spelt so."""
+    moment = datetime.now(UTC) if created is None else datetime.fromtimestamp(created, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from pydantic import BaseModel
 
-from .check import wire_time
+from .check import is_path_segment, wire_time
 from .errors import UsageError
 from .models import SaveMessageRequest
 from .read import RawRow, RowError, may_hold_huge_int
@@ -439,8 +439,8 @@ def starter_mapping(
         values = _values(rows, found)
         if path in ("sentOn", "receivedOn"):
             lines.append(_timestamp(path, found, values))
-        elif path in _IDS and sum(not _is_id(v) for v in values) > len(values) * _OUTLIERS:
-            wrong = list(dict.fromkeys(v for v in values if not _is_id(v)))
+        elif path in _IDS and sum(not is_path_segment(v) for v in values) > len(values) * _OUTLIERS:
+            wrong = list(dict.fromkeys(v for v in values if not is_path_segment(v)))
             if len(wrong) > _ENUM_VALUES:
                 lines.append(f'{_toml_key(path)} = "{found}"')
                 lines.append(
@@ -501,10 +501,6 @@ _PAIRED = re.compile(r"(^|_)(id|no|num|number|seq|n)$|^(id|no|seq)(_|$)")
 
 def _values(rows: Sequence[dict[str, str]], column: str) -> list[str]:
     return [v for row in rows if (v := str(row.get(column) or "").strip())]
-
-
-def _is_id(value: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9._~-]+", value) is not None and value not in (".", "..")
 
 
 def _known(known: dict[str, str], value: str) -> str:

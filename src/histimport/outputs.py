@@ -14,13 +14,13 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import logs
 from .errors import OutputError, UsageError
 from .read import UNREADABLE, Source
 from .records import Failure
@@ -124,10 +124,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def timestamp() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def source_entry(source: Source) -> dict[str, Any]:
@@ -273,7 +269,7 @@ def write_failed(
         counts[kept.stage] += 1
     head = {
         "format": FAILED_FORMAT,
-        "createdAt": timestamp(),
+        "createdAt": logs.timestamp(),
         # Who wrote it and what it lists, before the sources (a run may have thousands):
         # the next run reads them from the file's start (`check_not_anothers`).
         **(owner or {}),

@@ -129,20 +129,24 @@ watermark of the settled journal, and each message's last word (`outcome`: ids a
 no message content)."""
 
 
-_ENTRIES = f"""
+def _entries(extra: str = "") -> str:
+    return f"""
     SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
            j.state, j.http_status, j.retryable, j.errors,
-           json_extract(e.value, '$[2]') AS message_uuid, j.seq
+           json_extract(e.value, '$[2]') AS message_uuid, j.seq{extra}
       FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
+
+
+_ENTRIES = _entries()
 """Every word on a message in the journal, one row each; in-flight marks are left out.
 (Without the department and customer, which a journal written by an earlier version lacks:
 `status` reads such a journal as it stands.)"""
-_STEP_ENTRIES = f"""
-    SELECT json_extract(e.value, '$[0]') AS msg_id, json_extract(e.value, '$[1]') AS source_uuid,
-           j.state, j.http_status, j.retryable, j.errors,
-           json_extract(e.value, '$[2]') AS message_uuid, j.seq, j.department, j.customer
-      FROM jl.journal j, json_each(j.items) e WHERE j.state != {_IN_FLIGHT}"""
+_STEP_ENTRIES = _entries(", j.department, j.customer")
 """The same, with whose messages they are (the settling keeps it with what was accepted)."""
+ACCEPTED_ROWS = "SELECT a.source_uuid, a.message_uuid, c.department, c.customer"
+ACCEPTED_FROM = "FROM accepted a LEFT JOIN customers c ON c.id = a.customer_id"
+"""What the platform accepted, with whose messages they are: `status --accepted` and
+`--accepted-out` read it so."""
 LATEST_ENTRIES = f"SELECT *, MAX(seq) FROM ({_ENTRIES}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
 
@@ -751,10 +755,7 @@ class Ledger:
     def accepted(self, *, this_run: bool) -> Iterator[tuple[str, str, str | None, str | None]]:
         """What the platform accepted on this target (`this_run`: in this run alone), as
         (sourceUuid, messageUuid, department, customer), by sourceUuid; read as it goes."""
-        query = (
-            "SELECT a.source_uuid, a.message_uuid, c.department, c.customer FROM accepted a "
-            "LEFT JOIN customers c ON c.id = a.customer_id WHERE a.target = ?"
-        )
+        query = f"{ACCEPTED_ROWS} {ACCEPTED_FROM} WHERE a.target = ?"
         params: tuple[Any, ...] = (self.target,)
         if this_run:
             query += " AND a.run_id = ?"

@@ -9,6 +9,7 @@ import fcntl
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import orjson
 from .chunking import clear_spill
 from .errors import LedgerError, UsageError
 from .ledger import (
+    ACCEPTED_FROM,
+    ACCEPTED_ROWS,
     JOURNAL_FILE,
     LATEST_ENTRIES,
     LEDGER_FILE,
@@ -40,28 +43,7 @@ _STATE_NAMES = {
 
 def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
     """A summary of one state dir, as plain data."""
-    path = state_dir / LEDGER_FILE
-    try:
-        if not path.is_file():
-            raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
-        return _read(state_dir, runs, immutable=False)
-    except OSError as exc:  # a directory that cannot be entered
-        raise LedgerError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
-    except sqlite3.Error as exc:
-        if "readonly" not in str(exc):
-            raise LedgerError(f"{path}: cannot be read: {exc}") from exc
-    # A state dir that cannot be written (archived, mounted read-only): SQLite cannot make
-    # the files a shared read needs there, and no import can be writing to it either.
-    try:
-        return _read(state_dir, runs, immutable=True)
-    except (OSError, sqlite3.Error) as exc:
-        raise LedgerError(f"{path}: cannot be read: {exc}") from exc
-
-
-def _read(state_dir: Path, runs: int, *, immutable: bool) -> dict[str, Any]:
-    path = state_dir / LEDGER_FILE
-    db = sqlite3.connect(_read_only(path, immutable=immutable), uri=True)
-    try:
+    with _open_ledger(state_dir) as (db, immutable):
         journal = state_dir / JOURNAL_FILE
         attached = journal.is_file()
         if attached:
@@ -70,8 +52,35 @@ def _read(state_dir: Path, runs: int, *, immutable: bool) -> dict[str, Any]:
         if staging.is_file():
             db.execute("ATTACH DATABASE ? AS st", (_read_only(staging, immutable=immutable),))
         return _summary(db, state_dir, runs, journal=attached and has_table(db, "jl", "journal"))
-    finally:
-        db.close()
+
+
+@contextmanager
+def _open_ledger(state_dir: Path) -> Iterator[tuple[sqlite3.Connection, bool]]:
+    """The ledger of `state_dir`, read-only, and whether it is read as it stands
+    (`immutable`): in a state dir that cannot be written (archived, mounted read-only),
+    SQLite cannot make the files a shared read needs, and no import can be writing to it."""
+    path = state_dir / LEDGER_FILE
+    if not path.is_file():
+        raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
+    try:
+        immutable = False
+        db = sqlite3.connect(_read_only(path), uri=True)
+        try:
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "readonly" not in str(exc):
+                raise
+            immutable = True
+            db = sqlite3.connect(_read_only(path, immutable=True), uri=True)
+        try:
+            yield db, immutable
+        finally:
+            db.close()
+    except OSError as exc:  # a directory that cannot be entered
+        raise LedgerError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot be read: {exc}") from exc
 
 
 def _summary(
@@ -203,29 +212,13 @@ def export_accepted(state_dirs: list[Path], path: Path) -> int:
 
 def _accepted_rows(state_dirs: list[Path]) -> Iterator[tuple[str | None, ...]]:
     for state_dir in state_dirs:
-        ledger = state_dir / LEDGER_FILE
-        try:
-            db = sqlite3.connect(_read_only(ledger), uri=True)
-            try:
-                db.execute("SELECT 1 FROM accepted LIMIT 1").fetchall()
-            except sqlite3.OperationalError as exc:
-                if "readonly" not in str(exc):
-                    raise
-                db.close()  # a state dir that cannot be written: read as it stands
-                db = sqlite3.connect(_read_only(ledger, immutable=True), uri=True)
-            try:
-                if has_table(db, "main", "customers"):  # written by a version that keeps them
-                    query = (
-                        "SELECT a.source_uuid, a.message_uuid, c.department, c.customer, "
-                        "a.target FROM accepted a LEFT JOIN customers c ON c.id = a.customer_id"
-                    )
-                else:
-                    query = "SELECT source_uuid, message_uuid, NULL, NULL, target FROM accepted"
-                yield from db.execute(query)
-            finally:
-                db.close()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"{ledger}: cannot be read: {exc}") from exc
+        with _open_ledger(state_dir) as (db, _):
+            if has_table(db, "main", "customers"):  # written by a version that keeps them
+                yield from db.execute(f"{ACCEPTED_ROWS}, a.target {ACCEPTED_FROM}")
+            else:
+                yield from db.execute(
+                    "SELECT source_uuid, message_uuid, NULL, NULL, target FROM accepted"
+                )
 
 
 def _read_only(path: Path, *, immutable: bool = False) -> str:

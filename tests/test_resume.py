@@ -911,3 +911,32 @@ def test_a_retry_after_a_source_broke_off_reads_it_from_there_to_its_end(
     assert server.store.count() == len(rows)
     assert again.exit_status is ExitStatus.OK
     assert orjson.loads((tmp_path / "again.json").read_bytes())["failures"] == []
+
+
+def test_a_resumed_run_records_what_it_passes_before_its_first_message_as_it_goes(
+    tmp_path: Path, server: RunningSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Millions of rows accepted before may come before the first one to send: they are
+    recorded a batch at a time while it is looked for, not held until it is found."""
+    from histimport import run as run_module
+    from histimport.staging import Staging
+
+    rows = [message("d", f"c{n % 9}", n) for n in range(1000)]
+    source = write_jsonl(tmp_path / "e.jsonl", rows[:700])
+    config = config_for(server, tmp_path, fresh=True)
+    assert histimport.load([source], config).exit_status is ExitStatus.OK
+    monkeypatch.setattr(run_module, "HEAD_ROWS", 64)
+    batches: list[int] = []
+    admit = Staging.admit
+
+    def counted(self: Staging, batch: Any) -> Any:
+        batches.append(len(batch))
+        return admit(self, batch)
+
+    monkeypatch.setattr(Staging, "admit", counted)
+    write_jsonl(source, rows)
+    result = histimport.load([source], config)
+    assert result.exit_status is ExitStatus.OK, result.message
+    assert (result.report["alreadyAccepted"], result.report["accepted"]) == (700, 300)
+    assert batches[: 700 // 64] == [64] * (700 // 64)  # while looking for the first
+    assert server.store.count() == 1000 and server.store.duplicate_receipts() == 0

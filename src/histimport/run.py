@@ -31,7 +31,7 @@ from .intake import Intake, open_sources, realpath
 from .ledger import Ledger
 from .outputs import check_not_anothers, check_outputs, owner
 from .read import Source
-from .records import Outcome, Pending, State
+from .records import Outcome, Pending
 from .signals import deferred, install_async_signals, sigterm_as_interrupt
 from .staging import Staging
 from .stream import HANDOFF_BYTES, Handoff, Reader
@@ -39,6 +39,9 @@ from .target import check_base_url
 
 if TYPE_CHECKING:
     from .matching import Selection
+
+HEAD_ROWS = 4096
+"""Rows read before the first message to send that are held at most, then recorded."""
 
 
 class Observer(Protocol):
@@ -278,24 +281,26 @@ class Run:
         carry_refused = not (self.include_permanent or self.config.fresh)
         rows = intake.rows()
         head: list[Valid | Rejected] = []
-        first: Outcome | None = None
-        try:
-            if deliverer is not None and self.config.shard is None:
-                # Not a shard: the shards' failed files are retried together, in a state dir
-                # that knows none of their first messages.
-                first = self._first_contact(ledger, deliverer, rows, head, carry_refused)
-        except KeyboardInterrupt:
-            self.interrupted = True
-            return
         staging = Staging(
             state_dir,
             run_id=ledger.run_id,
             target=ledger.target,
             paths=[s.path for s in sources],
             carry_refused=carry_refused,
-            decided=first if first is not None and first.state is State.FAILED else None,
         )
         try:
+            if deliverer is not None and self.config.shard is None:
+                # Not a shard: the shards' failed files are retried together, in a state dir
+                # that knows none of their first messages.
+                try:
+                    first = self._first_contact(
+                        ledger, deliverer, rows, head, carry_refused, staging
+                    )
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                    return
+                if first is not None:
+                    staging.first_sent(first)
             if deliverer is None or deliverer.stopping:
                 # Dry run; or the first message was refused for good, or went nowhere: what
                 # was read before it is recorded, the rest read again by the next run.
@@ -322,14 +327,20 @@ class Run:
         rows: Iterator[Valid | Rejected],
         head: list[Valid | Rejected],
         carry_refused: bool,
+        staging: Staging,
     ) -> Outcome | None:
         """Read up to the first message to send and send it alone, before anything else
         is read: a wrong password, base URL, certificate or proxy is told within a second.
-        The rows read are left in `head` (the message last), to be recorded; refused for
-        good (401, 403, TLS) or unreachable, the message is taken out of it: the failed
-        file says where each source's rest begins, and the same command goes on from there."""
+        The rows read before it, none of which is to be sent, are recorded a batch at a time
+        (a resumed run may pass millions); the last of them are left in `head` (the message
+        last), to be recorded; refused for good (401, 403, TLS) or unreachable, the message
+        is taken out of it: the failed file says where each source's rest begins, and the
+        same command goes on from there."""
         rejected: set[str] = set()  # a valid row repeating one of these is rejected too
         for row in rows:
+            if len(head) >= HEAD_ROWS:
+                staging.admit(head)
+                head.clear()
             head.append(row)
             if isinstance(row, Rejected):
                 if row.source_uuid is not None:

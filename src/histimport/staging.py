@@ -50,7 +50,6 @@ class Staging:
         target: str,
         paths: Sequence[str],
         carry_refused: bool,
-        decided: Outcome | None = None,
     ) -> None:
         self._db = connect(state_dir, any_thread=True)
         self._db.execute(f"PRAGMA wal_autocheckpoint={_LOG_PAGES}")
@@ -62,7 +61,7 @@ class Staging:
         self.target = target
         self._paths = list(paths)
         self._carry_refused = carry_refused
-        self._decided = decided  # the first message's failure, if it was sent alone
+        self._decided: Outcome | None = None  # the first message's failure (`first_sent`)
         self._keys: dict[tuple[str, str], int] = {}
         (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM msg").fetchone()
         self._next_id = int(last) + 1
@@ -85,6 +84,14 @@ class Staging:
 
     def close(self) -> None:
         self._db.close()
+
+    def first_sent(self, outcome: Outcome) -> None:
+        """The word on the first message, sent alone before it was recorded: recorded, it
+        is this run's accepted or refused message, not sent again."""
+        if outcome.state is State.ACCEPTED:
+            self._own[outcome.source_uuid] = self.run_id
+        elif outcome.state is State.FAILED:
+            self._decided = outcome
 
     @writes
     def admit(self, rows: Sequence[Valid | Rejected]) -> list[tuple[int, Valid]]:

@@ -81,9 +81,11 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
     if delivered.gave_up:
         error = {"errorCode": "PLATFORM_UNAVAILABLE", "errorDescription": delivered.gave_up}
         ledger.describe_unsent((error,))
-    carried = _unread(ledger, end)
+    shards = _shards(end)
     if end.selection is not None:
-        carried = unmet(end.selection, ledger, end.sources, read_whole=end.read_whole) + carried
+        carried = unmet(end.selection, ledger, end.sources, read_whole=end.read_whole)
+    else:
+        carried = _unread(ledger, end, shards)
     if config.out_dir is None:
         _still_ours(config.failed_out, end.owner)
     with writing(config.failed_out, "--failed-out"):
@@ -96,7 +98,7 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
             error_codes=error_codes,
             preview=preview,
             carried=carried,
-            shards=_shards(end),
+            shards=shards,
             owner=end.owner,
         )
     report = _report(counts, end, delivered, error_codes)
@@ -293,15 +295,14 @@ def _shards(end: Ending) -> dict[int, str]:
     return out
 
 
-def _unread(ledger: Ledger, end: Ending) -> list[FailedEntry]:
+def _unread(ledger: Ledger, end: Ending, shards: dict[int, str]) -> list[FailedEntry]:
     """`load` stopped while reading: an entry for where each source's unstaged rest
     begins (after its last row staged: a source's rows are staged in order, and the
     last batch handed on may not have been), which `retry` reads on from. Without it,
     those rows would stand in no failed file, and a retry would find nothing left."""
-    if end.read_whole or end.selection is not None or end.config.dry_run:
+    if end.read_whole or end.config.dry_run:
         return []
     reached = ledger.last_lines()
-    shards = _shards(end)
     unread = []
     for index, source in enumerate(end.sources):
         staged = reached.get(index, 0)

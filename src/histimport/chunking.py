@@ -68,10 +68,7 @@ class Spill:
         self._size = 0  # of the file written to: where the next extent begins
         self._parts: dict[int, int] = {}  # by file number: parts not read back yet
         self._fds: dict[int, int] = {}
-        self._sizes: dict[int, int] = {}  # by file number: bytes it holds on disk
         self.written = 0  # bytes written, for the figures
-        self.peak = 0  # bytes the files held on disk at most
-        self._on_disk = 0
         clear_spill(state_dir)
 
     def write(
@@ -111,9 +108,8 @@ class Spill:
             # An extent begins at a block and is the customer's to its end: so are the
             # blocks its parts began in and ended in.
             start, end = start - start % _BLOCK, -(-end // _BLOCK) * _BLOCK
-            if number in self._fds and _punch_hole(self._fds[number], start, end - start):
-                self._on_disk -= end - start
-                self._sizes[number] -= end - start
+            if number in self._fds:
+                _punch_hole(self._fds[number], start, end - start)
         for number in {number for number, _, _ in spans}:
             if not self._parts.get(number) and number != self._number and number in self._fds:
                 self._drop(number)
@@ -126,9 +122,6 @@ class Spill:
         length = max(_EXTENT, -(-size // _BLOCK) * _BLOCK)
         at = self._size
         self._size += length
-        self._sizes[self._number] += length
-        self._on_disk += length
-        self.peak = max(self.peak, self._on_disk)
         return self._number, at, at + length
 
     def _read_part(self, where: Where) -> tuple[Where | None, list[Pending]]:
@@ -164,12 +157,10 @@ class Spill:
         self._file = self._fds[self._number] = fd
         self._size = 0
         self._parts[self._number] = 0
-        self._sizes[self._number] = 0
 
     def _drop(self, number: int) -> None:
         os.close(self._fds.pop(number))
         self._parts.pop(number, None)
-        self._on_disk -= self._sizes.pop(number, 0)
         if number == self._number:
             self._file = None
         self._path(number).unlink(missing_ok=True)

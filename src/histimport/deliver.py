@@ -36,6 +36,7 @@ from .policy import (
     classify_error,
     outcomes_of,
     server_warnings,
+    warning_excerpt,
 )
 from .records import Outcome, Pending, State
 from .transport import Sender, SendError, proxies_set, unusable_proxy
@@ -587,14 +588,14 @@ class Deliverer:
         if warnings:
             stats = self.stats
             stats.server_warnings += len(warnings)
-            for source_uuid, code, description in warnings:
+            for source_uuid, code, warning in warnings:
                 stats.warning_codes[code] += 1
                 if len(stats.warnings_listed) < WARNINGS_LISTED:
                     stats.warnings_listed.append(
                         {
                             "sourceUuid": source_uuid,
                             "warningCode": code,
-                            "warningDescription": description,
+                            "warningDescription": warning_excerpt(warning),
                         }
                     )
         return outcomes_of(chunk.messages, decision.status, decision.body)

@@ -155,26 +155,6 @@ def open_sources(
     return sources
 
 
-def source_fields(
-    path: str, fmt: str | None, *, delimiter: str | None = None, encoding: str | None = None
-) -> list[str]:
-    """A source's field names: its CSV header, or the dotted paths of its first JSON object."""
-    (source,) = open_sources([path], fmt)
-    with open_source(source) as stream:
-        if source.format == "csv":
-            rows = read_csv(
-                stream, 0, max_line_bytes=1 << 24, delimiter=delimiter, encoding=encoding
-            )
-            first = next(rows, None)
-            if first is None or first.header is None:
-                raise UsageError(f"{path}: no header row")
-            return first.header
-        for row in read_jsonl(stream, 0, max_line_bytes=1 << 24, name=path):
-            if row.data is not None:
-                return _paths(row.data)
-    raise UsageError(f"{path}: no JSON object found")
-
-
 SAMPLE_ROWS = 100_000
 """Rows of a source that `map init` checks its guesses against."""
 
@@ -187,23 +167,32 @@ def source_sample(
     encoding: str | None = None,
     rows: int = SAMPLE_ROWS,
 ) -> tuple[list[str], list[dict[str, str]]]:
-    """A source's field names and its first `rows` rows, each value as text (JSON
-    objects by their dotted paths)."""
-    headers = source_fields(path, fmt, delimiter=delimiter, encoding=encoding)
+    """A source's field names (its CSV header, or the dotted paths of its first JSON
+    object) and its first `rows` rows, each value as text (JSON objects by their dotted
+    paths), in one pass."""
     (source,) = open_sources([path], fmt)
+    headers: list[str] | None = None
     sample: list[dict[str, str]] = []
     with open_source(source) as stream:
         if source.format == "csv":
             found = read_csv(
                 stream, 0, max_line_bytes=1 << 24, delimiter=delimiter, encoding=encoding
             )
+            first = next(found, None)
+            if first is None or first.header is None:
+                raise UsageError(f"{path}: no header row")
+            headers = first.header
         else:
             found = read_jsonl(stream, 0, max_line_bytes=1 << 24, name=path)
         for row in found:
             if len(sample) >= rows:
                 break
             if isinstance(row.data, dict):
-                sample.append({k: _text(v) for k, v in _flat(row.data).items()})
+                flat = _flat(row.data)
+                headers = headers or list(flat)
+                sample.append({k: _text(v) for k, v in flat.items()})
+    if headers is None:
+        raise UsageError(f"{path}: no JSON object found")
     return headers, sample
 
 
@@ -221,16 +210,6 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     return value if isinstance(value, str) else orjson.dumps(value).decode()
-
-
-def _paths(data: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out += _paths(value, f"{prefix}{key}.")
-        else:
-            out.append(prefix + key)
-    return out
 
 
 @dataclass

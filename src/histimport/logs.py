@@ -59,10 +59,8 @@ class TextFormatter(logging.Formatter):
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return orjson.dumps(value).decode() if (" " in value or not value) else value
-    if value is None or isinstance(value, bool | int | float):
-        return orjson.dumps(value).decode()
+    if isinstance(value, str) and value and " " not in value:
+        return value
     return orjson.dumps(value, default=str).decode()
 
 

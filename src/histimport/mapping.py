@@ -439,8 +439,12 @@ def starter_mapping(
         values = _values(rows, found)
         if path in ("sentOn", "receivedOn"):
             lines.append(_timestamp(path, found, values))
-        elif path in _IDS and sum(not is_path_segment(v) for v in values) > len(values) * _OUTLIERS:
-            wrong = list(dict.fromkeys(v for v in values if not is_path_segment(v)))
+        elif (
+            path in _IDS
+            and len(wrong := [v for v in values if not is_path_segment(v)])
+            > len(values) * _OUTLIERS
+        ):
+            wrong = list(dict.fromkeys(wrong))
             if len(wrong) > _ENUM_VALUES:
                 lines.append(f'{_toml_key(path)} = "{found}"')
                 lines.append(

@@ -278,20 +278,18 @@ def outcomes_of(messages: Sequence[Pending], status: int, body: Answer) -> list[
     return outcomes
 
 
-def server_warnings(body: Answer) -> list[tuple[str | None, str, str]]:
-    """The answer's warnings: (sourceUuid, or None for the request's own; code;
-    description), the description cut to an excerpt."""
+def server_warnings(body: Answer) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """The answer's warnings: (sourceUuid, or None for the request's own; code; the
+    warning as it came)."""
     found = [(None, w) for w in body.get("warnings") or ()]
     for entry in body.get("saveMessageResponse") or ():
         found += [(entry.get("sourceUuid"), w) for w in entry.get("warnings") or ()]
-    return [
-        (
-            uuid,
-            str(w.get("warningCode") or "UNSPECIFIED"),
-            _excerpt(str(w.get("warningDescription") or "").encode()),
-        )
-        for uuid, w in found
-    ]
+    return [(uuid, str(w.get("warningCode") or "UNSPECIFIED"), w) for uuid, w in found]
+
+
+def warning_excerpt(warning: dict[str, Any]) -> str:
+    """A warning's description, cut as an error's is."""
+    return _excerpt(str(warning.get("warningDescription") or "").encode())
 
 
 def _dump(errors: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...]:

@@ -38,10 +38,6 @@ class Handoff:
         self._condition = threading.Condition()
         lanes.on_done = self._done
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
     def put(self, chunk: Chunk) -> None:
         """Hand a chunk on, once there is room for it; dropped if the run stops meanwhile
         (its messages stay pending in the ledger: notSent)."""

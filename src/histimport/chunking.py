@@ -238,7 +238,8 @@ class Chunker:
         if lane is None:
             lane = self._lanes[key] = _Lane(size=self._envelope.overhead)
         extra = len(message.body) + (1 if lane.count else 0)
-        if lane.count and (lane.count >= self._chunk_size or lane.size + extra > self._max_bytes()):
+        # (A lane is handed on as soon as it has chunk_size messages: only bytes are left.)
+        if lane.count and lane.size + extra > self._max_bytes():
             self._hand_on(key, lane)
             lane = self._lanes[key] = _Lane(size=self._envelope.overhead)
             extra = len(message.body)
@@ -269,7 +270,10 @@ class Chunker:
         self._held -= lane.held_bytes
         messages = self._messages(lane)
         department, customer = key
-        # Cut again: a 413 may have lowered the limit since these were gathered.
+        if lane.size <= self._max_bytes():  # within the limit still: the lane is the chunk
+            self._sink(Chunk(department, customer, tuple(messages)))
+            return
+        # Cut again: a 413 has lowered the limit since these were gathered.
         for chunk in chunks(
             department,
             customer,

@@ -151,6 +151,10 @@ LATEST_ENTRIES = f"SELECT *, MAX(seq) FROM ({_ENTRIES}) GROUP BY msg_id"
 """Each message's last word (SQLite takes the other columns from the row of MAX(seq))."""
 
 
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+"""The files of one SQLite database: itself, its write-ahead log and index, its journal."""
+
+
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -411,7 +415,7 @@ class Ledger:
         for name in names:
             schema = schemas[name]
             self._db.execute(f"DETACH DATABASE {schema}")
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in SQLITE_SUFFIXES:
                 (self._dir / f"{name}{suffix}").unlink(missing_ok=True)
             if attach:
                 _attach(self._db, self._dir, schema)

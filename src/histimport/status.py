@@ -25,6 +25,7 @@ from .ledger import (
     LEDGER_FILE,
     LOCK_FILE,
     OLD_BODIES_FILE,
+    SQLITE_SUFFIXES,
     STAGING_FILE,
     has_table,
 )
@@ -262,6 +263,6 @@ def purge(state_dir: Path, *, force: bool = False) -> bool:
 _MADE = [
     f"{name}{suffix}"
     for name in (LEDGER_FILE, JOURNAL_FILE, STAGING_FILE)
-    for suffix in ("", "-wal", "-shm", "-journal")
+    for suffix in SQLITE_SUFFIXES
 ] + [OLD_BODIES_FILE]
 """The files of a state dir, but for its lock file."""

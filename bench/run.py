@@ -51,8 +51,9 @@ CLIENT_LABELS = {
 
 # Targets (informational).
 MIN_SPEEDUP_VS_NAIVE = 5.0
-MAX_RATIO_VS_BARE = 1.5
+MAX_RATIO_VS_BARE = 1.2
 MAX_CPU_US_PER_MSG = 25.0
+MAX_CPU_RATIO_VS_BARE = 1.0
 MIN_SHARE_OF_LIMIT = 0.9
 MAX_429_SHARE = 0.05
 MAX_RSS_MIB = 200.0
@@ -379,8 +380,14 @@ def check_targets(results: list[Result]) -> list[str]:
         f"{verdict(None if ratio is None else ratio <= MAX_RATIO_VS_BARE)}  "
         f"20ms: histimport wall <= {MAX_RATIO_VS_BARE:g}x (c) bare async: {fmt(ratio)}x"
     )
-    h0 = find("0ms", "histimport")
+    h0, b0 = find("0ms", "histimport"), find("0ms", "bare")
     cpu = h0.cpu_us_per_msg if h0 else None
+    cpu_ratio = cpu / b0.cpu_us_per_msg if cpu is not None and b0 else None
+    lines.append(
+        f"{verdict(None if cpu_ratio is None else cpu_ratio <= MAX_CPU_RATIO_VS_BARE)}  "
+        f"0ms: histimport client CPU <= {MAX_CPU_RATIO_VS_BARE:g}x (c) bare async's: "
+        f"{fmt(cpu_ratio)}x"
+    )
     lines.append(
         f"{verdict(None if cpu is None else cpu <= MAX_CPU_US_PER_MSG)}  "
         f"0ms: histimport client CPU <= {MAX_CPU_US_PER_MSG:g} µs/message: {fmt(cpu, 1)} µs"

@@ -1,7 +1,7 @@
 """Chunking: a customer's messages, as they are read, into requests. A chunk is handed on as
 soon as it is full (by count or by bytes); a customer's partial chunk waits for more of its
-messages, in memory up to a budget, then spilled to the state dir, compressed, and deleted
-as soon as it is read back to be sent.
+messages, in memory up to a budget, then spilled to the state dir, compressed (LZ4), and
+deleted as soon as it is read back to be sent.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import functools
 import marshal
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
+
+import lz4.block
 
 from .batch import Chunk, Envelope, chunks
 from .errors import LedgerError
@@ -77,7 +78,7 @@ class Spill:
         """Store messages after the part `before` of the same customer, in its extent
         `room` if they fit; where they are, and the room left."""
         link = _LINK.pack(*(before or (0, 0, 0)))
-        data = link + zlib.compress(marshal.dumps([tuple(m) for m in messages]), 1)
+        data = link + lz4.block.compress(marshal.dumps([tuple(m) for m in messages]))
         if room is None or room[0] not in self._fds or room[1] + len(data) > room[2]:
             room = self._extent(len(data))
         number, at, end = room
@@ -136,7 +137,7 @@ class Spill:
                 raise LedgerError(f"{self._path(number)} ends early: the state dir was changed")
             data += more
         before = _LINK.unpack_from(data)
-        messages = [Pending(*m) for m in marshal.loads(zlib.decompress(data[_LINK.size :]))]
+        messages = [Pending(*m) for m in marshal.loads(lz4.block.decompress(data[_LINK.size :]))]
         self._parts[number] -= 1
         return (before if before[0] else None), messages
 

@@ -124,25 +124,29 @@ def test_settling_in_steps_ends_where_settling_at_once_does(
 def test_an_interruption_anywhere_in_recording_a_batch_leaves_the_counts_exact(
     tmp_path: Path,
 ) -> None:
-    """Ctrl-C at any line of `admit` (sent by a trace function, in the thread that runs the
-    command, as a dry run records): the batch is recorded whole, then the interruption is
-    raised, and the rows counted are those the ledger holds."""
+    """Ctrl-C at any line of `admit` and what it calls (sent by a trace function, in the
+    thread that runs the command, as a dry run records): the batch is recorded whole, then
+    the interruption is raised, and the rows counted are those the ledger holds."""
 
     def lines() -> list[dict[str, Any]]:  # anew each time: checking takes the ids out
         made = [message("d", f"c{n % 3}", n) for n in range(8)]
         made.insert(6, {"departmentUUID": "d"})
         return made
 
-    code = Staging.admit.__wrapped__.__code__  # type: ignore[attr-defined]
-    ran: set[int] = set()
+    codes = {
+        Staging.admit.__wrapped__.__code__,  # type: ignore[attr-defined]
+        Staging._record.__code__,
+        Staging._found.__code__,
+    }
+    ran: set[tuple[Any, int]] = set()
 
     def lines_run(frame: Any, event: str, arg: Any) -> Any:
         def local(frame: Any, event: str, arg: Any) -> Any:
             if event == "line":
-                ran.add(frame.f_lineno)
+                ran.add((frame.f_code, frame.f_lineno))
             return local
 
-        return local if frame.f_code is code else None
+        return local if frame.f_code in codes else None
 
     with Ledger(tmp_path / "dry") as ledger:
         ledger.begin_run("load", TARGET)
@@ -152,11 +156,11 @@ def test_an_interruption_anywhere_in_recording_a_batch_leaves_the_counts_exact(
         finally:
             sys.settrace(None)
     assert len(ran) > 20
-    for line in sorted(ran):
+    for code, line in sorted(ran, key=lambda at: (at[0].co_name, at[1])):
         raised: list[int] = []
 
         def trace(frame: Any, event: str, arg: Any) -> Any:
-            if frame.f_code is not code:
+            if frame.f_code is not code:  # noqa: B023
                 return None
 
             def local(frame: Any, event: str, arg: Any) -> Any:
@@ -167,7 +171,7 @@ def test_an_interruption_anywhere_in_recording_a_batch_leaves_the_counts_exact(
 
             return local
 
-        state_dir = tmp_path / f"state-{line}"
+        state_dir = tmp_path / f"state-{code.co_name}-{line}"
         with Ledger(state_dir) as ledger:
             ledger.begin_run("load", TARGET)
             staging = Staging(
@@ -207,6 +211,81 @@ def test_a_repeated_source_uuid_is_rejected_where_it_comes_second_in_the_input(
         assert (failure.line, failure.customer, failure.source_uuid) == (3, "a", "twice")
         assert "already read at line 2" in failure.errors[0]["errorDescription"]
         assert [m.source_uuid for _, _, m in waiting] == ["x", "twice"]
+
+
+def test_a_source_uuid_read_in_an_earlier_batch_is_a_repeat_whatever_the_row_before_was(
+    tmp_path: Path,
+) -> None:
+    """A batch is recorded at once when the unique index proves that no row before had its
+    sourceUuids; one that repeats a valid or a rejected row of an earlier batch is recorded
+    again with what the lookup finds, its new customers included."""
+    first, *_ = interleaved(1, 1)
+    batches = [
+        [
+            {**first, "customerUUID": "a", "sourceUuid": "valid"},
+            {**first, "customerUUID": "a", "sourceUuid": "rejected", "sentOn": "never"},
+        ],
+        [
+            {**first, "customerUUID": "a", "sourceUuid": "fresh"},
+            {**first, "customerUUID": "b", "sourceUuid": "valid"},
+            {**first, "customerUUID": "c", "sourceUuid": "new customer"},
+        ],
+        [{**first, "customerUUID": "d", "sourceUuid": "rejected"}],
+        [{**first, "customerUUID": "e", "sourceUuid": "last"}],
+    ]
+    state_dir = tmp_path / "state"
+    with Ledger(state_dir) as ledger:
+        ledger.begin_run("load", TARGET)
+        staging = Staging(
+            state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
+        )
+        sent: list[tuple[str, str]] = []
+        line = 0
+        for batch in batches:
+            rows = []
+            for r in batch:
+                line += 1
+                rows.append(check_row(RawRow(0, line, r), notify=False))
+            sent += [(r.customer, r.source_uuid) for _, r in staging.admit(rows)]
+        staging.close()
+        assert sent == [("a", "valid"), ("a", "fresh"), ("c", "new customer"), ("e", "last")]
+        repeats = {
+            f.line: f.errors[0]["errorDescription"]
+            for f in ledger.failures(rejected_only=True)
+            if f.errors[0]["errorCode"] == "DUPLICATE_SOURCE_UUID"
+        }
+        assert repeats == {
+            4: 'sourceUuid: "valid" was already read at line 1',
+            6: 'sourceUuid: "rejected" was already read at line 2',
+        }
+        customers = ledger._db.execute(
+            "SELECT k.customer FROM msg m JOIN keys k ON k.id = m.key_id ORDER BY m.id"
+        ).fetchall()
+        assert [c for (c,) in customers] == ["a", "a", "c", "e"]
+        assert ledger.counts()["notSent"] == 4
+
+
+@pytest.mark.parametrize("state", [State.ACCEPTED, State.FAILED])
+def test_the_first_message_sent_alone_is_recorded_as_answered_not_sent_again(
+    tmp_path: Path, state: State
+) -> None:
+    rows = [message("d", "c", n) for n in range(3)]
+    state_dir = tmp_path / "state"
+    with Ledger(state_dir) as ledger:
+        ledger.begin_run("load", TARGET)
+        staging = Staging(
+            state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
+        )
+        checked = [check_row(RawRow(0, n, r), notify=False) for n, r in enumerate(rows, 1)]
+        first = checked[0].source_uuid
+        staging.first_sent(Outcome(0, first, state, 400 if state is State.FAILED else 200))
+        sent = [r.source_uuid for _, r in staging.admit(checked)]
+        staging.close()
+        assert sent == [r["sourceUuid"] for r in rows[1:]]
+        (recorded,) = ledger._db.execute(
+            "SELECT state FROM msg WHERE source_uuid = ?", (first,)
+        ).fetchone()
+        assert recorded == state
 
 
 def test_the_thread_settles_while_answers_keep_coming(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ Only ids and states are written: the bodies go on to the chunking.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,23 @@ UNION ALL SELECT v, 2, r.http_status, NULL, r.errors FROM u
 """
 """What the ledger knows of a batch's sourceUuids: where a row of this run had one (0), the
 run that had it accepted (1), its refusal for good (2)."""
+_REJECTED = """
+WITH u(v) AS (SELECT DISTINCT value FROM json_each(:uuids))
+SELECT v, 0, r.src, r.line, NULL FROM u JOIN rejected r ON r.source_uuid = v"""
+"""Where a rejected row of this run had one of a batch's sourceUuids (0)."""
+
+
+class _Repeated(Exception):
+    """A batch has a sourceUuid that a row recorded before had: it was not recorded."""
+
+
+@dataclass(slots=True)
+class _Found:
+    """What the ledger knows of a batch's sourceUuids (see `_LOOKUP`)."""
+
+    first: dict[str, tuple[int, int]]  # the earliest row of this run with it
+    accepted: dict[str, int] = field(default_factory=dict)  # the run that had it accepted
+    refused: dict[str, tuple[int | None, bytes | None]] = field(default_factory=dict)
 
 
 _LOG_PAGES = 2_500
@@ -81,6 +101,7 @@ class Staging:
             ).fetchall()
         )
         self.rows = 0  # rows of the run in the ledger
+        self._rejected_uuids = False  # whether a rejected row with a sourceUuid was recorded
 
     def close(self) -> None:
         self._db.close()
@@ -97,24 +118,49 @@ class Staging:
     def admit(self, rows: Sequence[Valid | Rejected]) -> list[tuple[int, Valid]]:
         """Record a batch of rows, in input order; the messages to send, with their ids."""
         uuids = [r.source_uuid for r in rows if r.source_uuid is not None]
-        first: dict[str, tuple[int, int]] = {}  # by sourceUuid, the earliest row with it
-        accepted: dict[str, int] = {}  # by sourceUuid, the run that had it accepted
-        refused: dict[str, tuple[int | None, bytes | None]] = {}
+        if self._lookup is _THIS_RUN:
+            # Nothing to look up but the rows read before: most batches have none of their
+            # sourceUuids, which the unique index proves as they are inserted (a refusal
+            # takes the batch back, and it is recorded again with what the lookup finds).
+            found = self._found(uuids, _REJECTED if self._rejected_uuids else None)
+            with contextlib.suppress(_Repeated):
+                return self._record(rows, found, proved=True)
+        return self._record(rows, self._found(uuids, self._lookup), proved=False)
+
+    def _found(self, uuids: list[str], lookup: str | None) -> _Found:
+        """What is known of these sourceUuids: what this run had accepted, and what
+        `lookup` finds in the ledger (None: nothing to look up)."""
+        found = _Found({})
         if self._own:
-            accepted.update((u, self._own[u]) for u in uuids if u in self._own)
+            found.accepted.update((u, self._own[u]) for u in uuids if u in self._own)
+        if lookup is None:
+            return found
+        first = found.first
         for uuid, kind, a, b, errors in self._db.execute(
-            self._lookup, {"uuids": orjson.dumps(uuids).decode(), "target": self.target}
+            lookup, {"uuids": orjson.dumps(uuids).decode(), "target": self.target}
         ):
             if kind == 0:
                 first[uuid] = min(first.get(uuid, (a, b)), (a, b))
             elif kind == 1:
-                accepted[uuid] = a
+                found.accepted[uuid] = a
             else:
-                refused[uuid] = (a, errors)
+                found.refused[uuid] = (a, errors)
+        return found
+
+    def _record(
+        self, rows: Sequence[Valid | Rejected], found: _Found, *, proved: bool
+    ) -> list[tuple[int, Valid]]:
+        """Record rows with what is known of their sourceUuids; `proved`: the unique index
+        proves that no row before had them, or `_Repeated` is raised with nothing recorded."""
+        first = found.first  # by sourceUuid, the earliest row with it
+        accepted = found.accepted
+        refused = found.refused
         keys: list[tuple[int, str, str]] = []
-        messages: list[tuple[Any, ...]] = []
+        sent: list[tuple[int, int, str, int, int]] = []  # pending: to send
+        decided: list[tuple[Any, ...]] = []  # with a state of their own
         rejected: list[tuple[Any, ...]] = []
         to_send: list[tuple[int, Valid]] = []
+        next_id = self._next_id
         for row in rows:
             where = (row.source, row.line)
             if isinstance(row, Rejected):
@@ -136,38 +182,59 @@ class Staging:
             if key_id is None:
                 key_id = self._keys[key] = len(self._keys) + 1
                 keys.append((key_id, *key))
-            id_ = self._next_id
-            self._next_id += 1
+            id_ = next_id
+            next_id += 1
             state, status, retryable, errors_blob = State.PENDING, None, None, None
-            decided = self._decided
+            first_sent = self._decided
             if uuid in accepted:
                 state = State.ACCEPTED if accepted[uuid] == self.run_id else State.ALREADY_ACCEPTED
-            elif decided is not None and decided.source_uuid == uuid:
+            elif first_sent is not None and first_sent.source_uuid == uuid:
                 # The first message, sent alone: listed as its answer said, not sent again.
-                state, status, retryable = State.FAILED, decided.http_status, decided.retryable
-                errors_blob = orjson.dumps(decided.errors) if decided.errors else None
+                state, status, retryable = (
+                    State.FAILED,
+                    first_sent.http_status,
+                    first_sent.retryable,
+                )
+                errors_blob = orjson.dumps(first_sent.errors) if first_sent.errors else None
             elif self._carry_refused and uuid in refused:
                 state, retryable = State.FAILED, False
                 status, errors_blob = refused[uuid]
             else:
                 to_send.append((id_, row))
-            messages.append((id_, key_id, uuid, *where, state, status, retryable, errors_blob))
+                sent.append((id_, key_id, uuid, *where))
+                continue
+            decided.append((id_, key_id, uuid, *where, state, status, retryable, errors_blob))
         # Recorded and counted together: an interruption (in a dry run, which records in
         # the thread that takes Ctrl-C) waits for both.
-        with deferred(), self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
-            self._db.executemany(
-                "INSERT INTO msg(id, key_id, source_uuid, src, line, state, http_status, "
-                "retryable, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                messages,
-            )
-            self._db.executemany(
-                "INSERT INTO rejected(src, line, department, customer, source_uuid, errors) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rejected,
-            )
-            self.rows += len(rows)
+        try:
+            with deferred(), self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
+                # The pending ones bind five values, not nine: a third less time a row.
+                self._db.executemany(
+                    "INSERT INTO msg(id, key_id, source_uuid, src, line) VALUES (?, ?, ?, ?, ?)",
+                    sent,
+                )
+                self._db.executemany(
+                    "INSERT INTO msg(id, key_id, source_uuid, src, line, state, http_status, "
+                    "retryable, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    decided,
+                )
+                self._db.executemany(
+                    "INSERT INTO rejected(src, line, department, customer, source_uuid, errors) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rejected,
+                )
+                self.rows += len(rows)
+        except sqlite3.IntegrityError:
+            if not proved:
+                raise
+            for _, department, customer in keys:  # taken back with the batch
+                del self._keys[(department, customer)]
+            raise _Repeated from None
+        self._next_id = next_id
+        if not self._rejected_uuids:
+            self._rejected_uuids = any(r[4] is not None for r in rejected)
         return to_send
 
     def _repeat(self, row: Valid, earlier: tuple[int, int]) -> bytes:

@@ -82,6 +82,33 @@ def test_what_waits_beyond_the_budget_spills_and_comes_back_whole_and_in_order(
     assert not list(tmp_path.glob(f"{SPILL_PREFIX}*"))
 
 
+def test_a_large_spill_is_compressed_harder_and_comes_back_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts are compressed with LZ4 while the spill on disk is small, with zlib beyond:
+    a customer's parts in both codecs come back whole and in order."""
+    monkeypatch.setattr(chunking_module, "_FAST_BYTES", 1_500)
+    used: list[str] = []
+    for name, module in (("lz4", chunking_module.lz4.block), ("zlib", chunking_module.zlib)):
+
+        def counted(data: bytes, *args: Any, _name: str = name, _f: Any = module.compress) -> Any:
+            used.append(_name)
+            return _f(data, *args)
+
+        monkeypatch.setattr(module, "compress", counted)
+    handed: list[Chunk] = []
+    spill = Spill(tmp_path)
+    chunks = chunker(handed, chunk_size=60, spill=spill, held_bytes=1_500)
+    for n in range(5 * 60):  # interleaved: every customer's chunk is full at the end
+        chunks.add("d", f"c{n % 5}", message(n))
+    assert used[0] == "lz4" and "zlib" in used
+    assert sorted(c.customer for c in handed) == [f"c{k}" for k in range(5)]
+    for chunk in handed:
+        assert [m.id for m in chunk.messages] == list(range(int(chunk.customer[1:]), 300, 5))
+        assert all(m == message(m.id) for m in chunk.messages)  # bodies intact
+    spill.close()
+
+
 def test_spill_files_are_deleted_as_they_are_read_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

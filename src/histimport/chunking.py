@@ -1,7 +1,7 @@
 """Chunking: a customer's messages, as they are read, into requests. A chunk is handed on as
 soon as it is full (by count or by bytes); a customer's partial chunk waits for more of its
-messages, in memory up to a budget, then spilled to the state dir, compressed (LZ4), and
-deleted as soon as it is read back to be sent.
+messages, in memory up to a budget, then spilled to the state dir, compressed, and deleted
+as soon as it is read back to be sent.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import marshal
 import os
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,14 @@ Room = tuple[int, int, int]
 _BLOCK = 4096
 _EXTENT = 2 * _BLOCK
 """A customer's parts go to extents of this size (or of the part's, rounded up to blocks)."""
-_LINK = struct.Struct("<IQI")
+_LINK = struct.Struct("<IQIB")
 """A part's header: where the part written before it for the same customer is (file 0:
-none), so that a customer's parts are found from its last one alone."""
+none), so that a customer's parts are found from its last one alone; and its codec."""
+_LZ4, _ZLIB = 0, 1
+_FAST_BYTES = 32 << 20
+"""Spilled bytes on disk below which a part is compressed with LZ4 (a fifth of zlib's CPU);
+beyond, with zlib (a third smaller): a spill that large is what brings the state dir near
+the export's size, as when many customers wait for their last messages to be read."""
 
 
 @dataclass(slots=True)
@@ -70,6 +76,7 @@ class Spill:
         self._parts: dict[int, int] = {}  # by file number: parts not read back yet
         self._fds: dict[int, int] = {}
         self.written = 0  # bytes written, for the figures
+        self._on_disk = 0  # bytes of the parts not read back yet
         clear_spill(state_dir)
 
     def write(
@@ -77,8 +84,12 @@ class Spill:
     ) -> tuple[Where, Room]:
         """Store messages after the part `before` of the same customer, in its extent
         `room` if they fit; where they are, and the room left."""
-        link = _LINK.pack(*(before or (0, 0, 0)))
-        data = link + lz4.block.compress(marshal.dumps([tuple(m) for m in messages]))
+        packed = marshal.dumps([tuple(m) for m in messages])
+        if self._on_disk < _FAST_BYTES:
+            codec, packed = _LZ4, lz4.block.compress(packed)
+        else:
+            codec, packed = _ZLIB, zlib.compress(packed, 1)
+        data = _LINK.pack(*(before or (0, 0, 0)), codec) + packed
         if room is None or room[0] not in self._fds or room[1] + len(data) > room[2]:
             room = self._extent(len(data))
         number, at, end = room
@@ -88,6 +99,7 @@ class Spill:
             raise _cannot(self._dir, exc) from exc
         self._parts[number] += 1
         self.written += len(data)
+        self._on_disk += len(data)
         return (number, at, len(data)), (number, at + len(data), end)
 
     def read(self, last: Where) -> list[Pending]:
@@ -136,10 +148,13 @@ class Spill:
             if not more:
                 raise LedgerError(f"{self._path(number)} ends early: the state dir was changed")
             data += more
-        before = _LINK.unpack_from(data)
-        messages = [Pending(*m) for m in marshal.loads(lz4.block.decompress(data[_LINK.size :]))]
+        file, offset, length, codec = _LINK.unpack_from(data)
+        packed = data[_LINK.size :]
+        packed = lz4.block.decompress(packed) if codec == _LZ4 else zlib.decompress(packed)
+        messages = [Pending(*m) for m in marshal.loads(packed)]
         self._parts[number] -= 1
-        return (before if before[0] else None), messages
+        self._on_disk -= size
+        return ((file, offset, length) if file else None), messages
 
     def close(self) -> None:
         for number in list(self._fds):

@@ -36,12 +36,20 @@ from run import DATA, OUT, Profile, Server, client_argv, client_env, reap
 
 def tree_bytes(path: Path) -> int:
     """Bytes on disk of the files under `path` (what they take, holes left out)."""
-    total = 0
+    return sum(file_bytes(path).values())
+
+
+def file_bytes(path: Path) -> dict[str, int]:
+    """Bytes on disk of the files under `path` by kind: the spill files together, each
+    database with its write-ahead log."""
+    sizes: dict[str, int] = {}
     for root, _, files in os.walk(path):
         for name in files:
             with contextlib.suppress(FileNotFoundError):  # deleted since it was listed
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
-    return total
+                kind = "spill" if name.startswith("spill-") else name.split("-")[0]
+                size = os.stat(os.path.join(root, name)).st_blocks * 512
+                sizes[kind] = sizes.get(kind, 0) + size
+    return sizes
 
 
 class Sampler:
@@ -50,13 +58,16 @@ class Sampler:
     def __init__(self, path: Path, every: float = 0.05) -> None:
         self.path = path
         self.peak = 0
+        self.at_peak: dict[str, int] = {}  # bytes by kind of file, at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):
-            self.peak = max(self.peak, tree_bytes(self.path))
+            sizes = file_bytes(self.path)
+            if sum(sizes.values()) > self.peak:
+                self.peak, self.at_peak = sum(sizes.values()), sizes
 
     def stop(self) -> int:
         self._stop.set()
@@ -111,6 +122,7 @@ def state_dir_run(source: Path, messages: int, workdir: Path) -> dict[str, Any]:
         "wall": wall,
         "cpuPerMessage": (usage.ru_utime + usage.ru_stime) / messages * 1e6,
         "peakBytes": peak,
+        "atPeak": sampler.at_peak,
         "afterBytes": after,
         "filesWithContent": content,
     }
@@ -165,6 +177,8 @@ def main() -> int:
         f"({whole['afterBytes'] / args.messages:.0f} bytes a message), "
         f"files with message content after: {whole['filesWithContent'] or 'none'}"
     )
+    parts = sorted(whole["atPeak"].items(), key=lambda kv: -kv[1])
+    print("at the peak: " + ", ".join(f"{kind} {n / 1e6:.1f} MB" for kind, n in parts))
     ok &= whole["exit"] == 0 and whole["stored"] == args.messages
     ok &= whole["peakBytes"] <= size and whole["afterBytes"] <= 200 * args.messages
     ok &= not whole["filesWithContent"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import pickle
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
@@ -76,9 +77,15 @@ def _checked_in_workers(
                 out.append(check(row))
         return out
 
-    def packed(batch: list[tuple[int, bytes] | RawRow]) -> list[tuple[Any, ...] | Rejected]:
-        # A valid row travels back as a plain tuple: a tenth of a dataclass's pickling cost.
-        return [_valid_fields(r) if isinstance(r, Valid) else r for r in work(batch)]
+    def packed(batch: list[tuple[int, bytes] | RawRow]) -> list[tuple[Any, ...] | bytes]:
+        # A valid row travels back as a plain tuple, any other row pickled: the result is
+        # then marshalled whole (see fanout), a tenth of pickling each row's dataclass.
+        return [
+            _valid_fields(r)
+            if type(r) is Valid and r.warnings is None
+            else pickle.dumps(r, pickle.HIGHEST_PROTOCOL)
+            for r in work(batch)
+        ]
 
     if warm_up:
         first = list(itertools.islice(lines, IN_PROCESS_ROWS))
@@ -88,7 +95,7 @@ def _checked_in_workers(
     with Fanout(packed, workers) as fanout:
         for checked in fanout.map(_batches(lines)):
             for r in checked:
-                yield Valid(*r) if type(r) is tuple else r
+                yield Valid(*r) if type(r) is tuple else pickle.loads(r)
 
 
 def _batches(lines: Iterator[tuple[int, bytes] | RawRow]) -> Iterator[list[Any]]:

@@ -11,7 +11,12 @@
    - the main thread: start-up, the event loop's HTTP exchanges through httpx, the journal
      of requests and answers, the delivery's bookkeeping;
    - `histimport-settle`: settling answers into the ledger.
-2. Times SQLite alone doing what recording does to its sourceUuid index: batches of 4,096
+2. Times each stage alone, in this process, on the same rows (the best of `--repeat`
+   passes, process CPU a message): reading lines and parsing them; mapping and checking;
+   recording them in the staging (batches of 4,096); chunking and spilling them (a 16 MiB
+   budget, as a run holds); building the request bodies; reading 100-message answers;
+   journalling the requests and their answers, then settling them into the ledger.
+3. Times SQLite alone doing what recording does to its sourceUuid index: batches of 4,096
    random UUIDs looked up, then inserted and committed in WAL mode, at 100,000 and
    1,000,000 rows; with the UUID text indexed, and with a 64-bit integer of it instead.
 
@@ -33,6 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from gen_data import data_file
 from run import DATA, OUT, Profile, Server
@@ -108,11 +114,142 @@ def index_cost(rows: int, key: str, batch: int = 4096) -> float:
     return spent * 1e6 / rows
 
 
+def stage_costs(source: Path, repeat: int) -> dict[str, float]:
+    """Process CPU µs a message of each stage alone, the best of `repeat` passes."""
+    import functools
+    import gc
+    import tempfile
+
+    import orjson
+
+    from histimport.batch import Envelope
+    from histimport.check import Valid, check_row
+    from histimport.chunking import Chunker, Spill
+    from histimport.ledger import Ledger
+    from histimport.mapping import Mapper
+    from histimport.models import read_answer
+    from histimport.read import read_jsonl
+    from histimport.records import Outcome, Pending, State
+    from histimport.staging import Staging
+
+    target = "http://127.0.0.1/communications"
+    mapper = Mapper("jsonl", None, str(source), generate_source_uuid=False)
+    check = functools.partial(check_row, notify=False)
+    with source.open("rb") as stream:
+        raw = list(read_jsonl(stream, 0, max_line_bytes=1 << 24))
+    rows = [check(mapper(r)) for r in raw]
+    valid = [r for r in rows if isinstance(r, Valid)]
+    pending = [
+        (r.department, r.customer, Pending(n, r.source_uuid, r.body))
+        for n, r in enumerate(valid, 1)
+    ]
+    envelope = Envelope(None)
+    chunks: list = []
+
+    def read() -> None:
+        with source.open("rb") as stream:
+            for _ in read_jsonl(stream, 0, max_line_bytes=1 << 24):
+                pass
+
+    def checks() -> None:
+        for r in raw:
+            check(mapper(r))
+
+    def record(folder: Path) -> None:
+        with Ledger(folder) as ledger:
+            ledger.begin_run("load", target)
+            staging = Staging(
+                folder, run_id=ledger.run_id, target=target, paths=[str(source)], carry_refused=True
+            )
+            for first in range(0, len(rows), 4096):
+                staging.admit(rows[first : first + 4096])
+            staging.close()
+
+    def chunk(folder: Path) -> None:
+        chunks.clear()
+        chunker = Chunker(
+            chunks.append,
+            chunk_size=100,
+            max_bytes=lambda: 5_000_000,
+            envelope=envelope,
+            spill=Spill(folder),
+        )
+        for department, customer, message in pending:
+            chunker.add(department, customer, message)
+        chunker.flush()
+
+    def bodies() -> None:
+        for c in chunks:
+            envelope.body(c.messages)
+
+    answers: list[bytes] = []
+
+    def answer() -> None:
+        if not answers:  # 50 answers of the chunks' sourceUuids, each read as many times
+            for c in chunks[:50]:
+                ids = [m.source_uuid for m in c.messages]
+                entries = [{"sourceUuid": u, "messageUuid": str(uuid.uuid4())} for u in ids]
+                answers.append(
+                    orjson.dumps(
+                        {"saveMessageResponse": entries, "succesfullySubmittedSourceUuids": ids}
+                    )
+                )
+        for _ in range(len(chunks) // len(answers)):
+            for content in answers:
+                read_answer(content)
+
+    journalled: list[Any] = []  # the ledger the journal stage leaves to settle
+
+    def journal(folder: Path) -> None:
+        ledger = Ledger(folder)
+        ledger.begin_run("load", target)
+        journalled.append(ledger)
+        for c in chunks:
+            ledger.mark_in_flight(c.messages)
+            outcomes = [
+                Outcome(m.id, m.source_uuid, State.ACCEPTED, 200, message_uuid=m.source_uuid)
+                for m in c.messages
+            ]
+            ledger.record(outcomes, (c.department, c.customer))
+
+    def settle(folder: Path) -> None:
+        ledger = journalled.pop()
+        ledger.settle()
+        ledger.close()
+        shutil.rmtree(ledger._dir, ignore_errors=True)
+
+    stages: dict[str, Any] = {
+        "read lines, parse JSON": read,
+        "map and check": checks,
+        "record in the staging": record,
+        "chunk and spill": chunk,
+        "build request bodies": bodies,
+        "read answers": answer,
+        "journal requests, answers": journal,
+        "settle into the ledger": settle,
+    }
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        for name, function in stages.items():
+            folder = Path(tempfile.mkdtemp(dir=OUT / "layers"))
+            gc.collect()
+            started = time.process_time()
+            function(folder) if function.__code__.co_argcount else function()
+            spent = time.process_time() - started
+            if function is not journal:  # settling deletes the journal's
+                shutil.rmtree(folder, ignore_errors=True)
+            best[name] = min(best.get(name, spent), spent)
+    return {name: spent * 1e6 / len(rows) for name, spent in best.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--customers", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--stages-only", action="store_true", help="time each stage alone, without the runs"
+    )
     args = parser.parse_args()
     threading.Thread.run = _timed_run  # type: ignore[method-assign]
     os.environ.update(HISTIMPORT_USERNAME="bench", HISTIMPORT_PASSWORD="bench")
@@ -123,7 +260,7 @@ def main() -> int:
     per = 1e6 / args.messages
     print(f"{args.messages:,} messages over {args.customers:,} customers, interleaved, 0 ms")
     print("CPU in µs a message: main thread (start-up included), read, settle, workers, total")
-    for workers in (None, 0):
+    for workers in () if args.stages_only else (None, 0):
         label = "default check workers" if workers is None else "--check-workers 0"
         for n in range(args.repeat):
             server = Server(Profile("0ms", 0), "memory", OUT / "layers" / "server.log")
@@ -139,6 +276,9 @@ def main() -> int:
                 f"settle {cpu['settle'] * per:.1f}, workers {cpu['workers'] * per:.1f}, "
                 f"total {total * per:.1f}"
             )
+    print("Each stage alone, in this process, µs a message (best of the passes):")
+    for name, cost in stage_costs(source, args.repeat).items():
+        print(f"  {name:<24} {cost:5.1f}")
     print("SQLite, batches of 4,096 looked up, inserted and committed (WAL), µs a row:")
     for rows in (100_000, 1_000_000):
         text, integer = index_cost(rows, "text"), index_cost(rows, "int")

@@ -156,7 +156,7 @@ class Staging:
         accepted = found.accepted
         refused = found.refused
         keys: list[tuple[int, str, str]] = []
-        sent: list[tuple[int, int, str, int, int]] = []  # pending: to send
+        pending: list[tuple[int, int, str, int, int]] = []  # to send
         decided: list[tuple[Any, ...]] = []  # with a state of their own
         rejected: list[tuple[Any, ...]] = []
         to_send: list[tuple[int, Valid]] = []
@@ -201,7 +201,7 @@ class Staging:
                 status, errors_blob = refused[uuid]
             else:
                 to_send.append((id_, row))
-                sent.append((id_, key_id, uuid, *where))
+                pending.append((id_, key_id, uuid, *where))
                 continue
             decided.append((id_, key_id, uuid, *where, state, status, retryable, errors_blob))
         # Recorded and counted together: an interruption (in a dry run, which records in
@@ -213,7 +213,7 @@ class Staging:
                 # The pending ones bind five values, not nine: a third less time a row.
                 self._db.executemany(
                     "INSERT INTO msg(id, key_id, source_uuid, src, line) VALUES (?, ?, ?, ?, ?)",
-                    sent,
+                    pending,
                 )
                 self._db.executemany(
                     "INSERT INTO msg(id, key_id, source_uuid, src, line, state, http_status, "

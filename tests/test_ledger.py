@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import signal
 import sqlite3
 import sys
@@ -263,6 +264,94 @@ def test_a_source_uuid_read_in_an_earlier_batch_is_a_repeat_whatever_the_row_bef
         ).fetchall()
         assert [c for (c,) in customers] == ["a", "a", "c", "e"]
         assert ledger.counts()["notSent"] == 4
+
+
+def record_batches(
+    state_dir: Path, batches: list[list[dict[str, Any]]], last: Any = None
+) -> dict[int, str]:
+    """Record batches of rows (lines 1, 2... of one source), the last one through `last`
+    (staging, rows) when given; the descriptions of the repeats, by line."""
+    first, *_ = interleaved(1, 1)
+    with Ledger(state_dir) as ledger:
+        ledger.begin_run("load", TARGET)
+        staging = Staging(
+            state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
+        )
+        line = 0
+        for n, batch in enumerate(batches):
+            rows = []
+            for r in batch:
+                line += 1
+                rows.append(check_row(RawRow(0, line, {**first, **r}), notify=False))
+            if last is not None and n == len(batches) - 1:
+                last(staging, rows)
+            else:
+                staging.admit(rows)
+        staging.close()
+        return {
+            f.line: f.errors[0]["errorDescription"]
+            for f in ledger.failures(rejected_only=True)
+            if f.errors[0]["errorCode"] == "DUPLICATE_SOURCE_UUID"
+        }
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        # The second row, a repeat, is rejected: the third is a repeat of the first still.
+        [[{"sourceUuid": "x"}], [{"sourceUuid": "x"}], [{"sourceUuid": "x"}]],
+        # A row rejected for its own reasons before a repeat, in the same batch.
+        [[{"sourceUuid": "x"}], [{"sourceUuid": "x", "sentOn": "never"}, {"sourceUuid": "x"}]],
+    ],
+)
+def test_a_repeat_names_the_first_row_with_its_source_uuid_whatever_came_between(
+    tmp_path: Path, batches: list[list[dict[str, Any]]]
+) -> None:
+    repeats = record_batches(tmp_path / "state", batches)
+    assert repeats[3] == 'sourceUuid: "x" was already read at line 1'
+
+
+def test_ctrl_c_while_a_batch_is_refused_by_the_index_waits_for_it_to_be_recorded(
+    tmp_path: Path,
+) -> None:
+    """The batch repeats a sourceUuid of the batch before: the index refuses it, and it is
+    recorded again after a lookup. A Ctrl-C that comes while it is refused waits for it to
+    be recorded, then is raised."""
+    code = Staging._record.__code__
+    raised: list[int] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if (
+                event == "line"
+                and not raised
+                and "INSERT INTO keys" in linecache.getline(code.co_filename, frame.f_lineno)
+            ):
+                raised.append(frame.f_lineno)
+                signal.raise_signal(signal.SIGINT)
+            return local
+
+        return local
+
+    counted: list[int] = []
+
+    def last(staging: Staging, rows: list[Any]) -> None:
+        sys.settrace(trace)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                staging.admit(rows)
+        finally:
+            sys.settrace(None)
+        counted.append(staging.rows)
+
+    repeats = record_batches(
+        tmp_path / "state", [[{"sourceUuid": "x"}], [{"sourceUuid": "x"}]], last
+    )
+    assert raised and counted == [2]
+    assert repeats == {2: 'sourceUuid: "x" was already read at line 1'}
 
 
 @pytest.mark.parametrize("state", [State.ACCEPTED, State.FAILED])

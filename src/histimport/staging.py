@@ -40,6 +40,13 @@ SELECT v, 0, r.src, r.line, NULL FROM u JOIN rejected r ON r.source_uuid = v"""
 """Where a rejected row of this run had one of a batch's sourceUuids (0)."""
 
 
+def _repeats_a_rejected_row(rows: Sequence[Valid | Rejected]) -> bool:
+    """Whether a message of the batch has the sourceUuid of a rejected row of the batch,
+    which the unique index does not hold."""
+    rejected = {r.source_uuid for r in rows if isinstance(r, Rejected) and r.source_uuid}
+    return bool(rejected) and any(isinstance(r, Valid) and r.source_uuid in rejected for r in rows)
+
+
 class _Repeated(Exception):
     """A batch has a sourceUuid that a row recorded before had: it was not recorded."""
 
@@ -118,14 +125,19 @@ class Staging:
     def admit(self, rows: Sequence[Valid | Rejected]) -> list[tuple[int, Valid]]:
         """Record a batch of rows, in input order; the messages to send, with their ids."""
         uuids = [r.source_uuid for r in rows if r.source_uuid is not None]
-        if self._lookup is _THIS_RUN:
-            # Nothing to look up but the rows read before: most batches have none of their
-            # sourceUuids, which the unique index proves as they are inserted (a refusal
-            # takes the batch back, and it is recorded again with what the lookup finds).
-            found = self._found(uuids, _REJECTED if self._rejected_uuids else None)
-            with contextlib.suppress(_Repeated):
-                return self._record(rows, found, proved=True)
-        return self._record(rows, self._found(uuids, self._lookup), proved=False)
+        # Recorded and counted together, whichever way: an interruption (in a dry run,
+        # which records in the thread that takes Ctrl-C) waits for the batch.
+        with deferred():
+            if self._lookup is _THIS_RUN and not _repeats_a_rejected_row(rows):
+                # Nothing to look up but the rows read before. Unless the batch repeats a
+                # rejected row (whose sourceUuid the unique index does not hold), the index
+                # proves the batch's sourceUuids new as they are inserted; a batch it
+                # refuses is taken back, and recorded again with what the lookup finds.
+                found = self._found(uuids, _REJECTED if self._rejected_uuids else None)
+                if not found.first:
+                    with contextlib.suppress(_Repeated):
+                        return self._record(rows, found, proved=True)
+            return self._record(rows, self._found(uuids, self._lookup), proved=False)
 
     def _found(self, uuids: list[str], lookup: str | None) -> _Found:
         """What is known of these sourceUuids: what this run had accepted, and what
@@ -204,10 +216,8 @@ class Staging:
                 pending.append((id_, key_id, uuid, *where))
                 continue
             decided.append((id_, key_id, uuid, *where, state, status, retryable, errors_blob))
-        # Recorded and counted together: an interruption (in a dry run, which records in
-        # the thread that takes Ctrl-C) waits for both.
         try:
-            with deferred(), self._db:
+            with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT INTO keys VALUES (?, ?, ?)", keys)
                 # The pending ones bind five values, not nine: a third less time a row.

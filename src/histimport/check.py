@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from .logs import utc_text
 from .models import NOTIFIER_FLAGS, message_adapter
 from .read import RawRow
 
@@ -208,7 +209,7 @@ def wire_time(moment: datetime) -> str | None:
     """An aware time as the API takes it: UTC `YYYY-MM-DDTHH:MM:SS.sssZ`; None when that
     falls outside years 1 to 9999 (0001-01-01T00:30+01:00 is in year 0 in UTC)."""
     try:
-        return f"{moment.astimezone(UTC).isoformat(timespec='milliseconds')[:-6]}Z"
+        return utc_text(moment.astimezone(UTC))
     except OverflowError:
         return None
 

@@ -77,7 +77,6 @@ class Display:
         self._sent: Any = None
         self._source = ""
         self._handed_on = 0
-        self._answered = 0
         self._failed = 0
         self._pace = ""
 
@@ -139,7 +138,6 @@ class Display:
         self._show_sent()
 
     def progress(self, accepted: int, failed: int) -> None:
-        self._answered += accepted + failed
         self._accepted += accepted
         self._failed += failed
         self._show_sent()
@@ -176,7 +174,7 @@ class Display:
         """The run's progress now: what was answered, what waits, the pace, the ETA."""
         now = time.monotonic()
         since, before = self._last
-        accepted, answered = self._accepted, self._answered
+        accepted, answered = self._accepted, self._accepted + self._failed
         rate = (accepted - before) / (now - since) if now > since else 0.0
         self._last = (now, accepted)
         live = self._live() if self._live is not None else {}
@@ -209,11 +207,12 @@ class Display:
         if progress is None:
             return
         failed = f"{self._failed} failed  " if self._failed else ""
+        answered = self._accepted + self._failed
         progress.update(
             self._sent,
-            completed=self._answered,
+            completed=answered,
             total=self._handed_on,
-            amount=f"{self._answered}/{self._handed_on}",
+            amount=f"{answered}/{self._handed_on}",
             note=failed + self._pace,
             visible=True,
         )
@@ -248,7 +247,7 @@ class Display:
 
     def error(self, message: str, hint: str | None = None) -> None:
         if self.json:
-            logs.event("error", logging.ERROR, message=message, hint=hint)
+            self.event("error", logging.ERROR, message=message, hint=hint)
             return
         self.console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
         if hint:
@@ -293,7 +292,7 @@ class Display:
             self.console.print(note, markup=False, soft_wrap=True)
         by_code = report.get("platformWarnings", {}).get("byCode")
         if by_code:
-            codes = ", ".join(f"{code} {n}" for code, n in by_code.items())
+            codes = _pairs(by_code)
             self.console.print(
                 f"platform warnings: {codes} (listed in the report)", markup=False, soft_wrap=True
             )

@@ -13,17 +13,17 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
 from functools import partial
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from .batch import Envelope
-from .check import Rejected, Valid, check_row, normalise_timestamp
+from .check import Rejected, Valid, check_row
 from .config import Config
 from .errors import UsageError
 from .fanout import Fanout
+from .logs import timestamp
 from .mapping import Mapper, Mapping
 from .read import (
     READ_ERRORS,
@@ -244,7 +244,7 @@ class Intake:
         config = self.config
         mapping = Mapping.load(config.map_file) if config.map_file is not None else None
         max_body = config.max_request_bytes - Envelope(config.callback_url).overhead
-        now = normalise_timestamp(datetime.now(UTC).isoformat())
+        now = timestamp()
         check = partial(
             check_row, notify=config.notify, strict=config.strict, now=now, max_body=max_body
         )

@@ -31,8 +31,12 @@ def timestamp(created: float | None = None) -> str:
     """ISO 8601 in UTC to the millisecond, of `created` (seconds since the epoch) or now:
     2026-12-07T21:14:00.123Z. Every time stamp the tool writes (logs, ledger, failed file)
     is spelt so."""
-    moment = datetime.now(UTC) if created is None else datetime.fromtimestamp(created, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return utc_text(datetime.now(UTC) if created is None else datetime.fromtimestamp(created, UTC))
+
+
+def utc_text(moment: datetime) -> str:
+    """A time in UTC as the tool and the API spell it: `YYYY-MM-DDTHH:MM:SS.sssZ`."""
+    return f"{moment.isoformat(timespec='milliseconds')[:-6]}Z"
 
 
 class JsonFormatter(logging.Formatter):

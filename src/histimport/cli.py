@@ -25,7 +25,7 @@ import orjson
 import typer
 
 from . import __version__
-from .config import Config
+from .config import Config, LogFormat, SourceFormat
 from .errors import ExitStatus, HistimportError, UsageError
 
 app = typer.Typer(
@@ -39,16 +39,6 @@ app = typer.Typer(
 )
 
 CONFIG_FILE = "histimport.toml"
-
-
-class SourceFormat(enum.StrEnum):
-    JSONL = "jsonl"
-    CSV = "csv"
-
-
-class LogFormat(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 class OutputFormat(enum.StrEnum):
@@ -93,178 +83,227 @@ def _env(name: str) -> str:
 
 def _opt(*decls: str, help: str, env: str | None = None, **kw: Any) -> Any:
     name = env or decls[0].lstrip("-").split("/")[0].replace("-", "_")
-    kw.setdefault("rich_help_panel", _PANELS.get(name))
     return typer.Option(*decls, help=help, envvar=_env(name), show_envvar=True, **kw)
-
-
-_PANELS = {
-    **dict.fromkeys(
-        [
-            "format",
-            "delimiter",
-            "encoding",
-            "map",
-            "generate_source_uuid",
-            "strict",
-            "max_line_bytes",
-            "check_workers",
-            "shard",
-            "shards",
-        ],
-        _INPUT,
-    ),
-    **dict.fromkeys(
-        [
-            "base_url",
-            "username",
-            "password_stdin",
-            "sandbox",
-            "allow_insecure_http",
-            "ca_bundle",
-            "callback_url",
-            "notify",
-        ],
-        _TARGET,
-    ),
-    **dict.fromkeys(
-        [
-            "chunk_size",
-            "max_request_bytes",
-            "concurrency",
-            "rate",
-            "max_attempts",
-            "timeout",
-            "give_up_after",
-            "unordered",
-            "state_dir",
-        ],
-        _DELIVERY,
-    ),
-    **dict.fromkeys(
-        [
-            "failed_out",
-            "report",
-            "out_dir",
-            "accepted_out",
-            "quiet",
-            "log_format",
-            "progress_interval",
-        ],
-        _OUTPUTS,
-    ),
-}
-"""The --help group of each run option."""
 
 
 # Options every sending command takes (load, retry, validate), added to their signatures by
 # @_run_options, so that each is declared once.
 _RUN_OPTIONS: dict[str, Any] = {
     "base_url": Annotated[
-        str | None, _opt("--base-url", help="Service root; the endpoint path is appended.")
+        str | None,
+        _opt(
+            "--base-url",
+            rich_help_panel=_TARGET,
+            help="Service root; the endpoint path is appended.",
+        ),
     ],
-    "username": Annotated[str | None, _opt("--username", help="Basic auth user.")],
+    "username": Annotated[
+        str | None, _opt("--username", rich_help_panel=_TARGET, help="Basic auth user.")
+    ],
     "password_stdin": Annotated[
         bool,
-        _opt("--password-stdin", help="Read the password from the first line of stdin."),
+        _opt(
+            "--password-stdin",
+            rich_help_panel=_TARGET,
+            help="Read the password from the first line of stdin.",
+        ),
     ],
     "sandbox": Annotated[
-        bool, _opt("--sandbox", help="Import into the bundled sandbox on a loopback port.")
+        bool,
+        _opt(
+            "--sandbox",
+            rich_help_panel=_TARGET,
+            help="Import into the bundled sandbox on a loopback port.",
+        ),
     ],
-    "chunk_size": Annotated[int, _opt("--chunk-size", help="Messages per request.")],
+    "chunk_size": Annotated[
+        int, _opt("--chunk-size", rich_help_panel=_DELIVERY, help="Messages per request.")
+    ],
     "max_request_bytes": Annotated[
-        int, _opt("--max-request-bytes", help="Largest request body; larger chunks are cut.")
+        int,
+        _opt(
+            "--max-request-bytes",
+            rich_help_panel=_DELIVERY,
+            help="Largest request body; larger chunks are cut.",
+        ),
     ],
-    "concurrency": Annotated[int, _opt("--concurrency", help="Requests in flight at most.")],
-    "rate": Annotated[float | None, _opt("--rate", help="Requests per second at most.")],
+    "concurrency": Annotated[
+        int, _opt("--concurrency", rich_help_panel=_DELIVERY, help="Requests in flight at most.")
+    ],
+    "rate": Annotated[
+        float | None, _opt("--rate", rich_help_panel=_DELIVERY, help="Requests per second at most.")
+    ],
     "max_attempts": Annotated[
-        int, _opt("--max-attempts", help="Attempts per request for retryable outcomes.")
+        int,
+        _opt(
+            "--max-attempts",
+            rich_help_panel=_DELIVERY,
+            help="Attempts per request for retryable outcomes.",
+        ),
     ],
-    "timeout": Annotated[float, _opt("--timeout", help="Seconds per request.")],
+    "timeout": Annotated[
+        float, _opt("--timeout", rich_help_panel=_DELIVERY, help="Seconds per request.")
+    ],
     "give_up_after": Annotated[
         float,
         _opt(
             "--give-up-after",
+            rich_help_panel=_DELIVERY,
             help="Seconds of nothing but connection errors, timeouts and 5xx before the run "
             "stops (exit 1; the same command resumes).",
         ),
     ],
     "callback_url": Annotated[
-        str | None, _opt("--callback-url", help="Sent as callBackPathUrl of every request.")
+        str | None,
+        _opt(
+            "--callback-url",
+            rich_help_panel=_TARGET,
+            help="Sent as callBackPathUrl of every request.",
+        ),
     ],
     "notify": Annotated[
-        bool, _opt("--notify/--no-notify", help="Let historical messages notify people.")
+        bool,
+        _opt(
+            "--notify/--no-notify",
+            rich_help_panel=_TARGET,
+            help="Let historical messages notify people.",
+        ),
     ],
     "failed_out": Annotated[
-        Path, _opt("--failed-out", help="The failed file, written on every run.")
+        Path,
+        _opt(
+            "--failed-out", rich_help_panel=_OUTPUTS, help="The failed file, written on every run."
+        ),
     ],
-    "report": Annotated[Path | None, _opt("--report", help="Write a JSON run report here.")],
+    "report": Annotated[
+        Path | None,
+        _opt("--report", rich_help_panel=_OUTPUTS, help="Write a JSON run report here."),
+    ],
     "out_dir": Annotated[
         Path | None,
         _opt(
             "--out-dir",
+            rich_help_panel=_OUTPUTS,
             help="Write the run's outputs (failed.json, report.json, accepted.jsonl) in a new "
             "folder DIR/TIME-runN of their own, instead of --failed-out, --report and "
             "--accepted-out.",
         ),
     ],
     "state_dir": Annotated[
-        Path, _opt("--state-dir", help="The run ledger (resume and de-duplication).")
+        Path,
+        _opt(
+            "--state-dir",
+            rich_help_panel=_DELIVERY,
+            help="The run ledger (resume and de-duplication).",
+        ),
     ],
     "unordered": Annotated[
-        bool, _opt("--unordered", help="Do not keep each customer's messages in order.")
+        bool,
+        _opt(
+            "--unordered",
+            rich_help_panel=_DELIVERY,
+            help="Do not keep each customer's messages in order.",
+        ),
     ],
     "allow_insecure_http": Annotated[
-        bool, _opt("--allow-insecure-http", help="Permit http:// to a non-loopback host.")
+        bool,
+        _opt(
+            "--allow-insecure-http",
+            rich_help_panel=_TARGET,
+            help="Permit http:// to a non-loopback host.",
+        ),
     ],
     "ca_bundle": Annotated[
-        Path | None, _opt("--ca-bundle", help="PEM file of extra CAs to trust (TLS).")
+        Path | None,
+        _opt("--ca-bundle", rich_help_panel=_TARGET, help="PEM file of extra CAs to trust (TLS)."),
     ],
     "format": Annotated[
         SourceFormat | None,
-        _opt("--format", help="Source format; required for stdin."),
+        _opt("--format", rich_help_panel=_INPUT, help="Source format; required for stdin."),
     ],
     "delimiter": Annotated[
-        str | None, _opt("--delimiter", help="CSV delimiter (default: guessed from , ; tab |).")
+        str | None,
+        _opt(
+            "--delimiter",
+            rich_help_panel=_INPUT,
+            help="CSV delimiter (default: guessed from , ; tab |).",
+        ),
     ],
     "encoding": Annotated[
-        str | None, _opt("--encoding", help="CSV text encoding (default UTF-8; BOMs detected).")
+        str | None,
+        _opt(
+            "--encoding",
+            rich_help_panel=_INPUT,
+            help="CSV text encoding (default UTF-8; BOMs detected).",
+        ),
     ],
     "map_file": Annotated[
         Path | None,
-        _opt("--map", help="TOML mapping for sources whose fields are not the API's.", env="map"),
+        _opt(
+            "--map",
+            rich_help_panel=_INPUT,
+            help="TOML mapping for sources whose fields are not the API's.",
+            env="map",
+        ),
     ],
     "generate_source_uuid": Annotated[
         bool,
-        _opt("--generate-source-uuid", help="Derive a missing sourceUuid from the row's content."),
+        _opt(
+            "--generate-source-uuid",
+            rich_help_panel=_INPUT,
+            help="Derive a missing sourceUuid from the row's content.",
+        ),
     ],
-    "strict": Annotated[bool, _opt("--strict", help="Reject rows that only have warnings.")],
+    "strict": Annotated[
+        bool, _opt("--strict", rich_help_panel=_INPUT, help="Reject rows that only have warnings.")
+    ],
     "max_line_bytes": Annotated[
-        int, _opt("--max-line-bytes", help="Longest accepted line; longer ones are rejected.")
+        int,
+        _opt(
+            "--max-line-bytes",
+            rich_help_panel=_INPUT,
+            help="Longest accepted line; longer ones are rejected.",
+        ),
     ],
     "check_workers": Annotated[
         int | None,
         _opt(
             "--check-workers",
+            rich_help_panel=_INPUT,
             help="Processes that parse and validate JSONL rows (default: one per CPU, at most "
             "4, on large sources; 0: none).",
         ),
     ],
     "shard": Annotated[
-        str | None, _opt("--shard", help="Take only shard K/N (0-based) of the customers.")
+        str | None,
+        _opt(
+            "--shard",
+            rich_help_panel=_INPUT,
+            help="Take only shard K/N (0-based) of the customers.",
+        ),
     ],
     "shards": Annotated[
         int | None,
-        _opt("--shards", help="N shards, K from JOB_COMPLETION_INDEX (validate: plan for N)."),
+        _opt(
+            "--shards",
+            rich_help_panel=_INPUT,
+            help="N shards, K from JOB_COMPLETION_INDEX (validate: plan for N).",
+        ),
     ],
-    "quiet": Annotated[bool, _opt("--quiet", "-q", help="No progress bar, no summary.")],
+    "quiet": Annotated[
+        bool, _opt("--quiet", "-q", rich_help_panel=_OUTPUTS, help="No progress bar, no summary.")
+    ],
     "log_format": Annotated[
         LogFormat,
-        _opt("--log-format", help="json: one object per event on stderr."),
+        _opt(
+            "--log-format", rich_help_panel=_OUTPUTS, help="json: one object per event on stderr."
+        ),
     ],
     "progress_interval": Annotated[
         float,
         _opt(
             "--progress-interval",
+            rich_help_panel=_OUTPUTS,
             help="Seconds between two progress events in the logs (--log-format json, or "
             "text off a terminal).",
         ),
@@ -363,6 +402,7 @@ def _password(from_stdin: bool) -> str | None:
 
 _ACCEPTED_OUT = _opt(
     "--accepted-out",
+    rich_help_panel=_OUTPUTS,
     help="Write one line per message accepted in this run: sourceUuid, messageUuid, "
     "departmentUUID, customerUUID (JSONL, or CSV if the name ends in .csv).",
 )
@@ -374,13 +414,13 @@ def _finish(result: Any, display: Any, title: str) -> int:
     return int(result.exit_status)
 
 
-def _display(options: dict[str, Any]) -> Any:
+def _display(config: Config, *, quiet: bool | None = None) -> Any:
     from .display import Display
 
     return Display(
-        quiet=options["quiet"],
-        log_format=options["log_format"],
-        progress_interval=options["progress_interval"],
+        quiet=config.quiet if quiet is None else quiet,
+        log_format=config.log_format,
+        progress_interval=config.progress_interval,
     )
 
 
@@ -408,8 +448,8 @@ def load(
         raise UsageError("stdin cannot carry both a source and the password")
     # Checked here too, so that a missing file is said before a password is asked for.
     intake.open_sources(sources, options["format"])
-    display = _display(options)
     config = _config({**options, "accepted_out": accepted_out}, dry_run=dry_run, fresh=fresh)
+    display = _display(config)
     result = (run.validate if dry_run else run.load)(sources, config, observer=display)
     return _finish(result, display, "validate" if dry_run else "load")
 
@@ -433,8 +473,8 @@ def retry(
     """Re-send exactly what the failed files list as retryable, unsent or rejected."""
     from .resend import retry as retry_run
 
-    display = _display(options)
     config = _config({**options, "accepted_out": accepted_out})
+    display = _display(config)
     result = retry_run(failed_files, config, include_permanent=include_permanent, observer=display)
     return _finish(result, display, "retry")
 
@@ -463,11 +503,12 @@ def validate(
 
     source = ctx.get_parameter_source("failed_out")
     asked = source is not None and source.name == "COMMANDLINE"
-    display = _display({**options, "quiet": options["quiet"] or output != "text"})
     with tempfile.TemporaryDirectory(prefix="histimport-validate-") as scratch:
         if not asked:
             options = {**options, "failed_out": Path(scratch) / "failed.json"}
-        result = run.validate(sources, _config(options, dry_run=True), observer=display)
+        config = _config(options, dry_run=True)
+        display = _display(config, quiet=config.quiet or output != "text")
+        result = run.validate(sources, config, observer=display)
         if output != "text":
             sys.stdout.write(render_validation(result, output, shards=options["shards"]))
             return int(result.exit_status)

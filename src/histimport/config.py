@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import codecs
+import enum
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from .errors import UsageError
 
-LogFormat = Literal["text", "json"]
+
+class SourceFormat(enum.StrEnum):
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +61,7 @@ class Config:
     shard: tuple[int, int] | None = None
     max_response_bytes: int = 16 * 1024 * 1024
     quiet: bool = False
-    log_format: LogFormat = "text"
+    log_format: LogFormat = LogFormat.TEXT
     progress_interval: float = 10.0
 
     def __post_init__(self) -> None:

@@ -20,9 +20,10 @@ from typing import IO, Any
 
 import orjson
 
+from .config import SourceFormat
 from .errors import SourceError
 
-FORMATS = ("jsonl", "csv")
+FORMATS = tuple(SourceFormat)
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"

@@ -104,7 +104,7 @@ class Fanout:
                     batch = next(pending, _END)
                     if batch is _END:
                         return
-                    waiting = (batch, _dumps(batch))
+                    waiting = (batch, _message(batch))
                 worker = taker(len(waiting[1]))
                 if worker is None:
                     return
@@ -208,7 +208,7 @@ def _serve(work: Callable[[Any], Any], source: int, sink: int) -> None:  # pragm
                 answer = (True, work(_loads(data)))
             except Exception as exc:  # noqa: BLE001 - the main process raises it
                 answer = (False, exc)
-            _send(sink, _dumps(answer))
+            _send(sink, _message(answer))
         code = 0
     finally:
         os._exit(code)
@@ -225,12 +225,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the worker
 _MARSHAL, _PICKLE = b"M", b"P"
 
 
-def _dumps(value: Any) -> bytes:
-    """A value as bytes to cross a pipe: marshalled if it can be, pickled otherwise."""
+def _message(value: Any) -> bytes:
+    """A value as a message to cross a pipe, its length first: marshalled if it can be,
+    pickled otherwise (put together in one copy)."""
     try:
-        return _MARSHAL + marshal.dumps(value)
+        tag, body = _MARSHAL, marshal.dumps(value)
     except ValueError:  # an object marshal does not know (a dataclass, an exception)
-        return _PICKLE + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        tag, body = _PICKLE, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    return b"".join((_HEADER.pack(len(tag) + len(body)), tag, body))
 
 
 def _loads(data: bytes) -> Any:
@@ -240,8 +242,8 @@ def _loads(data: bytes) -> Any:
     return pickle.loads(body)
 
 
-def _send(fd: int, data: bytes) -> None:
-    view = memoryview(_HEADER.pack(len(data)) + data)
+def _send(fd: int, message: bytes) -> None:
+    view = memoryview(message)
     while view:
         view = view[os.write(fd, view) :]
 

@@ -194,7 +194,9 @@ def source_sample(
         for row in found:
             if len(sample) >= rows:
                 break
-            if isinstance(row.data, dict):
+            if source.format == "csv" and row.data is not None:
+                sample.append(row.data)  # its cells' text by header already
+            elif isinstance(row.data, dict):
                 flat = _flat(row.data)
                 headers = headers or list(flat)
                 sample.append({k: _text(v) for k, v in flat.items()})

@@ -19,7 +19,7 @@ import typing
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -255,7 +255,7 @@ class _Template(string.Formatter):
 _TEMPLATES = _Template()
 
 
-def parse_time(raw: Any, form: str, tz: ZoneInfo | None) -> datetime | None:
+def parse_time(raw: Any, form: str, tz: tzinfo | None) -> datetime | None:
     """A time stamp in the given form ('iso', 'epoch', 'epoch_ms' or a strptime pattern);
     naive times are in `tz` (None: naive times are refused)."""
     try:
@@ -462,7 +462,7 @@ def starter_mapping(
             lines.append(_value_map(path, found, values, functools.partial(_known, known)))
             lines.append(
                 f'#   "?": the platform\'s value for each (documented: '
-                f"{', '.join(known.values())}, others unknown)"
+                f"{', '.join(known)}, others unknown)"
             )
         else:
             lines.append(f'{_toml_key(path)} = "{found}"')
@@ -473,11 +473,11 @@ def starter_mapping(
     return "\n".join(lines) + "\n"
 
 
-_IDS = ("departmentUUID", "customerUUID", "userUuid")
+_IDS = (*ID_FIELDS, "userUuid")
 _ENUMS = {
-    "messageAttributes.protocol": {"TEXT": "TEXT"},
-    "messageAttributes.type": {"DRAFT": "DRAFT"},
-    "messageAttributes.purpose": {"F": "F"},
+    "messageAttributes.protocol": ("TEXT",),
+    "messageAttributes.type": ("DRAFT",),
+    "messageAttributes.purpose": ("F",),
 }
 """The enum-like fields, and the values the endpoint's documentation names (one each)."""
 _OUTLIERS = 0.01
@@ -507,8 +507,8 @@ def _values(rows: Sequence[dict[str, str]], column: str) -> list[str]:
     return [v for row in rows if (v := str(row.get(column) or "").strip())]
 
 
-def _known(known: dict[str, str], value: str) -> str:
-    return known.get(value.upper(), "?")
+def _known(known: tuple[str, ...], value: str) -> str:
+    return value.upper() if value.upper() in known else "?"
 
 
 def _value_map(
@@ -543,13 +543,18 @@ def _source_uuid(
     """sourceUuid from the first id-like column (named like one) whose values are all
     there and unique, or else from two together; or --generate-source-uuid."""
 
+    cells: dict[str, list[str]] = {}  # by column, its values stripped, row by row
+
     def unique(*columns: str) -> bool:
         """All there and unique, but for a few rows in a hundred (rejected by the run,
         DUPLICATE_SOURCE_UUID or MISSING_FIELD, and listed to fix): an export's own ids
         are still its ids."""
-        seen = ["-".join(str(row.get(c) or "").strip() for c in columns) for row in rows]
-        empty = sum(1 for row in rows if not all(str(row.get(c) or "").strip() for c in columns))
-        repeats = len(seen) - len(set(seen))
+        for c in columns:
+            if c not in cells:
+                cells[c] = [(row.get(c) or "").strip() for row in rows]
+        together = list(zip(*(cells[c] for c in columns), strict=True))
+        empty = sum(1 for values in together if not all(values))
+        repeats = len(together) - len({"-".join(values) for values in together})
         return empty + repeats <= len(rows) * _OUTLIERS
 
     guessed = [normal[n] for n in _GUESSES["sourceUuid"] if n in normal]
@@ -578,9 +583,9 @@ def _timestamp(path: str, column: str, values: Sequence[str]) -> str:
     if all(v.isdigit() for v in values):
         form = "epoch_ms" if min(len(v) for v in values) >= 12 else "epoch"
         return f'{key} = {{ column = "{column}", timestamp = "{form}" }}'
-    if _all_parse(values, "iso"):
-        moments = [datetime.fromisoformat(v) for v in values if _parses(v, "iso")]
-        if all(m.tzinfo is not None for m in moments):
+    iso = [m for v in values if (m := _iso(v)) is not None]
+    if len(values) - len(iso) <= len(values) * _OUTLIERS:
+        if all(m.tzinfo is not None for m in iso):
             return f'{key} = {{ column = "{column}", timestamp = "iso" }}'
         return f'{key} = {{ column = "{column}", timestamp = "iso"{local}'
     fitting = [f for f in _TIME_FORMATS if _all_parse(values, f)]
@@ -595,15 +600,16 @@ def _timestamp(path: str, column: str, values: Sequence[str]) -> str:
     return line
 
 
-def _parses(value: str, form: str) -> bool:
+def _iso(value: str) -> datetime | None:
+    """An ISO 8601 time as written, with its zone or without one; None if it is not one."""
     try:
-        if form == "iso":
-            datetime.fromisoformat(value)
-        else:
-            datetime.strptime(value, form)
+        return datetime.fromisoformat(value)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _parses(value: str, form: str) -> bool:
+    return parse_time(value, form, UTC) is not None
 
 
 def _all_parse(values: Sequence[str], form: str) -> bool:

@@ -86,8 +86,7 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
         carried = unmet(end.selection, ledger, end.sources, read_whole=end.read_whole)
     else:
         carried = _unread(ledger, end, shards)
-    if config.out_dir is None:
-        _still_ours(config.failed_out, end.owner)
+    _still_ours(config.failed_out, end.owner)
     with writing(config.failed_out, "--failed-out"):
         write_failed(
             config.failed_out,
@@ -108,7 +107,7 @@ def account(ledger: Ledger, end: Ending) -> RunResult:
         notes = _retry_notes(report["carriedOver"], include_permanent=end.include_permanent)
     if config.accepted_out is not None:
         with writing(config.accepted_out, "--accepted-out"):
-            write_accepted(config.accepted_out, ledger.accepted(this_run=True))
+            write_accepted(config.accepted_out, ledger.accepted())
     if config.report is not None:
         with writing(config.report, "--report"):
             write_report(config.report, report)
@@ -141,7 +140,7 @@ def _report(
     return {
         "format": REPORT_FORMAT,
         **counts,
-        "warnings": end.intake.warning_count + delivered.server_warnings,
+        "warnings": end.intake.warning_count + delivered.warning_codes.total(),
         "requests": delivered.requests,
         "retries": delivered.retries,
         "unknownOutcomes": delivered.unknown_outcomes,

@@ -66,7 +66,6 @@ class DeliveryStats:
     unknown_outcomes: int = 0
     splits: int = 0
     reconnects: int = 0
-    server_warnings: int = 0
     warning_codes: Counter[str] = field(default_factory=Counter)  # the platform's, by code
     warnings_listed: list[dict[str, Any]] = field(default_factory=list)  # the first ones
     abandoned: bool = False  # a second Ctrl-C abandoned requests in flight
@@ -584,20 +583,17 @@ class Deliverer:
     def _accepted(self, chunk: Chunk, decision: Decision) -> list[Outcome]:
         """The messages' outcomes in a 200 answer (its warnings counted)."""
         assert decision.body is not None and decision.status is not None
-        warnings = server_warnings(decision.body)
-        if warnings:
-            stats = self.stats
-            stats.server_warnings += len(warnings)
-            for source_uuid, code, warning in warnings:
-                stats.warning_codes[code] += 1
-                if len(stats.warnings_listed) < WARNINGS_LISTED:
-                    stats.warnings_listed.append(
-                        {
-                            "sourceUuid": source_uuid,
-                            "warningCode": code,
-                            "warningDescription": warning_excerpt(warning),
-                        }
-                    )
+        stats = self.stats
+        for source_uuid, code, warning in server_warnings(decision.body):
+            stats.warning_codes[code] += 1
+            if len(stats.warnings_listed) < WARNINGS_LISTED:
+                stats.warnings_listed.append(
+                    {
+                        "sourceUuid": source_uuid,
+                        "warningCode": code,
+                        "warningDescription": warning_excerpt(warning),
+                    }
+                )
         return outcomes_of(chunk.messages, decision.status, decision.body)
 
     @staticmethod

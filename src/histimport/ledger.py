@@ -312,6 +312,16 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         db.executescript(f"BEGIN;\n{step}\nPRAGMA main.user_version = {number};\nCOMMIT;")
 
 
+def _add_missing(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Add to `table` (schema.name) the columns it lacks (written by a version before
+    them), each with its declaration."""
+    schema, name = table.split(".")
+    have = {row[1] for row in db.execute(f"PRAGMA {schema}.table_info({name})")}
+    for column, declaration in columns.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 def has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
     """Whether the database `schema` of `db` (main, or an attached one) has table `name`."""
     found = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE name = ?", (name,))
@@ -436,15 +446,10 @@ class Ledger:
                     "ORDER BY seq"
                 )
                 db.execute("DROP TABLE main.journal")
-        columns = {row[1] for row in db.execute("PRAGMA main.table_info(stage_meta)")}
-        if "settled" not in columns:
-            db.execute("ALTER TABLE stage_meta ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
+        _add_missing(db, "main.stage_meta", {"settled": "INTEGER NOT NULL DEFAULT 0"})
         row = db.execute("SELECT run_id, target FROM stage_meta").fetchone()
         if row is not None and has_table(db, "jl", "journal"):
-            columns = {row[1] for row in db.execute("PRAGMA jl.table_info(journal)")}
-            for column in ("department", "customer"):
-                if column not in columns:  # written by a version that did not keep them
-                    db.execute(f"ALTER TABLE jl.journal ADD COLUMN {column} TEXT")
+            _add_missing(db, "jl.journal", {"department": "TEXT", "customer": "TEXT"})
             self.run_id, self.target = row
             self.settle()
 
@@ -756,15 +761,14 @@ class Ledger:
 
     # -- accounting --------------------------------------------------------------------
 
-    def accepted(self, *, this_run: bool) -> Iterator[tuple[str, str, str | None, str | None]]:
-        """What the platform accepted on this target (`this_run`: in this run alone), as
-        (sourceUuid, messageUuid, department, customer), by sourceUuid; read as it goes."""
-        query = f"{ACCEPTED_ROWS} {ACCEPTED_FROM} WHERE a.target = ?"
-        params: tuple[Any, ...] = (self.target,)
-        if this_run:
-            query += " AND a.run_id = ?"
-            params += (self.run_id,)
-        yield from self._db.execute(query + " ORDER BY a.source_uuid", params)
+    def accepted(self) -> Iterator[tuple[str, str, str | None, str | None]]:
+        """What the platform accepted on this target in this run, as (sourceUuid,
+        messageUuid, department, customer), by sourceUuid; read as it goes."""
+        yield from self._db.execute(
+            f"{ACCEPTED_ROWS} {ACCEPTED_FROM} WHERE a.target = ? AND a.run_id = ? "
+            "ORDER BY a.source_uuid",
+            (self.target, self.run_id),
+        )
 
     def counts(self) -> dict[str, int]:
         """Counts per contract name for the current run."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 import stat
 import tempfile
 from collections import Counter
@@ -209,22 +208,16 @@ def check_not_anothers(path: Path, mine: dict[str, Any]) -> None:
     )
 
 
-_HEAD_FIELD = re.compile(
-    rb'"(format|createdAt|command|stateDir|counts)":'
-    rb'("(?:[^"\\]|\\.)*"|null|\{[^{}]*\})'
-)
-
-
 def _failed_head(head: bytes) -> dict[str, Any] | None:
     """The fields of a failed file's head that say who wrote it and what it lists, read
     from its first bytes, before its sources; None for a file that is no failed file."""
     if not head.startswith(b'{"format":'):
         return None
-    found: dict[str, Any] = {}
-    for match in _HEAD_FIELD.finditer(head.split(b'"sources":', 1)[0]):
-        with suppress(orjson.JSONDecodeError):
-            found[match[1].decode()] = orjson.loads(match[2])
-    return found
+    try:  # the fields before the sources, as `write_failed` puts them
+        found = orjson.loads(head.split(b',"sources":', 1)[0] + b"}")
+    except orjson.JSONDecodeError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def read_failed_file(path: Path) -> FailedFile:

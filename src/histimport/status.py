@@ -55,14 +55,20 @@ def status(state_dir: Path, *, runs: int = 10) -> dict[str, Any]:
         return _summary(db, state_dir, runs, journal=attached and has_table(db, "jl", "journal"))
 
 
+def _ledger_file(state_dir: Path) -> Path:
+    """The ledger's file in `state_dir`; a UsageError when there is none."""
+    path = state_dir / LEDGER_FILE
+    if not path.is_file():
+        raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
+    return path
+
+
 @contextmanager
 def _open_ledger(state_dir: Path) -> Iterator[tuple[sqlite3.Connection, bool]]:
     """The ledger of `state_dir`, read-only, and whether it is read as it stands
     (`immutable`): in a state dir that cannot be written (archived, mounted read-only),
     SQLite cannot make the files a shared read needs, and no import can be writing to it."""
-    path = state_dir / LEDGER_FILE
-    if not path.is_file():
-        raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
+    path = _ledger_file(state_dir)
     try:
         immutable = False
         db = sqlite3.connect(_read_only(path), uri=True)
@@ -88,12 +94,15 @@ def _summary(
     db: sqlite3.Connection, state_dir: Path, runs: int, *, journal: bool
 ) -> dict[str, Any]:
     """`journal`: the journal is attached as `jl` and has its table."""
+    if journal:
+        # Each message's latest word in the journal, worked out once for what follows.
+        db.execute(f"CREATE TEMP TABLE latest AS {LATEST_ENTRIES}")
     accepted = dict(db.execute("SELECT target, COUNT(*) FROM accepted GROUP BY target"))
     if journal and has_table(db, "main", "stage_meta"):
         # During a run, what the platform accepted since the last settling step is still in
         # the journal: counted too, so that the target's count and the run's agree.
         for target, n in db.execute(
-            f"""SELECT s.target, COUNT(*) FROM ({LATEST_ENTRIES}) e, stage_meta s
+            f"""SELECT s.target, COUNT(*) FROM temp.latest e, stage_meta s
                  WHERE e.state = {int(State.ACCEPTED)} AND e.seq > s.settled AND NOT EXISTS
                        (SELECT 1 FROM accepted a
                          WHERE a.target = s.target AND a.source_uuid = e.source_uuid)
@@ -151,7 +160,7 @@ def _summary(
     )
     if staged:
         # During a run, the latest word on a message may still be in the journal.
-        entries = f"({LATEST_ENTRIES})" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
+        entries = "temp.latest" if journal else "(SELECT NULL AS msg_id, NULL AS state)"
         for state, n in db.execute(
             f"""SELECT COALESCE(j.state, o.state, m.state), COUNT(*) FROM msg m
                LEFT JOIN {entries} j ON j.msg_id = m.id
@@ -192,8 +201,9 @@ def _summary(
 
 def _in_flight(db: sqlite3.Connection) -> int:
     """Pending messages sent in a request that has no answer yet: each request leaves a
-    journal row with its messages' ids, and its answer a row listing the same messages."""
-    latest = dict(db.execute(f"SELECT msg_id, seq FROM ({LATEST_ENTRIES})"))
+    journal row with its messages' ids, and its answer a row listing the same messages
+    (`temp.latest`: each message's latest word, made by `_summary`)."""
+    latest = dict(db.execute("SELECT msg_id, seq FROM temp.latest"))
     flying: set[int] = set()
     in_flight = "SELECT seq, items FROM jl.journal WHERE state = ?"
     for seq, items in db.execute(in_flight, (State.IN_FLIGHT,)):
@@ -205,8 +215,7 @@ def export_accepted(state_dirs: list[Path], path: Path) -> int:
     """Write what the ledgers of `state_dirs` know as accepted to `path` (as `--accepted-out`
     does, with each message's target last); the number of messages."""
     for state_dir in state_dirs:
-        if not (state_dir / LEDGER_FILE).is_file():
-            raise UsageError(f"{state_dir}: no ledger here", hint="pass the --state-dir of a run")
+        _ledger_file(state_dir)  # before the output's folder is made
     with writing(path, "--accepted"):
         return write_accepted(path, _accepted_rows(state_dirs), extra=("target",))
 

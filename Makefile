@@ -10,14 +10,16 @@ DEMO_STATE := .histimport-demo
 .PHONY: demo test lint types unit bench bench-memory clean
 
 # The demo needs histimport alone; the tests add the dev tools.
-$(STAMP): pyproject.toml
+# The dependencies at the versions the image pins (docker/requirements.txt), those the test
+# suite runs with: a release made since does not change a fresh clone.
+$(STAMP): pyproject.toml docker/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e . -c docker/requirements.txt
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -c docker/requirements.txt
 	touch $(DEV_STAMP)
 
 # A real import of samples/ into the bundled sandbox. The sample holds a few bad rows on
@@ -42,7 +44,7 @@ unit: $(DEV_STAMP)
 	$(BIN)/pytest
 
 $(BENCH_STAMP): $(DEV_STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' -c docker/requirements.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

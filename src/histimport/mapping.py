@@ -436,7 +436,7 @@ def starter_mapping(
             lines.append(f'# {_toml_key(path)} = {{ column = "?" }}')
             continue
         used.add(found)
-        values = _values(rows, found)
+        values = _values(rows, found) if path in _READ_VALUES else []
         if path in ("sentOn", "receivedOn"):
             lines.append(_timestamp(path, found, values))
         elif (
@@ -480,6 +480,8 @@ _ENUMS = {
     "messageAttributes.purpose": ("F",),
 }
 """The enum-like fields, and the values the endpoint's documentation names (one each)."""
+_READ_VALUES = ("sentOn", "receivedOn", *_IDS, *_ENUMS)
+"""The fields whose column's values a guess reads (the others are mapped by name alone)."""
 _OUTLIERS = 0.01
 """The share of rows a guess may not fit (a repeated id, a malformed time, a bad id): the
 run rejects and lists them, to be fixed in the export."""

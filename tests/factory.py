@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,30 @@ Waiting = list[tuple[str, str, Pending]]
 """Messages recorded and waiting to be sent: (department, customer, message), in order."""
 
 
+@contextmanager
+def recording(
+    ledger: Ledger, state_dir: Path, *, carry_refused: bool = True
+) -> Iterator[tuple[Staging, Callable[[Iterable[dict[str, Any]]], list[Any]]]]:
+    """The staging of the ledger's run, and `checked(rows)`: the rows checked as the next
+    lines (1, 2...) of one source, ready to record."""
+    staging = Staging(
+        state_dir,
+        run_id=ledger.run_id,
+        target=ledger.target,
+        paths=["source.jsonl"],
+        carry_refused=carry_refused,
+    )
+    lines = itertools.count(1)
+
+    def checked(rows: Iterable[dict[str, Any]]) -> list[Any]:
+        return [check_row(RawRow(0, next(lines), r), notify=False) for r in rows]
+
+    try:
+        yield staging, checked
+    finally:
+        staging.close()
+
+
 def stage(
     ledger: Ledger,
     state_dir: Path,
@@ -66,18 +91,8 @@ def stage(
 ) -> Waiting:
     """Check rows (as lines 1, 2... of one source) and record them in the ledger's run, as
     a load does; the messages to send."""
-    staging = Staging(
-        state_dir,
-        run_id=ledger.run_id,
-        target=ledger.target,
-        paths=["source.jsonl"],
-        carry_refused=carry_refused,
-    )
-    try:
-        checked = [check_row(RawRow(0, n, r), notify=False) for n, r in enumerate(rows, 1)]
-        to_send = staging.admit(checked)
-    finally:
-        staging.close()
+    with recording(ledger, state_dir, carry_refused=carry_refused) as (staging, checked):
+        to_send = staging.admit(checked(rows))
     return [(r.department, r.customer, Pending(i, r.source_uuid, r.body)) for i, r in to_send]
 
 

@@ -18,13 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import histimport.ledger as ledger_module
-from histimport.check import check_row
 from histimport.ledger import Ledger
-from histimport.read import RawRow
 from histimport.records import Outcome, Pending, State
 from histimport.staging import Staging
 
-from .factory import interleaved, message, stage
+from .factory import interleaved, message, recording, stage
 
 TARGET = "http://platform.test/communications"
 
@@ -175,18 +173,15 @@ def test_an_interruption_anywhere_in_recording_a_batch_leaves_the_counts_exact(
         state_dir = tmp_path / f"state-{code.co_name}-{line}"
         with Ledger(state_dir) as ledger:
             ledger.begin_run("load", TARGET)
-            staging = Staging(
-                state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
-            )
-            rows = [check_row(RawRow(0, n + 1, r), notify=False) for n, r in enumerate(lines())]
-            sys.settrace(trace)
-            try:
-                staging.admit(rows)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
-                staging.close()
+            with recording(ledger, state_dir) as (staging, checked):
+                rows = checked(lines())
+                sys.settrace(trace)
+                try:
+                    staging.admit(rows)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
             assert raised == [line]
             counts = ledger.counts()
             assert staging.rows in (0, len(rows))
@@ -237,18 +232,10 @@ def test_a_source_uuid_read_in_an_earlier_batch_is_a_repeat_whatever_the_row_bef
     state_dir = tmp_path / "state"
     with Ledger(state_dir) as ledger:
         ledger.begin_run("load", TARGET)
-        staging = Staging(
-            state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
-        )
         sent: list[tuple[str, str]] = []
-        line = 0
-        for batch in batches:
-            rows = []
-            for r in batch:
-                line += 1
-                rows.append(check_row(RawRow(0, line, r), notify=False))
-            sent += [(r.customer, r.source_uuid) for _, r in staging.admit(rows)]
-        staging.close()
+        with recording(ledger, state_dir) as (staging, checked):
+            for batch in batches:
+                sent += [(r.customer, r.source_uuid) for _, r in staging.admit(checked(batch))]
         assert sent == [("a", "valid"), ("a", "fresh"), ("c", "new customer"), ("e", "last")]
         repeats = {
             f.line: f.errors[0]["errorDescription"]
@@ -274,20 +261,13 @@ def record_batches(
     first, *_ = interleaved(1, 1)
     with Ledger(state_dir) as ledger:
         ledger.begin_run("load", TARGET)
-        staging = Staging(
-            state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
-        )
-        line = 0
-        for n, batch in enumerate(batches):
-            rows = []
-            for r in batch:
-                line += 1
-                rows.append(check_row(RawRow(0, line, {**first, **r}), notify=False))
-            if last is not None and n == len(batches) - 1:
-                last(staging, rows)
-            else:
-                staging.admit(rows)
-        staging.close()
+        with recording(ledger, state_dir) as (staging, checked):
+            for n, batch in enumerate(batches):
+                rows = checked({**first, **r} for r in batch)
+                if last is not None and n == len(batches) - 1:
+                    last(staging, rows)
+                else:
+                    staging.admit(rows)
         return {
             f.line: f.errors[0]["errorDescription"]
             for f in ledger.failures(rejected_only=True)
@@ -362,14 +342,11 @@ def test_the_first_message_sent_alone_is_recorded_as_answered_not_sent_again(
     state_dir = tmp_path / "state"
     with Ledger(state_dir) as ledger:
         ledger.begin_run("load", TARGET)
-        staging = Staging(
-            state_dir, run_id=ledger.run_id, target=TARGET, paths=["s"], carry_refused=True
-        )
-        checked = [check_row(RawRow(0, n, r), notify=False) for n, r in enumerate(rows, 1)]
-        first = checked[0].source_uuid
-        staging.first_sent(Outcome(0, first, state, 400 if state is State.FAILED else 200))
-        sent = [r.source_uuid for _, r in staging.admit(checked)]
-        staging.close()
+        with recording(ledger, state_dir) as (staging, checked):
+            batch = checked(rows)
+            first = batch[0].source_uuid
+            staging.first_sent(Outcome(0, first, state, 400 if state is State.FAILED else 200))
+            sent = [r.source_uuid for _, r in staging.admit(batch)]
         assert sent == [r["sourceUuid"] for r in rows[1:]]
         (recorded,) = ledger._db.execute(
             "SELECT state FROM msg WHERE source_uuid = ?", (first,)
